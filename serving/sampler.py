@@ -1,0 +1,295 @@
+"""Batch token sampler: per-row logits processors, greedy/random selection and logprobs.
+
+Order per row (as in vLLM): logit_bias, min_tokens masking, repetition penalty, frequency and presence
+penalties; then greedy argmax, or temperature, top_k, top_p, min_p and a random draw. Logprobs report the
+model's raw distribution (log_softmax of the unprocessed logits).
+
+Random draws use the exponential race: token = argmax(probs / E) with E ~ Exponential(1) drawn per
+vocabulary entry, which samples exactly from `probs`. A seeded row draws E only from its own generator,
+so its tokens do not depend on the other rows of the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from serving.types import SamplingParams
+
+_MASK_64 = (1 << 64) - 1
+_TINY = 1e-20  # floor for exponential noise so that log(E) stays finite
+
+
+@dataclass
+class SamplingRow:
+    """One choice of one request; the engine keeps it across steps and appends sampled tokens."""
+
+    params: SamplingParams
+    prompt_token_ids: Sequence[int]
+    output_token_ids: list[int]
+    generator: torch.Generator | None = None  # make_generator(seed, device, choice_index) when seeded
+    eos_token_ids: frozenset[int] = frozenset()
+    # Penalty caches on the logits' device, built lazily and owned by the sampler:
+    # _prompt_mask [V] bool (token occurs in the prompt), _output_counts [V] f32 (occurrences in the output
+    # so far), _num_counted = how many output tokens _output_counts already includes.
+    _prompt_mask: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    _output_counts: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    _num_counted: int = field(default=0, init=False, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class SampleOutput:
+    """Per row: the sampled token and, when requested, (chosen logprob, top-k [(id, logprob)] desc)."""
+
+    token_ids: list[int]
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK_64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK_64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK_64
+    return x ^ (x >> 31)
+
+
+def make_generator(seed: int, device: torch.device | str, choice_index: int = 0) -> torch.Generator:
+    """A generator for choice `choice_index` of a request seeded with `seed`.
+
+    Choice 0 uses the seed itself; other choices use a hash of (seed, index), so the n choices of one
+    seeded request differ from each other while staying reproducible.
+    """
+    value = seed & _MASK_64
+    if choice_index:
+        value = _splitmix64(value ^ _splitmix64(choice_index))
+    gen = torch.Generator(device=device)
+    gen.manual_seed(value)
+    return gen
+
+
+class Sampler:
+    """Turns a batch of next-token logits into tokens, applying each row's own parameters."""
+
+    def __init__(self, generator: torch.Generator | None = None) -> None:
+        # Shared by all unseeded rows; None means torch's default generator of the device.
+        self.generator = generator
+
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleOutput:
+        """logits: [B, V] float32 (not modified); rows: B rows in the same order."""
+        if logits.dim() != 2 or logits.shape[0] != len(rows):
+            raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
+        logprobs = _raw_logprobs(logits, rows)
+        processed = _process_logits(logits, rows)
+        token_ids = self._select(processed, rows)
+        return SampleOutput(token_ids=token_ids, logprobs=_finish_logprobs(logprobs, token_ids, rows))
+
+    def _select(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int]:
+        chosen = torch.argmax(logits, dim=-1)  # [B]; ties resolve to the lowest id
+        random_rows = [i for i, row in enumerate(rows) if not row.params.is_greedy]
+        if random_rows:
+            idx = torch.tensor(random_rows, device=logits.device)
+            sub_rows = [rows[i] for i in random_rows]
+            chosen = chosen.index_copy(0, idx, self._sample(logits.index_select(0, idx), sub_rows))
+        return chosen.tolist()
+
+    def _sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        logits = restrict_support(apply_temperature(logits, rows), rows)
+        noise = self._exponential_noise(logits, rows).clamp_min_(_TINY)
+        # argmax(probs / E) == argmax(logits - log E): softmax's normaliser is the same for the whole row.
+        return torch.argmax(logits - noise.log(), dim=-1)
+
+    def _exponential_noise(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        noise = torch.empty_like(logits)
+        unseeded = [i for i, row in enumerate(rows) if row.generator is None]
+        if len(unseeded) == len(rows):
+            return noise.exponential_(generator=self.generator)
+        if unseeded:
+            idx = torch.tensor(unseeded, device=logits.device)
+            fill = torch.empty(len(unseeded), logits.shape[1], device=logits.device, dtype=logits.dtype)
+            noise.index_copy_(0, idx, fill.exponential_(generator=self.generator))
+        for i, row in enumerate(rows):
+            if row.generator is not None:
+                noise[i].exponential_(generator=row.generator)
+        return noise
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Logprobs
+
+
+def _raw_logprobs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor | None:
+    """log_softmax of the rows that asked for logprobs, [B, V] (other rows computed but unused)."""
+    if all(row.params.logprobs is None for row in rows):
+        return None
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def _finish_logprobs(
+    logprobs: torch.Tensor | None, token_ids: list[int], rows: Sequence[SamplingRow]
+) -> list[tuple[float, list[tuple[int, float]]] | None]:
+    out: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(rows)
+    if logprobs is None:
+        return out
+    max_k = max(row.params.logprobs or 0 for row in rows)
+    chosen = torch.tensor(token_ids, device=logprobs.device).unsqueeze(1)
+    chosen_lp = logprobs.gather(1, chosen).squeeze(1).tolist()
+    top_vals, top_ids = logprobs.topk(max_k, dim=-1) if max_k else (None, None)
+    top_vals_l = top_vals.tolist() if top_vals is not None else None
+    top_ids_l = top_ids.tolist() if top_ids is not None else None
+    for i, row in enumerate(rows):
+        k = row.params.logprobs
+        if k is None:
+            continue
+        top = list(zip(top_ids_l[i][:k], top_vals_l[i][:k], strict=True)) if k else []
+        out[i] = (chosen_lp[i], top)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Logits processors (bias, min_tokens, penalties): all return a new tensor, never modify their input.
+
+
+def _process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    logits = logits.float().clone()
+    apply_logit_bias(logits, rows)
+    apply_min_tokens(logits, rows)
+    apply_penalties(logits, rows)
+    return logits
+
+
+def apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """In place: logits[i, t] += bias for every (t, bias) of row i's logit_bias."""
+    row_idx: list[int] = []
+    tok_idx: list[int] = []
+    values: list[float] = []
+    for i, row in enumerate(rows):
+        for tok, bias in (row.params.logit_bias or {}).items():
+            row_idx.append(i)
+            tok_idx.append(int(tok))
+            values.append(float(bias))
+    if row_idx:
+        _index_add(logits, row_idx, tok_idx, values)
+
+
+def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """In place: while a row has fewer than min_tokens outputs, its eos and stop token ids get -inf."""
+    vocab_size = logits.shape[1]
+    row_idx: list[int] = []
+    tok_idx: list[int] = []
+    for i, row in enumerate(rows):
+        if len(row.output_token_ids) >= row.params.min_tokens:
+            continue
+        for tok in row.eos_token_ids | frozenset(row.params.stop_token_ids):
+            if 0 <= tok < vocab_size:
+                row_idx.append(i)
+                tok_idx.append(tok)
+    if row_idx:
+        r = torch.tensor(row_idx, device=logits.device)
+        t = torch.tensor(tok_idx, device=logits.device)
+        logits.index_put_((r, t), torch.tensor(float("-inf"), device=logits.device))
+
+
+def _index_add(logits: torch.Tensor, row_idx: list[int], tok_idx: list[int], values: list[float]) -> None:
+    r = torch.tensor(row_idx, device=logits.device)
+    t = torch.tensor(tok_idx, device=logits.device)
+    v = torch.tensor(values, device=logits.device, dtype=logits.dtype)
+    logits.index_put_((r, t), v, accumulate=True)
+
+
+def _has_penalty(params: SamplingParams) -> bool:
+    return (
+        params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0
+    )
+
+
+def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """In place: repetition (prompt + output tokens), then frequency and presence (output tokens) penalties."""
+    active = [i for i, row in enumerate(rows) if _has_penalty(row.params)]
+    if not active:
+        return
+    device, vocab_size = logits.device, logits.shape[1]
+    idx = torch.tensor(active, device=device)
+    sub = logits.index_select(0, idx)  # [A, V]
+    counts = torch.stack([_output_counts(rows[i], vocab_size, device) for i in active])  # [A, V] f32
+    prompt_mask = torch.stack([_prompt_mask(rows[i], vocab_size, device) for i in active])  # [A, V] bool
+    rep = torch.tensor([rows[i].params.repetition_penalty for i in active], device=device).unsqueeze(1)
+    seen = prompt_mask | (counts > 0)
+    penalised = torch.where(sub > 0, sub / rep, sub * rep)
+    sub = torch.where(seen, penalised, sub)
+    freq = torch.tensor([rows[i].params.frequency_penalty for i in active], device=device).unsqueeze(1)
+    pres = torch.tensor([rows[i].params.presence_penalty for i in active], device=device).unsqueeze(1)
+    sub = sub - freq * counts - pres * (counts > 0).to(sub.dtype)
+    logits.index_copy_(0, idx, sub)
+
+
+def _prompt_mask(row: SamplingRow, vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[V] bool of tokens in the prompt, built once per row."""
+    if row._prompt_mask is None or row._prompt_mask.device != device:
+        mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        ids = torch.as_tensor(list(row.prompt_token_ids), dtype=torch.long, device=device)
+        mask[ids[(ids >= 0) & (ids < vocab_size)]] = True
+        row._prompt_mask = mask
+    return row._prompt_mask
+
+
+def _output_counts(row: SamplingRow, vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[V] float32 occurrence counts of the output tokens, updated with the tokens added since last call."""
+    out = row.output_token_ids
+    if row._output_counts is None or row._output_counts.device != device or len(out) < row._num_counted:
+        row._output_counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+        row._num_counted = 0
+    new = out[row._num_counted :]
+    if new:
+        ids = torch.tensor(new, dtype=torch.long, device=device)
+        row._output_counts.index_add_(0, ids, torch.ones(len(new), device=device))
+        row._num_counted = len(out)
+    return row._output_counts
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Random-sampling warpers (temperature, top_k, top_p, min_p) on the non-greedy rows.
+
+
+def apply_temperature(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """logits / temperature per row; rows here are never greedy, so temperature > 0."""
+    temps = torch.tensor([row.params.temperature for row in rows], device=logits.device)
+    return logits / temps.to(logits.dtype).unsqueeze(1)
+
+
+def restrict_support(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """Set to -inf the tokens removed by top_k, then top_p, then min_p (each row's own values)."""
+    use_top_k = any(row.params.top_k > 0 for row in rows)
+    use_top_p = any(row.params.top_p < 1.0 for row in rows)
+    if use_top_k or use_top_p:
+        logits = _top_k_top_p(logits, rows, use_top_k, use_top_p)
+    if any(row.params.min_p > 0.0 for row in rows):
+        logits = _min_p(logits, rows)
+    return logits
+
+
+def _top_k_top_p(
+    logits: torch.Tensor, rows: Sequence[SamplingRow], use_top_k: bool, use_top_p: bool
+) -> torch.Tensor:
+    device, vocab_size = logits.device, logits.shape[1]
+    sorted_vals, order = logits.sort(dim=-1, descending=True, stable=True)  # [R, V]
+    remove = torch.zeros_like(sorted_vals, dtype=torch.bool)
+    if use_top_k:
+        k = [row.params.top_k if 0 < row.params.top_k < vocab_size else vocab_size for row in rows]
+        kth = sorted_vals.gather(1, torch.tensor(k, device=device).unsqueeze(1) - 1)  # [R, 1]
+        remove = sorted_vals < kth  # ties with the k-th value stay
+        sorted_vals = sorted_vals.masked_fill(remove, float("-inf"))
+    if use_top_p:
+        probs = torch.softmax(sorted_vals, dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # probability of strictly better-ranked tokens
+        top_p = [row.params.top_p if row.params.top_p < 1.0 else float("inf") for row in rows]
+        remove = remove | (mass_before >= torch.tensor(top_p, device=device).unsqueeze(1))
+    mask = torch.zeros_like(remove).scatter(1, order, remove)
+    return logits.masked_fill(mask, float("-inf"))
+
+
+def _min_p(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    probs = torch.softmax(logits, dim=-1)
+    min_p = torch.tensor([row.params.min_p for row in rows], device=logits.device).unsqueeze(1)
+    threshold = probs.max(dim=-1, keepdim=True).values * min_p
+    return logits.masked_fill(probs < threshold, float("-inf"))
