@@ -270,10 +270,12 @@ class Metrics:
         if scheduled is not None and first is not None:
             prefill_end = stats.prefill_done_time if stats.prefill_done_time is not None else first
             self._phase["request_prefill_time_seconds"].observe(prefill_end - scheduled)
-        if first is not None and finish is not None:
-            self._phase["request_decode_time_seconds"].observe(finish - first)
+        # Decode ends at the last token when the engine records it (vLLM's definition), else at finish.
+        last = getattr(stats, "last_token_time", None) or finish
+        if first is not None and last is not None:
+            self._phase["request_decode_time_seconds"].observe(last - first)
             if stats.generation_tokens > 1:
-                self.request_time_per_output_token.observe((finish - first) / (stats.generation_tokens - 1))
+                self.request_time_per_output_token.observe((last - first) / (stats.generation_tokens - 1))
 
     def on_vision(self, *, num_images: int, num_video_frames: int, seconds: float) -> None:
         """Record one vision-encoder call over `num_images` images and `num_video_frames` frames."""

@@ -245,3 +245,13 @@ def test_build_1_2_5_buckets():
     assert build_1_2_5_buckets(100) == (1, 2, 5, 10, 20, 50, 100)
     assert build_1_2_5_buckets(4) == (1, 2)
     assert build_1_2_5_buckets(8192)[-1] == 5000
+
+
+def test_decode_time_ends_at_last_token_when_known():
+    m = make_metrics()
+    stats = finished(generation_tokens=3)
+    stats.last_token_time = 102.0  # detokenising/stop checks after the last token are not decode time
+    m.on_request_finished(stats)
+    assert value(m, "infinitevl:request_decode_time_seconds_sum") == pytest.approx(1.0)
+    assert value(m, "infinitevl:request_time_per_output_token_seconds_sum") == pytest.approx(0.5)
+    assert value(m, "infinitevl:e2e_request_latency_seconds_sum") == pytest.approx(3.0)
