@@ -163,6 +163,7 @@ class RequestStats:
     arrival_time: float
     scheduled_time: float | None = None  # admitted into a slot
     first_token_time: float | None = None
+    last_token_time: float | None = None
     finish_time: float | None = None
     prefill_done_time: float | None = None
     prompt_tokens: int = 0

@@ -1,0 +1,230 @@
+"""`infinitevl` command line: serve, tiny-checkpoint, generate."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+import time
+from collections.abc import Sequence
+
+import uvicorn
+
+logger = logging.getLogger("infinitevl")
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint directory or Hugging Face repo id (default: the embedded tiny checkpoint)",
+    )
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument(
+        "--state-dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="recurrent state dtype in the pool",
+    )
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--max-num-seqs", type=int, default=64, help="slots in the state pool (upper bound)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one engine step")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--max-waiting", type=int, default=1024, help="bounded waiting queue; beyond it: 429")
+    p.add_argument("--max-prompt-len", type=int, default=1_048_576)
+    p.add_argument(
+        "--max-tokens-limit", type=int, default=32_768, help="largest max_tokens a request may ask for"
+    )
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def engine_config_from_args(args: argparse.Namespace, model_path: str):
+    from serving.config import EngineConfig
+
+    return EngineConfig(
+        model=model_path,
+        device=args.device,
+        dtype=args.dtype,
+        state_dtype=args.state_dtype,
+        backend=args.backend,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_waiting=args.max_waiting,
+        max_prompt_len=args.max_prompt_len,
+        max_tokens_limit=args.max_tokens_limit,
+        enforce_eager=args.enforce_eager,
+        seed=args.seed,
+    )
+
+
+def _model_path(args: argparse.Namespace) -> str:
+    if args.model:
+        return args.model
+    from model.tiny import default_tiny_checkpoint_dir
+
+    path = default_tiny_checkpoint_dir()
+    logger.info("no --model given: serving the embedded tiny checkpoint at %s", path)
+    return str(path)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from api.app import create_app
+    from api.settings import settings_from_args
+
+    from serving.build import build_engine
+    from serving.engine import AsyncEngine
+    from serving.metrics import Metrics
+    from serving.version import __version__
+
+    model_path = _model_path(args)
+    config = engine_config_from_args(args, model_path)
+    settings = settings_from_args(args, model_path=model_path)
+    stack = build_engine(config)
+    metrics = Metrics(
+        model_name=settings.served_model_name,
+        backend=stack.backend,
+        state_dtype=config.state_dtype,
+        model_dtype=config.dtype,
+    )
+    metrics.set_cache_info(slots_total=stack.layout.num_slots, bytes_per_slot=stack.layout.bytes_per_slot)
+    stack.core.metrics = metrics
+    engine = AsyncEngine(
+        stack.core,
+        info={
+            "version": __version__,
+            "model": settings.served_model_name,
+            "model_path": str(stack.model_dir),
+            "backend": stack.backend,
+            "device": config.device,
+            "dtype": config.dtype,
+            "state_dtype": config.state_dtype,
+            "num_slots": stack.layout.num_slots,
+            "bytes_per_slot": stack.layout.bytes_per_slot,
+        },
+    )
+    engine.start()
+    app = create_app(engine, stack.processor, settings, metrics=metrics)
+    server = DrainingServer(
+        uvicorn.Config(
+            app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5
+        ),
+        app=app,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+    server.run()
+    engine.shutdown()
+    return 0
+
+
+class DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT: /health turns 503 and new requests get 503 (app.state.draining), requests in
+    flight finish (up to shutdown_timeout seconds), then uvicorn shuts down and the process exits 0.
+    A second signal exits at once."""
+
+    def __init__(self, config: uvicorn.Config, *, app, shutdown_timeout: float) -> None:
+        super().__init__(config)
+        self._app = app
+        self._shutdown_timeout = shutdown_timeout
+        self._draining = False
+
+    def handle_exit(self, sig, frame) -> None:  # called from uvicorn's signal handler
+        if self._draining:
+            return super().handle_exit(sig, frame)
+        self._draining = True
+        self._app.state.draining = True
+        logger.info("signal %s: draining (up to %.0f s)", sig, self._shutdown_timeout)
+        threading.Thread(target=self._wait_then_exit, daemon=True).start()
+
+    def _wait_then_exit(self) -> None:
+        deadline = time.monotonic() + self._shutdown_timeout
+        while time.monotonic() < deadline and getattr(self._app.state, "in_flight", 0) > 0:
+            time.sleep(0.1)
+        left = getattr(self._app.state, "in_flight", 0)
+        if left:
+            logger.warning("shutdown timeout: %d request(s) still in flight", left)
+        self.should_exit = True
+
+
+def cmd_tiny_checkpoint(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from model.tiny import write_tiny_checkpoint
+
+    out = write_tiny_checkpoint(Path(args.path), seed=args.seed)
+    print(out)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from serving.llm import LLM, Prompt
+    from serving.types import SamplingParams
+
+    llm = LLM(_model_path(args), **_engine_kwargs(args))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    prompts = [Prompt(messages=[{"role": "user", "content": p}]) for p in args.prompt]
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    dt = time.perf_counter() - t0
+    for o in outs:
+        for ch in o.choices:
+            print(f"[{o.request_id}.{ch.index}] ({ch.finish_reason}) {ch.text!r}")
+    ntok = sum(len(ch.token_ids) for o in outs for ch in o.choices)
+    print(f"{ntok} tokens in {dt:.2f} s ({ntok / dt:.1f} tok/s)", file=sys.stderr)
+    return 0
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict:
+    cfg = engine_config_from_args(args, "")
+    return {k: getattr(cfg, k) for k in cfg.__dataclass_fields__ if k != "model"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="infinitevl", description="InfiniteVL serving engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    add_engine_args(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to let requests in flight finish on SIGTERM",
+    )
+    from api.settings import add_server_args
+
+    add_server_args(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    tiny = sub.add_parser(
+        "tiny-checkpoint", help="write the tiny test checkpoint (real architecture, random weights)"
+    )
+    tiny.add_argument("path")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=cmd_tiny_checkpoint)
+
+    gen = sub.add_parser("generate", help="offline generation from the command line")
+    add_engine_args(gen)
+    gen.add_argument("--prompt", action="append", required=True)
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Engine settings: one frozen dataclass built once at start-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str  # local directory (or a resolved Hugging Face snapshot)
+    device: str = "cpu"  # "cpu", "cuda", "cuda:N"
+    dtype: str = "bfloat16"  # weights and activations
+    state_dtype: str = "float32"  # recurrent state in the pool
+    backend: str = "auto"  # "torch" | "triton" | "auto"
+    max_num_seqs: int = 64  # slots, at most (fewer if the memory budget says so)
+    max_num_batched_tokens: int = 2048  # token budget of one engine step (chunked prefill)
+    max_prefill_chunk: int | None = None
+    gpu_memory_utilization: float = 0.9
+    max_waiting: int = 1024  # bounded waiting queue; beyond it requests get 429
+    max_prompt_len: int = 1_048_576  # memory is constant per request; this bounds work per request
+    max_tokens_limit: int = 32_768  # largest max_tokens a request may ask for
+    enforce_eager: bool = False  # no CUDA graphs
+    seed: int = 0  # default generator of unseeded sampling
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def torch_state_dtype(self) -> torch.dtype:
+        return DTYPES[self.state_dtype]
+
+    def validate(self) -> None:
+        if self.dtype not in DTYPES or self.state_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"unsupported dtype {self.dtype!r} / state dtype {self.state_dtype!r}")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("need max_num_seqs >= 1 and max_num_batched_tokens >= max_num_seqs")
+        if not 0.05 <= self.gpu_memory_utilization <= 1.0:
+            raise ValueError("gpu_memory_utilization must be in [0.05, 1]")

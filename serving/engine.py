@@ -1,0 +1,422 @@
+"""The engine: a loop in its own thread that schedules, runs the model and emits deltas.
+
+`EngineCore` is the single-threaded step logic (testable without threads); `AsyncEngine` runs it in a
+thread and offers the asyncio front the API uses (`generate()` -> async iterator of deltas, `abort()`,
+`health()`). Requests cross the thread boundary through an inbox; deltas come back through
+`loop.call_soon_threadsafe`, so the event loop never waits on the GPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import torch
+
+from cache.pool import StatePool
+from scheduler import QueueFull, SchedRequest, Scheduler, SchedulerConfig
+from serving.config import EngineConfig
+from serving.errors import EngineDead, EngineOverloaded, RequestTooLarge
+from serving.runner import ModelRunner, RequestFault, SampledToken
+from serving.sampler import SamplingRow, make_generator
+from serving.sequence import EngineRequest
+from serving.stop import ChoiceDecoder
+from serving.types import (
+    Delta,
+    EngineHealth,
+    GenerateRequest,
+    LogprobEntry,
+    RequestStats,
+    TokenLogprob,
+    Usage,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    """Owns the scheduler, the runner and the live requests. Only the engine thread calls it."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        runner: ModelRunner,
+        pool: StatePool,
+        tokenizer: Any,
+        eos_token_ids: frozenset[int],
+        metrics: Any = None,
+    ) -> None:
+        self.config = config
+        self.runner = runner
+        self.pool = pool
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.metrics = metrics
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=pool.num_slots,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_waiting=config.max_waiting,
+                max_prefill_chunk=config.max_prefill_chunk,
+            ),
+            allocate_slot=pool.allocate,
+            free_slot=pool.free,
+            num_free_slots=lambda: pool.num_free,
+        )
+        self.requests: dict[str, EngineRequest] = {}
+        self.fault_hook: Callable[[EngineRequest], None] | None = None  # tests inject faults here
+
+    # -- requests -------------------------------------------------------------------------------------
+    def validate(self, req: GenerateRequest) -> None:
+        """Checks that need no model work; raises ValueError / RequestTooLarge."""
+        p = req.sampling
+        p.validate(vocab_size=self.runner.model.config.text.vocab_size)
+        n = len(req.prompt_token_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if n > self.config.max_prompt_len:
+            raise RequestTooLarge(
+                f"the prompt has {n} tokens; this server accepts at most {self.config.max_prompt_len}"
+            )
+        if p.max_tokens > self.config.max_tokens_limit:
+            raise RequestTooLarge(
+                f"max_tokens {p.max_tokens} exceeds the limit {self.config.max_tokens_limit}"
+            )
+        if p.n > self.pool.num_slots:
+            raise RequestTooLarge(f"n={p.n} exceeds the {self.pool.num_slots} slots of this server")
+        if req.positions.shape != (3, n):
+            raise ValueError(f"positions must be [3, {n}], got {list(req.positions.shape)}")
+        if req.request_id in self.requests:
+            raise ValueError(f"duplicate request id {req.request_id}")
+
+    def add(self, req: GenerateRequest, emit: Callable[[Delta], None]) -> None:
+        p = req.sampling
+        device = self.runner.device
+        rows = [
+            SamplingRow(
+                params=p,
+                prompt_token_ids=req.prompt_token_ids,
+                output_token_ids=[],
+                generator=None if p.seed is None else make_generator(p.seed, device, c),
+                eos_token_ids=self.eos_token_ids,
+            )
+            for c in range(p.n)
+        ]
+        er = EngineRequest(
+            req=req,
+            sched=SchedRequest(req.request_id, len(req.prompt_token_ids), p.max_tokens, p.n),
+            rows=rows,
+            decoders=[ChoiceDecoder(self.tokenizer, p, self.eos_token_ids) for _ in range(p.n)],
+            stats=RequestStats(
+                arrival_time=req.arrival_time,
+                prompt_tokens=len(req.prompt_token_ids),
+                n=p.n,
+                max_tokens=p.max_tokens,
+            ),
+            emit=emit,
+            prompt_ids=torch.tensor(req.prompt_token_ids, dtype=torch.int64),
+        )
+        self.scheduler.add(er.sched)  # raises QueueFull
+        self.requests[req.request_id] = er
+
+    def abort(self, request_id: str, reason: str = "abort", error: str | None = None) -> None:
+        er = self.requests.pop(request_id, None)
+        if er is None:
+            return
+        self.scheduler.abort(request_id)
+        for c in range(er.sched.num_choices):
+            if not er.sched.finished[c]:
+                er.sched.finished[c] = True
+                er.emit(self._final(er, c, "", reason, None, error))
+        self._finish_stats(er, reason)
+
+    # -- the step -------------------------------------------------------------------------------------
+    def step(self) -> int:
+        """Schedule and run one batch; returns the number of tokens it processed (0: nothing to do)."""
+        self._expire_deadlines()
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return 0
+        now = time.monotonic()
+        for row in batch.rows:
+            er = self.requests[row.request_id]
+            if er.stats.scheduled_time is None:
+                er.stats.scheduled_time = now
+            if self.fault_hook is not None and row.is_prefill:
+                try:
+                    self.fault_hook(er)
+                except Exception as e:  # noqa: BLE001
+                    return self._fail_rows_of(batch, {row.request_id}, e)
+        try:
+            sampled = self.runner.execute(batch, self.requests)
+        except RequestFault as f:
+            return self._fail_rows_of(batch, {f.request_id}, f.cause)
+        except Exception as e:  # noqa: BLE001 - a failed forward may have written part of every row's state
+            logger.exception("forward failed; failing the %d requests of this batch", len(batch.rows))
+            return self._fail_rows_of(batch, {r.request_id for r in batch.rows}, e)
+        self._process(sampled)
+        self._record_step(batch)
+        return batch.num_tokens
+
+    def _fail_rows_of(self, batch: Any, request_ids: set[str], cause: BaseException) -> int:
+        """Fail the given requests; give the tokens other rows had scheduled back by aborting nothing else.
+        Rows of other requests in a batch that did not run are rescheduled by rolling their counters back."""
+        logger.error("request(s) %s failed: %r", sorted(request_ids), cause)
+        for row in batch.rows:
+            if row.request_id in request_ids:
+                continue
+            sched = self.requests[row.request_id].sched
+            if row.is_prefill:
+                sched.num_prefilled -= row.num_tokens
+                if row.is_sampled:
+                    sched.num_generated = [0] * sched.num_choices
+            else:
+                sched.num_generated[row.choice] -= 1
+        for rid in request_ids:
+            self.abort(
+                rid,
+                reason="error",
+                error=f"internal error while serving this request: {type(cause).__name__}",
+            )
+        return 0
+
+    def _process(self, sampled: list[SampledToken]) -> None:
+        now = time.monotonic()
+        for tok in sampled:
+            er = self.requests.get(tok.request_id)
+            if er is None or er.sched.finished[tok.choice]:
+                continue
+            row = er.rows[tok.choice]
+            row.output_token_ids.append(tok.token_id)
+            st = er.stats
+            if st.first_token_time is None:
+                st.first_token_time = st.prefill_done_time = now
+            elif tok.choice == 0:
+                st.token_intervals.append(now - st.last_token_time)
+            if tok.choice == 0:
+                st.last_token_time = now
+            res = er.decoders[tok.choice].append(tok.token_id)
+            lp = self._logprobs(tok) if tok.logprob is not None else None
+            if res.finish_reason is None:
+                if res.text or lp is not None:
+                    er.emit(Delta(er.request_id, tok.choice, res.text, (tok.token_id,), lp))
+                continue
+            done = self.scheduler.finish_choice(er.request_id, tok.choice)
+            er.emit(self._final(er, tok.choice, res.text, res.finish_reason, res.stop_reason, None, tok, lp))
+            if done:
+                self.requests.pop(er.request_id, None)
+                self._finish_stats(er, res.finish_reason)
+
+    def _final(
+        self,
+        er: EngineRequest,
+        choice: int,
+        text: str,
+        reason: str,
+        stop_reason: str | int | None,
+        error: str | None,
+        tok: SampledToken | None = None,
+        lp: tuple[LogprobEntry, ...] | None = None,
+    ) -> Delta:
+        return Delta(
+            request_id=er.request_id,
+            index=choice,
+            text=text,
+            token_ids=(tok.token_id,) if tok is not None else (),
+            logprobs=lp,
+            finish_reason=reason,
+            stop_reason=stop_reason,
+            usage=Usage(len(er.req.prompt_token_ids), er.decoders[choice].num_tokens),
+            error=error,
+        )
+
+    def _logprobs(self, tok: SampledToken) -> tuple[LogprobEntry, ...]:
+        from serving.detokenizer import token_bytes
+
+        chosen_lp, top = tok.logprob
+
+        def entry(tid: int, value: float) -> TokenLogprob:
+            text = self.tokenizer.decode([tid], skip_special_tokens=False)
+            return TokenLogprob(tid, text, float(value), token_bytes(self.tokenizer, tid))
+
+        return (LogprobEntry(entry(tok.token_id, chosen_lp), tuple(entry(t, v) for t, v in top)),)
+
+    def _expire_deadlines(self) -> None:
+        now = time.monotonic()
+        for er in list(self.requests.values()):
+            if er.req.deadline is not None and now > er.req.deadline:
+                self.abort(er.request_id, reason="timeout", error="the request exceeded its deadline")
+
+    def _finish_stats(self, er: EngineRequest, reason: str) -> None:
+        st = er.stats
+        st.finish_time = time.monotonic()
+        st.finish_reason = reason
+        st.generation_tokens = sum(d.num_tokens for d in er.decoders)
+        if self.metrics is not None:
+            self.metrics.on_request_finished(st)
+
+    def _record_step(self, batch: Any) -> None:
+        if self.metrics is None:
+            return
+        prompt = sum(r.num_tokens for r in batch.rows if r.is_prefill)
+        gen = sum(1 for r in batch.rows if r.is_sampled)
+        self.metrics.on_step(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            slots_used=self.pool.num_slots - self.pool.num_free,
+            slots_total=self.pool.num_slots,
+            prompt_tokens=prompt,
+            generation_tokens=gen,
+        )
+        if self.runner.vision_seconds:
+            imgs, frames = self.runner.vision_items
+            self.metrics.on_vision(
+                num_images=imgs, num_video_frames=frames, seconds=self.runner.vision_seconds
+            )
+            self.runner.vision_seconds, self.runner.vision_items = 0.0, (0, 0)
+
+    def check(self) -> None:
+        """Pool integrity plus: every used slot belongs to exactly one live choice."""
+        self.pool.check()
+        owned = [s for er in self.requests.values() for s in er.sched.slots if s >= 0]
+        if len(owned) != len(set(owned)) or len(owned) != self.pool.num_slots - self.pool.num_free:
+            raise AssertionError(
+                f"slots owned by requests {sorted(owned)} != {self.pool.num_slots - self.pool.num_free} used"
+            )
+
+
+_STOP = object()
+
+
+class AsyncEngine:
+    """Thread-backed engine with the asyncio interface of `serving.types.EngineClient`."""
+
+    def __init__(self, core: EngineCore, info: dict[str, Any] | None = None) -> None:
+        self.core = core
+        self._info = dict(info or {})
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._alive = False
+        self._dead_reason = ""
+        self._lock = threading.Lock()
+        self._num_pending = 0  # submitted, not yet admitted into the scheduler's waiting queue or beyond
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._alive = True
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._inbox.put(_STOP)
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def health(self) -> EngineHealth:
+        alive = self._alive and self._thread.is_alive()
+        return EngineHealth(is_ready=alive, is_alive=alive, is_draining=False, detail=self._dead_reason)
+
+    def info(self) -> dict[str, Any]:
+        return dict(self._info)
+
+    # -- the API side ---------------------------------------------------------------------------------
+    def generate(self, request: GenerateRequest) -> AsyncIterator[Delta]:
+        """Validate and queue at once (raising EngineDead, EngineOverloaded or ValueError here), then
+        return the async iterator of the request's deltas. Must be called on the event loop's thread."""
+        if not (self._alive and self._thread.is_alive()):
+            raise EngineDead(
+                f"the engine is not running{': ' + self._dead_reason if self._dead_reason else ''}"
+            )
+        self.core.validate(request)
+        with self._lock:
+            waiting = self.core.scheduler.num_waiting + self._num_pending
+            if waiting >= self.core.config.max_waiting:
+                raise EngineOverloaded(f"{waiting} requests are waiting; retry later")
+            self._num_pending += 1
+        loop = asyncio.get_running_loop()
+        out: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
+
+        def emit(item: Delta | BaseException) -> None:
+            loop.call_soon_threadsafe(out.put_nowait, item)
+
+        self._inbox.put(("add", request, emit))
+        self._wake.set()
+        return self._stream(request, out)
+
+    async def _stream(self, request: GenerateRequest, out: asyncio.Queue) -> AsyncIterator[Delta]:
+        remaining = request.sampling.n
+        try:
+            while remaining:
+                item = await out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finish_reason is not None:
+                    remaining -= 1
+                yield item
+        finally:
+            if remaining:  # the consumer went away (client disconnect): free the slot
+                self._post_abort(request.request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self._post_abort(request_id)
+
+    def _post_abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id, None))
+        self._wake.set()
+
+    # -- the engine thread ------------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                if not self._drain_inbox():
+                    return
+                if self.core.scheduler.has_work():
+                    self.core.step()
+                else:
+                    self._wake.wait(0.5)
+                    self._wake.clear()
+        except BaseException as e:  # noqa: BLE001 - the engine is dead: fail everything, fast
+            logger.exception("engine thread died")
+            self._dead_reason = f"engine thread died: {type(e).__name__}: {e}"
+            self._alive = False
+            dead = EngineDead(self._dead_reason)
+            for er in list(self.core.requests.values()):
+                er.emit(dead)
+            self._fail_inbox(dead)
+
+    def _drain_inbox(self) -> bool:
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+            if item is _STOP:
+                self._alive = False
+                return False
+            kind, payload, emit = item
+            if kind == "abort":
+                self.core.abort(payload)
+                continue
+            with self._lock:
+                self._num_pending -= 1
+            try:
+                self.core.validate(payload)
+                self.core.add(payload, emit)
+            except QueueFull as e:
+                emit(EngineOverloaded(str(e)))
+            except ValueError as e:
+                emit(e)
+
+    def _fail_inbox(self, error: BaseException) -> None:
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if item is not _STOP and item[0] == "add":
+                item[2](error)

@@ -1,0 +1,192 @@
+"""Model runner: a scheduled batch -> tensors -> forward -> logits -> sampled tokens."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from cache.pool import StatePool
+from model.batch import BatchMeta
+from scheduler import ScheduledBatch, ScheduledRow
+from serving.sampler import SampleOutput, Sampler, SamplingRow
+from serving.sequence import EngineRequest, VisionCache
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    request_id: str
+    choice: int
+    token_id: int
+    logprob: tuple[float, list[tuple[int, float]]] | None
+
+
+class RequestFault(Exception):
+    """Preparing one request's inputs failed; only that request is failed."""
+
+    def __init__(self, request_id: str, cause: BaseException) -> None:
+        super().__init__(f"request {request_id}: {cause}")
+        self.request_id = request_id
+        self.cause = cause
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, pool: StatePool, device: torch.device, graphs=None) -> None:
+        self.model = model
+        self.pool = pool
+        self.device = device
+        self.sampler = Sampler()
+        self.graphs = graphs  # serving.cuda_graph.CudaGraphRunner or None
+        self.image_token_id = model.config.text.image_token_id
+        self.video_token_id = model.config.text.video_token_id
+        self.vision_seconds = 0.0  # accumulated encoder time, read and reset by the engine for metrics
+        self.vision_items = (0, 0)  # (images, video frames) encoded since the last read
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch, reqs: dict[str, EngineRequest]) -> list[SampledToken]:
+        """Run one step. Raises RequestFault for a per-request input problem (nothing ran)."""
+        for row in batch.rows:
+            if row.is_prefill:
+                self._ensure_vision(reqs[row.request_id])
+        input_ids, positions = self._inputs(batch, reqs)
+        meta = BatchMeta.build(
+            [r.slot for r in batch.rows],
+            [r.num_tokens for r in batch.rows],
+            [r.start for r in batch.rows],
+            device=self.device,
+        )
+        sampled = [r for r in batch.rows if r.is_sampled]
+        if self.graphs is not None and batch.is_decode_only and self.graphs.can_run(len(batch.rows)):
+            # every decode row is sampled; the graph returns one logits row per batch row
+            logits = self.graphs.run(input_ids, positions, meta.slot_ids, meta.context_lens)
+        else:
+            embeds = self._embeds(batch, reqs, input_ids)
+            hidden = self.model.forward(input_ids, positions, meta, self.pool.state, inputs_embeds=embeds)
+            which = [i for i, r in enumerate(batch.rows) if r.is_sampled]
+            last = meta.logits_indices[torch.tensor(which, dtype=torch.int64, device=self.device)]
+            logits = self.model.compute_logits(hidden[last])
+        for row in batch.rows:
+            for dst in row.fork_to:
+                self.pool.fork(row.slot, dst)
+        return self._sample(logits, sampled, reqs)
+
+    def _sample(
+        self, logits: torch.Tensor, rows: list[ScheduledRow], reqs: dict[str, EngineRequest]
+    ) -> list[SampledToken]:
+        # a final prefill row of an n-choice request samples every choice from the same logits
+        index: list[int] = []
+        srows: list[SamplingRow] = []
+        keys: list[tuple[str, int]] = []
+        for i, row in enumerate(rows):
+            er = reqs[row.request_id]
+            choices = range(er.sched.num_choices) if row.is_prefill else (row.choice,)
+            for c in choices:
+                index.append(i)
+                srows.append(er.rows[c])
+                keys.append((row.request_id, c))
+        if not srows:
+            return []
+        if len(index) != logits.shape[0] or index != list(range(len(index))):
+            logits = logits[torch.tensor(index, dtype=torch.int64, device=logits.device)]
+        out: SampleOutput = self.sampler(logits.float(), srows)
+        return [
+            SampledToken(rid, c, tok, lp)
+            for (rid, c), tok, lp in zip(keys, out.token_ids, out.logprobs, strict=True)
+        ]
+
+    def _inputs(
+        self, batch: ScheduledBatch, reqs: dict[str, EngineRequest]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ids: list[torch.Tensor] = []
+        pos: list[torch.Tensor] = []
+        for row in batch.rows:
+            er = reqs[row.request_id]
+            if row.is_prefill:
+                ids.append(er.prompt_ids[row.start : row.start + row.num_tokens])
+                pos.append(er.req.positions[:, row.start : row.start + row.num_tokens])
+            else:
+                last = er.rows[row.choice].output_token_ids[-1]
+                ids.append(torch.tensor([last], dtype=torch.int64))
+                pos.append(torch.full((3, 1), row.start + er.req.rope_delta, dtype=torch.int64))
+        input_ids = torch.cat(ids).to(self.device, non_blocking=True)
+        positions = torch.cat(pos, dim=1).to(self.device, non_blocking=True)
+        return input_ids, positions
+
+    def _ensure_vision(self, er: EngineRequest) -> None:
+        """Encode every image and video of a request once, before its first prefill chunk."""
+        mm = er.req.mm
+        if er.vision is not None or mm is None or (mm.num_images == 0 and mm.num_videos == 0):
+            return
+        try:
+            t0 = time.perf_counter()
+            cache = VisionCache()
+            dtype = next(self.model.parameters()).dtype
+            if mm.num_images:
+                cache.image_features = self.model.encode_vision(
+                    mm.pixel_values.to(self.device, dtype), mm.image_grid_thw.to(self.device)
+                )
+                cache.image_prefix = _prefix_counts(er.prompt_ids, self.image_token_id)
+            if mm.num_videos:
+                cache.video_features = self.model.encode_vision(
+                    mm.pixel_values_videos.to(self.device, dtype), mm.video_grid_thw.to(self.device)
+                )
+                cache.video_prefix = _prefix_counts(er.prompt_ids, self.video_token_id)
+            for feats, prefix in (
+                (cache.image_features, cache.image_prefix),
+                (cache.video_features, cache.video_prefix),
+            ):
+                if feats is not None and feats.shape[0] != int(prefix[-1]):
+                    raise ValueError(f"{feats.shape[0]} vision features for {int(prefix[-1])} pad tokens")
+            er.vision = cache
+            self.vision_seconds += time.perf_counter() - t0
+            frames = 0 if mm.video_grid_thw is None else int(mm.video_grid_thw[:, 0].sum()) * 2
+            self.vision_items = (self.vision_items[0] + mm.num_images, self.vision_items[1] + frames)
+        except Exception as e:  # noqa: BLE001 - any failure here belongs to this request only
+            raise RequestFault(er.request_id, e) from e
+
+    def _embeds(
+        self, batch: ScheduledBatch, reqs: dict[str, EngineRequest], input_ids: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Token embeddings with vision features scattered into the pad tokens of this step's chunks."""
+        todo = [
+            (off, row, reqs[row.request_id].vision)
+            for off, row in zip(_offsets(batch), batch.rows, strict=True)
+            if row.is_prefill and reqs[row.request_id].vision is not None
+        ]
+        if not todo:
+            return None
+        embeds = self.model.embed(input_ids)
+        for off, row, vc in todo:
+            lo, hi = row.start, row.start + row.num_tokens
+            chunk = input_ids[off : off + row.num_tokens]
+            for feats, prefix, tok in (
+                (vc.image_features, vc.image_prefix, self.image_token_id),
+                (vc.video_features, vc.video_prefix, self.video_token_id),
+            ):
+                if feats is None:
+                    continue
+                a, b = int(prefix[lo]), int(prefix[hi])
+                if a == b:
+                    continue
+                mask = chunk == tok
+                embeds[off : off + row.num_tokens][mask] = feats[a:b].to(embeds.dtype)
+        return embeds
+
+
+def _offsets(batch: ScheduledBatch) -> list[int]:
+    out, acc = [], 0
+    for r in batch.rows:
+        out.append(acc)
+        acc += r.num_tokens
+    return out
+
+
+def _prefix_counts(ids: torch.Tensor, token_id: int) -> torch.Tensor:
+    """[len(ids) + 1]: number of `token_id` occurrences before each index."""
+    counts = torch.zeros(ids.numel() + 1, dtype=torch.int64)
+    counts[1:] = torch.cumsum((ids == token_id).to(torch.int64), 0)
+    return counts
