@@ -1,0 +1,187 @@
+"""Plain-PyTorch backend: the exact math of the architecture spec, on CPU or GPU.
+
+It is the oracle for faster backends. Every sequence of a packed batch is processed on its own rows
+(no padding ever enters the conv or the recurrence); its state row is read only when its
+`context_lens` is positive, so a fresh sequence starts from zero whatever the pool row holds.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from model.batch import BatchMeta
+
+# Queries per block in sliding-window attention: bounds the score matrix to [H, block, block + W - 1].
+_ATTN_QUERY_BLOCK = 1024
+
+
+def _spans(meta: BatchMeta) -> list[tuple[int, int, int, int]]:
+    """(start, end, slot, context_len) of every sequence, from host-side metadata."""
+    out = []
+    start = 0
+    for n, slot, ctx in zip(meta.seq_lens_cpu, meta.slot_ids_cpu, meta.context_lens_cpu, strict=True):
+        out.append((start, start + n, slot, ctx))
+        start += n
+    return out
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / sqrt(sum(x^2) + eps) over the last dim (fp32 in, fp32 out)."""
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+
+
+class TorchBackend:
+    """Backend protocol implementation in plain PyTorch (see model/backends/base.py)."""
+
+    name = "torch"
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+
+    # -- short convolution ------------------------------------------------------------------------
+
+    def short_conv(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        meta: BatchMeta,
+        conv_state: torch.Tensor,
+    ) -> torch.Tensor:
+        if meta.is_decode:
+            return self._conv_step_batched(x, weight, meta, conv_state)
+        out = torch.empty_like(x)
+        kernel = weight.shape[1]
+        w32 = weight.float()  # [C, K]
+        for start, end, slot, ctx in _spans(meta):
+            seq = x[start:end].transpose(0, 1)  # [C, T]
+            if ctx > 0:
+                prev = conv_state[slot].to(x.dtype)  # [C, K], column K-1 newest
+            else:
+                prev = torch.zeros(x.shape[1], kernel, dtype=x.dtype, device=x.device)
+            stream = torch.cat([prev, seq], dim=1)  # [C, K + T]
+            windows = stream[:, 1:].float().unfold(1, kernel, 1)  # [C, T, K]: inputs t-K+1 .. t
+            y = torch.einsum("ctk,ck->tc", windows, w32)
+            out[start:end] = F.silu(y).to(x.dtype)
+            conv_state[slot] = stream[:, -kernel:].to(conv_state.dtype)
+        return out
+
+    def _conv_step_batched(self, x, weight, meta, conv_state) -> torch.Tensor:
+        """One token per sequence: shift each slot's window left, append x, convolve."""
+        slots = meta.slot_ids.to(conv_state.device)
+        fresh = (meta.context_lens.to(conv_state.device) == 0).view(-1, 1, 1)
+        prev = conv_state.index_select(0, slots).masked_fill(fresh, 0.0)  # [B, C, K]
+        window = torch.cat([prev[:, :, 1:].to(x.dtype), x[:, :, None]], dim=2)  # [B, C, K]
+        y = (window.float() * weight.float()).sum(-1)
+        conv_state.index_copy_(0, slots, window.to(conv_state.dtype))
+        return F.silu(y).to(x.dtype)
+
+    # -- gated delta rule -------------------------------------------------------------------------
+
+    def gated_delta_rule(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        g: torch.Tensor,
+        beta: torch.Tensor,
+        meta: BatchMeta,
+        state: torch.Tensor,
+    ) -> torch.Tensor:
+        scale = q.shape[-1] ** -0.5
+        qn = l2_normalize(q.float()) * scale
+        kn = l2_normalize(k.float())
+        v32, g32, b32 = v.float(), g.float(), beta.float()
+        out = torch.empty(v.shape, dtype=torch.float32, device=v.device)
+        if meta.is_decode:
+            self._delta_step_batched(qn, kn, v32, g32, b32, meta, state, out)
+            return out.to(v.dtype)
+        for start, end, slot, ctx in _spans(meta):
+            s = state[slot].float() if ctx > 0 else state.new_zeros(state.shape[1:], dtype=torch.float32)
+            for t in range(start, end):
+                s = _delta_step(s, qn[t], kn[t], v32[t], g32[t], b32[t], out[t])
+            state[slot] = s.to(state.dtype)
+        return out.to(v.dtype)
+
+    def _delta_step_batched(self, qn, kn, v32, g32, b32, meta, state, out) -> None:
+        """One token per sequence: all sequences advance together (rows gathered by slot)."""
+        slots = meta.slot_ids.to(state.device)
+        fresh = (meta.context_lens.to(state.device) == 0).view(-1, 1, 1, 1)
+        s = state.index_select(0, slots).float().masked_fill(fresh, 0.0)  # [B, H, d_k, d_v]
+        s = _delta_step(s, qn, kn, v32, g32, b32, out)
+        state.index_copy_(0, slots, s.to(state.dtype))
+
+    # -- sliding-window attention -----------------------------------------------------------------
+
+    def sliding_window_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: BatchMeta,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        window = key_cache.shape[1]
+        out = torch.empty_like(q)
+        for start, end, slot, ctx in _spans(meta):
+            num_old = min(ctx, window - 1)
+            old_pos = torch.arange(ctx - num_old, ctx, device=k.device)
+            keys = torch.cat([key_cache[slot, old_pos % window].to(k.dtype), k[start:end]], dim=0)
+            values = torch.cat([value_cache[slot, old_pos % window].to(v.dtype), v[start:end]], dim=0)
+            out[start:end] = _window_attend(q[start:end], keys, values, ctx - num_old, ctx, window, scale)
+            num_new = end - start
+            keep = min(window, num_new)
+            new_pos = torch.arange(ctx + num_new - keep, ctx + num_new, device=k.device)
+            key_cache[slot, new_pos % window] = k[end - keep : end].to(key_cache.dtype)
+            value_cache[slot, new_pos % window] = v[end - keep : end].to(value_cache.dtype)
+        return out
+
+
+def _delta_step(
+    s: torch.Tensor,  # [..., H, d_k, d_v] fp32 state S_{t-1}
+    q: torch.Tensor,  # [..., H, d_k] fp32, normalised and scaled
+    k: torch.Tensor,  # [..., H, d_k] fp32, normalised
+    v: torch.Tensor,  # [..., H, d_v] fp32
+    g: torch.Tensor,  # [..., H] fp32 log-decay
+    beta: torch.Tensor,  # [..., H] fp32
+    out: torch.Tensor,  # [..., H, d_v] fp32, written
+) -> torch.Tensor:
+    """S_t = a S + k (beta (v - (a S)^T k))^T with a = exp(g); o_t = S_t^T q. Returns S_t."""
+    s = s * torch.exp(g)[..., None, None]
+    recalled = torch.einsum("...kv,...k->...v", s, k)
+    delta = (v - recalled) * beta[..., None]
+    s = s + k[..., :, None] * delta[..., None, :]
+    out.copy_(torch.einsum("...kv,...k->...v", s, q))
+    return s
+
+
+def _window_attend(
+    q: torch.Tensor,  # [T, Hq, D] queries at absolute indices first_query ..
+    keys: torch.Tensor,  # [L, Hkv, D] keys at absolute indices first_key ..
+    values: torch.Tensor,  # [L, Hkv, D]
+    first_key: int,
+    first_query: int,
+    window: int,
+    scale: float,
+) -> torch.Tensor:
+    """Causal windowed attention: query i sees keys max(0, i-W+1) .. i. fp32 softmax; q's dtype out."""
+    num_q, num_heads, _ = q.shape
+    group = num_heads // keys.shape[1]
+    k32 = keys.float().repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, L, D]
+    v32 = values.float().repeat_interleave(group, dim=1).transpose(0, 1)
+    key_pos = torch.arange(first_key, first_key + keys.shape[0], device=q.device)
+    out = torch.empty_like(q)
+    for b0 in range(0, num_q, _ATTN_QUERY_BLOCK):
+        b1 = min(num_q, b0 + _ATTN_QUERY_BLOCK)
+        q_pos = torch.arange(first_query + b0, first_query + b1, device=q.device)
+        lo = max(0, first_query + b0 - window + 1 - first_key)
+        hi = first_query + b1 - first_key  # keys beyond the block's last query are never visible
+        kp = key_pos[lo:hi]
+        visible = (kp[None, :] <= q_pos[:, None]) & (kp[None, :] > q_pos[:, None] - window)
+        scores = torch.einsum("thd,hld->htl", q[b0:b1].float(), k32[:, lo:hi]) * scale
+        scores = scores.masked_fill(~visible[None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[b0:b1] = torch.einsum("htl,hld->thd", probs, v32[:, lo:hi]).to(q.dtype)
+    return out

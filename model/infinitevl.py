@@ -1,0 +1,106 @@
+"""InfiniteVL for causal LM: text decoder (SWA + Gated DeltaNet layers) plus the vision tower.
+
+Module paths map onto the checkpoint's legacy names: `model.embed_tokens`, `model.layers.{i}.*`,
+`model.norm`, `visual.*`. Logits are tied to `model.embed_tokens.weight`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.backends.base import Backend
+from model.batch import BatchMeta
+from model.config import LINEAR, ModelConfig, TextConfig
+from model.layers import MLP, GatedDeltaNet, RMSNorm, SlidingWindowAttention, mrope_cos_sin
+from model.state import StateTensors
+from model.vision import VisionTower
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: h += mixer(norm(h)); h += mlp(norm(h)). Residual stream in model dtype."""
+
+    def __init__(self, cfg: TextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.is_linear = cfg.layer_types[layer_idx] == LINEAR
+        # rank among layers of the same kind: index into the state tensors' first dimension
+        kinds = cfg.gdn_layers if self.is_linear else cfg.swa_layers
+        self.state_index = kinds.index(layer_idx)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn: nn.Module = GatedDeltaNet(cfg) if self.is_linear else SlidingWindowAttention(cfg)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(
+        self,
+        h: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        meta: BatchMeta,
+        state: StateTensors,
+        backend: Backend,
+    ) -> torch.Tensor:
+        x = self.input_layernorm(h)
+        i = self.state_index
+        if self.is_linear:
+            x = self.self_attn(x, meta, state.conv[i], state.recurrent[i], backend)
+        else:
+            x = self.self_attn(x, rope, meta, state.key[i], state.value[i], backend)
+        h = h + x
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class TextModel(nn.Module):
+    """Embedding, decoder layers and the final norm (checkpoint prefix `model.`)."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class InfiniteVLForCausalLM(nn.Module):
+    """The whole model. `forward` runs one packed varlen batch against the slot pool's state."""
+
+    def __init__(self, config: ModelConfig, backend: Backend) -> None:
+        super().__init__()
+        self.config = config
+        self.backend = backend
+        self.model = TextModel(config.text)
+        self.visual = VisionTower(config.vision)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [N, hidden] in the model dtype."""
+        return self.model.embed_tokens(input_ids)
+
+    def encode_vision(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """Merged vision tokens [M, hidden] of all entries concatenated (M = sum(t*h*w) / merge**2)."""
+        return self.visual.encode(pixel_values, grid_thw).to(self.dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [N] int64 packed new tokens
+        positions: torch.Tensor,  # [3, N] int64 M-RoPE (t, h, w) positions
+        meta: BatchMeta,
+        state: StateTensors,
+        inputs_embeds: torch.Tensor | None = None,  # [N, hidden]; replaces embed(input_ids) if given
+    ) -> torch.Tensor:
+        """Final-norm hidden states [N, hidden] of every packed token; updates `state` in place."""
+        cfg = self.config.text
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.to(self.dtype)
+        rope = mrope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, h.dtype)
+        for layer in self.model.layers:
+            h = layer(h, rope, meta, state, self.backend)
+        return self.model.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [..., vocab] fp32 from final-norm hidden states (tied to the embedding)."""
+        return (hidden @ self.model.embed_tokens.weight.t()).float()
