@@ -1,0 +1,347 @@
+"""The FastAPI application: routes of the OpenAI-compatible API plus health, version, tokenizer and metrics.
+
+Route functions only parse, delegate and answer: validation and prompt building live in `api.chat`, media
+loading in `api.media`, response assembly in `api.responses`. A pure-ASGI gate in front of the app counts
+in-flight requests (`app.state.num_inflight`, awaited by the CLI on shutdown), refuses new POSTs while
+`app.state.draining` is set, caps request bodies and records per-route HTTP metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from importlib import metadata
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+
+from api.chat import (
+    build_sampling,
+    check_model,
+    check_prompt_len,
+    make_generate_request,
+    new_id,
+    now_s,
+    prepare_chat,
+    prepare_completion,
+    reject_unsupported_chat,
+    reject_unsupported_completion,
+)
+from api.errors import APIError, install_error_handlers, invalid_request, server_draining, validation_error
+from api.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+)
+from api.responses import (
+    StreamSpec,
+    chat_response,
+    chat_stream,
+    collect,
+    completion_response,
+    completion_stream,
+    start,
+)
+from api.settings import ServerSettings
+from api.sse import sse_response
+from serving.types import EngineClient, GenerateRequest
+
+M = TypeVar("M", bound=BaseModel)
+JSON_TYPES = ("application/json",)
+
+
+def package_version() -> str:
+    try:
+        return metadata.version("infinitevl-serve")
+    except metadata.PackageNotFoundError:
+        return "0.0.0+unknown"
+
+
+# ---- the ASGI gate -------------------------------------------------------------------------------------
+
+
+class Gate:
+    """Pure ASGI middleware (no BaseHTTPMiddleware: it would break disconnect detection and streaming)."""
+
+    def __init__(self, app: Any, fastapi_app: FastAPI, settings: ServerSettings, metrics: Any):
+        self.app = app
+        self.state = fastapi_app.state
+        self.limit = settings.max_request_body_bytes
+        self.retry_after = settings.drain_retry_after_s
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.monotonic()
+        status = [500]
+
+        async def send_recording(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = int(message["status"])
+            await send(message)
+
+        self.state.num_inflight += 1
+        try:
+            early = self._early_rejection(scope)
+            if early is not None:
+                await early(scope, receive, send_recording)
+            else:
+                await self.app(scope, self._counting(receive), send_recording)
+        finally:
+            self.state.num_inflight -= 1
+            self._record(scope, status[0], time.monotonic() - t0)
+
+    def _early_rejection(self, scope: dict[str, Any]) -> Response | None:
+        if scope["method"] == "POST" and getattr(self.state, "draining", False):
+            return server_draining(self.retry_after).response()
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                return _body_too_large(self.limit).response()
+        return None
+
+    def _counting(self, receive: Any) -> Any:
+        seen = [0]
+
+        async def counted() -> dict[str, Any]:
+            message = await receive()
+            if message["type"] == "http.request":
+                seen[0] += len(message.get("body", b""))
+                if seen[0] > self.limit:
+                    raise _body_too_large(self.limit)
+            return message
+
+        return counted
+
+    def _record(self, scope: dict[str, Any], status: int, seconds: float) -> None:
+        if self.metrics is None:
+            return
+        route = scope.get("route")
+        path = getattr(route, "path", None) or "unmatched"
+        with contextlib.suppress(Exception):  # metrics must never fail a request
+            self.metrics.on_http(path, scope["method"], status, seconds)
+
+
+def _body_too_large(limit: int) -> APIError:
+    return APIError(f"request body is larger than the limit of {limit} bytes", 413, code="request_too_large")
+
+
+# ---- body parsing --------------------------------------------------------------------------------------
+
+
+async def read_json(request: Request, model: type[M]) -> M:
+    """Parse the body as `model`: 415 for a non-JSON content type, 400 for bad JSON or invalid fields."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype and ctype not in JSON_TYPES and not ctype.endswith("+json"):
+        raise APIError(
+            f"unsupported content type `{ctype}`: send JSON with `Content-Type: application/json`",
+            415,
+            code="unsupported_media_type",
+        )
+    body = await request.body()
+    if not body.strip():
+        raise invalid_request("the request body is empty; a JSON object is required")
+    try:
+        obj = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise invalid_request(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise invalid_request("the request body must be a JSON object")
+    try:
+        return model.model_validate(obj)
+    except ValidationError as e:
+        raise validation_error(list(e.errors())) from None
+
+
+def _json(model: BaseModel, status: int = 200) -> JSONResponse:
+    return JSONResponse(model.model_dump(mode="json"), status_code=status)
+
+
+# ---- app -----------------------------------------------------------------------------------------------
+
+
+def create_app(
+    engine: EngineClient, processor: Any, settings: ServerSettings, metrics: Any = None
+) -> FastAPI:
+    """Build the app around a running engine, the model's processor and the server settings."""
+    app = FastAPI(title="InfiniteVL OpenAI-compatible server", version=package_version())
+    app.state.engine = engine
+    app.state.settings = settings
+    app.state.draining = False
+    app.state.num_inflight = 0
+    app.state.started_at = now_s()
+    install_error_handlers(app)
+    _install_auth(app, settings)
+    app.add_middleware(Gate, fastapi_app=app, settings=settings, metrics=metrics)
+    _add_generation_routes(app, engine, processor, settings)
+    _add_info_routes(app, engine, settings, metrics)
+    _add_tokenizer_routes(app, engine, processor, settings)
+    return app
+
+
+def _install_auth(app: FastAPI, settings: ServerSettings) -> None:
+    if not settings.api_keys:
+        return
+    from api.auth import DEFAULT_OPEN_PATHS, install_auth
+
+    open_paths = DEFAULT_OPEN_PATHS if settings.open_health_and_metrics else frozenset()
+    install_auth(app, list(settings.api_keys), open_paths=open_paths)
+
+
+def _vocab_size(engine: EngineClient) -> int | None:
+    size = engine.info().get("vocab_size")
+    return size if isinstance(size, int) else None
+
+
+async def _submit(engine: EngineClient, greq: GenerateRequest, request: Request) -> Any:
+    try:
+        return await start(engine, greq, request)
+    except ValueError as e:  # the engine's own validation
+        raise invalid_request(str(e)) from e
+
+
+def _add_generation_routes(
+    app: FastAPI, engine: EngineClient, processor: Any, settings: ServerSettings
+) -> None:
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        req = await read_json(request, ChatCompletionRequest)
+        check_model(req.model, settings)
+        reject_unsupported_chat(req)
+        prompt = await prepare_chat(req.messages, processor, settings)
+        prompt_len = len(prompt.input_ids)
+        check_prompt_len(prompt_len, settings, "messages")
+        sampling = build_sampling(req, prompt_len, settings, _vocab_size(engine))
+        rid, created = new_id("chatcmpl"), now_s()
+        greq = make_generate_request(rid, prompt, sampling)
+        it, first = await _submit(engine, greq, request)
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        if req.stream:
+            spec = StreamSpec(rid, created, req.model, req.n, prompt_len, include_usage, req.logprobs)
+            return sse_response(chat_stream(engine, spec, first, it))
+        results = await collect(engine, greq, request, first, it)
+        return _json(chat_response(rid, created, req.model, prompt_len, results, req.logprobs))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req = await read_json(request, CompletionRequest)
+        check_model(req.model, settings)
+        reject_unsupported_completion(req)
+        prompt = await prepare_completion(req.prompt, processor)
+        prompt_len = len(prompt.input_ids)
+        check_prompt_len(prompt_len, settings, "prompt")
+        sampling = build_sampling(req, prompt_len, settings, _vocab_size(engine))
+        rid, created = new_id("cmpl"), now_s()
+        greq = make_generate_request(rid, prompt, sampling)
+        it, first = await _submit(engine, greq, request)
+        want_logprobs = req.logprobs is not None
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            spec = StreamSpec(rid, created, req.model, req.n, prompt_len, include_usage, want_logprobs)
+            return sse_response(completion_stream(engine, spec, first, it))
+        results = await collect(engine, greq, request, first, it)
+        return _json(completion_response(rid, created, req.model, prompt_len, results, want_logprobs))
+
+
+def _jsonable(info: dict[str, Any]) -> dict[str, Any]:
+    plain = (str, int, float, bool, type(None))
+    return {str(k): v if isinstance(v, plain) else str(v) for k, v in info.items()}
+
+
+def _add_info_routes(app: FastAPI, engine: EngineClient, settings: ServerSettings, metrics: Any) -> None:
+    def card() -> ModelCard:
+        return ModelCard(
+            id=settings.served_model_name,
+            created=app.state.started_at,
+            root=settings.model_path,
+            max_model_len=settings.max_model_len,
+        )
+
+    @app.get("/v1/models")
+    async def list_models() -> Response:
+        return _json(ModelList(data=[card()]))
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> Response:
+        check_model(model_id, settings)
+        return _json(card())
+
+    @app.get("/health")
+    async def health() -> Response:
+        h = engine.health()
+        if app.state.draining or h.is_draining:
+            return JSONResponse({"status": "draining"}, status_code=503, headers={"Retry-After": "5"})
+        if not h.is_alive:
+            return JSONResponse({"status": "dead", "detail": h.detail}, status_code=503)
+        if not h.is_ready:
+            return JSONResponse({"status": "starting", "detail": h.detail}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/version")
+    async def version() -> Response:
+        return JSONResponse(
+            {
+                "version": package_version(),
+                "served_model_name": settings.served_model_name,
+                **_engine_info(engine),
+            }
+        )
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        if metrics is None:
+            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+            return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        body, content_type = metrics.render()
+        return Response(body, headers={"Content-Type": content_type})
+
+
+def _engine_info(engine: EngineClient) -> dict[str, Any]:
+    try:
+        return {"engine": _jsonable(engine.info())}
+    except Exception:
+        return {}
+
+
+def _add_tokenizer_routes(
+    app: FastAPI, engine: EngineClient, processor: Any, settings: ServerSettings
+) -> None:
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        req = await read_json(request, TokenizeRequest)
+        if req.model is not None:
+            check_model(req.model, settings)
+        if (req.prompt is None) == (req.messages is None):
+            raise invalid_request("give exactly one of `prompt` and `messages`", "prompt")
+        if req.messages is not None:
+            if not req.messages:
+                raise invalid_request("messages must not be empty", "messages")
+            prompt = await prepare_chat(req.messages, processor, settings)
+        else:
+            prompt = await prepare_completion(req.prompt or "", processor)
+        ids = prompt.input_ids
+        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": settings.max_model_len})
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        req = await read_json(request, DetokenizeRequest)
+        if req.model is not None:
+            check_model(req.model, settings)
+        vocab = _vocab_size(engine)
+        bad = [t for t in req.tokens if vocab is not None and t >= vocab]
+        if bad:
+            raise invalid_request(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", "tokens")
+        try:
+            text = await asyncio.to_thread(processor.tokenizer.decode, req.tokens)
+        except (ValueError, TypeError, IndexError, OverflowError) as e:
+            raise invalid_request(f"cannot decode these tokens: {e}", "tokens") from None
+        return JSONResponse({"prompt": text})

@@ -1,0 +1,373 @@
+"""Translate chat and legacy-completion requests into engine requests, and engine deltas into responses.
+
+Request side: model check, rejection of unsupported features, messages -> chat-template messages plus a
+list of media references, bounded media loading (async), chat template and processor in a worker thread,
+prompt-length and max_tokens checks, SamplingParams. Response side: collecting deltas into one response
+(aborting the request when the client goes away) or framing them as OpenAI stream chunks.
+
+Unsupported chat fields (400 "... is not supported"): tools, tool_choice other than "none", functions,
+function_call, response_format other than {"type": "text"}, audio, modalities other than ["text"],
+prediction, reasoning_effort, web_search_options; messages with role "tool"/"function" or with tool_calls;
+content parts input_audio/file/refusal. Accepted and ignored: store, metadata, service_tier, user, name,
+parallel_tool_calls (without tools), image_url.detail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from api.errors import APIError, invalid_request, model_not_found, not_supported
+from api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, ImagePart, VideoPart, VideoURL
+from api.settings import ServerSettings
+from serving.types import GenerateRequest, SamplingParams
+
+
+@dataclass
+class PreparedPrompt:
+    """A processed prompt: token ids (list of ints), positions [3, L] and optional vision inputs."""
+
+    input_ids: list[int]
+    positions: Any  # torch.Tensor [3, prompt_len] int64, built by the processor
+    rope_delta: int
+    mm: Any = None  # serving.types.MultiModalInputs | None
+    num_images: int = 0
+    num_videos: int = 0
+
+
+@dataclass
+class MediaRef:
+    """One image or video referenced by a message, in prompt order."""
+
+    kind: str  # "image" | "video"
+    url: str
+    param: str  # request path for error messages, e.g. "messages.0.content.1.image_url.url"
+    fps: float | None = None
+    max_frames: int | None = None
+
+
+@dataclass
+class TemplateInput:
+    messages: list[dict[str, Any]]
+    media: list[MediaRef] = field(default_factory=list)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now_s() -> int:
+    return int(time.time())
+
+
+# ---- checks --------------------------------------------------------------------------------------------
+
+
+def check_model(model: str, settings: ServerSettings) -> None:
+    """404 unless `model` names the served model (its served name or its path)."""
+    if model not in (settings.served_model_name, settings.model_path):
+        raise model_not_found(model)
+
+
+def reject_unsupported_chat(req: ChatCompletionRequest) -> None:
+    """400 for every field whose effect we do not implement (nothing that matters is silently ignored)."""
+    if req.tools:
+        raise not_supported("tools", "tool calling (`tools`)")
+    if req.tool_choice not in (None, "none"):
+        raise not_supported("tool_choice")
+    if req.functions:
+        raise not_supported("functions")
+    if req.function_call not in (None, "none"):
+        raise not_supported("function_call")
+    if req.response_format is not None and req.response_format.get("type") != "text":
+        raise not_supported("response_format", 'response_format other than {"type": "text"}')
+    if req.audio is not None:
+        raise not_supported("audio", "audio output")
+    if req.modalities is not None and list(req.modalities) != ["text"]:
+        raise not_supported("modalities", 'modalities other than ["text"]')
+    for name in ("prediction", "reasoning_effort", "web_search_options"):
+        if getattr(req, name) is not None:
+            raise not_supported(name)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise invalid_request("top_logprobs requires logprobs to be true", "top_logprobs")
+
+
+def reject_unsupported_completion(req: CompletionRequest) -> None:
+    if req.echo:
+        raise not_supported("echo")
+    if req.suffix:
+        raise not_supported("suffix")
+    if req.best_of is not None and req.best_of != req.n:
+        raise not_supported("best_of", "best_of different from n")
+
+
+# ---- messages -> template ------------------------------------------------------------------------------
+
+
+def _assistant_text(msg: ChatMessage, i: int) -> str:
+    if msg.content is None:
+        return ""
+    if isinstance(msg.content, str):
+        return msg.content
+    texts = []
+    for j, part in enumerate(msg.content):
+        if part.type != "text":
+            raise invalid_request(
+                "assistant messages may only contain text parts", f"messages.{i}.content.{j}"
+            )
+        texts.append(part.text)
+    return "".join(texts)
+
+
+def _user_content(msg: ChatMessage, i: int, media: list[MediaRef]) -> str | list[dict[str, Any]]:
+    if msg.content is None:
+        raise invalid_request(
+            f"messages.{i}.content is required for role {msg.role}", f"messages.{i}.content"
+        )
+    if isinstance(msg.content, str):
+        return msg.content
+    items: list[dict[str, Any]] = []
+    for j, part in enumerate(msg.content):
+        where = f"messages.{i}.content.{j}"
+        if isinstance(part, ImagePart):
+            if msg.role != "user":
+                raise invalid_request("images are only allowed in user messages", where)
+            media.append(MediaRef("image", part.image_url.url, f"{where}.image_url.url"))
+            items.append({"type": "image"})
+        elif isinstance(part, VideoPart):
+            if msg.role != "user":
+                raise invalid_request("videos are only allowed in user messages", where)
+            media.append(_video_ref(part.video_url, f"{where}.video_url.url"))
+            items.append({"type": "video"})
+        elif part.type == "text":
+            items.append({"type": "text", "text": part.text})
+        else:
+            raise not_supported(f"{where}.type", f"content part type `{part.type}`")
+    return items
+
+
+def _video_ref(v: VideoURL, param: str) -> MediaRef:
+    return MediaRef("video", v.url, param, fps=v.fps, max_frames=v.max_frames)
+
+
+def to_template(messages: list[ChatMessage]) -> TemplateInput:
+    """OpenAI messages -> the processor's chat-template messages (images/videos as placeholders, in order)."""
+    out = TemplateInput(messages=[])
+    for i, msg in enumerate(messages):
+        if msg.role in ("tool", "function"):
+            raise not_supported(f"messages.{i}.role", f"role `{msg.role}`")
+        if msg.tool_calls or msg.function_call is not None:
+            raise not_supported(f"messages.{i}.tool_calls", "tool calls in messages")
+        role = "system" if msg.role == "developer" else msg.role
+        if role == "assistant":
+            content: str | list[dict[str, Any]] = _assistant_text(msg, i)
+        else:
+            content = _user_content(msg, i, out.media)
+        out.messages.append({"role": role, "content": content})
+    if out.messages[-1]["role"] == "assistant":
+        # continuing a partial assistant turn is not implemented: the template always opens a new one
+        raise invalid_request(
+            "the last message must not be an assistant message", f"messages.{len(messages) - 1}"
+        )
+    return out
+
+
+# ---- media ---------------------------------------------------------------------------------------------
+
+
+async def load_media(refs: list[MediaRef], settings: ServerSettings) -> tuple[list[Any], list[Any]]:
+    """Fetch and decode every image and video (bounded by settings.media); returns (images, videos)."""
+    from api import media  # imported lazily: it pulls in the decoders
+
+    limits = settings.media
+    num_images = sum(r.kind == "image" for r in refs)
+    num_videos = len(refs) - num_images
+    if num_images > limits.max_images_per_request:
+        raise invalid_request(
+            f"too many images: {num_images} > {limits.max_images_per_request} per request", "messages"
+        )
+    if num_videos > limits.max_videos_per_request:
+        raise invalid_request(
+            f"too many videos: {num_videos} > {limits.max_videos_per_request} per request", "messages"
+        )
+    tasks = []
+    for ref in refs:
+        if ref.kind == "image":
+            tasks.append(media.fetch_image(ref.url, limits, param=ref.param))
+        else:
+            fps = ref.fps or limits.default_video_fps
+            tasks.append(
+                media.fetch_video(ref.url, limits, fps=fps, max_frames=ref.max_frames, param=ref.param)
+            )
+    try:
+        loaded = await asyncio.gather(*tasks)
+    except media.MediaError as e:
+        raise APIError(e.message, e.status_code, param=e.param or None) from e
+    images = [x for x, r in zip(loaded, refs, strict=True) if r.kind == "image"]
+    videos = [x for x, r in zip(loaded, refs, strict=True) if r.kind == "video"]
+    return images, videos
+
+
+# ---- processor -----------------------------------------------------------------------------------------
+
+
+def _as_int_list(ids: Any) -> list[int]:
+    if hasattr(ids, "tolist"):
+        ids = ids.tolist()
+    if ids and isinstance(ids[0], list):  # [1, L] batch of one
+        ids = ids[0]
+    return [int(t) for t in ids]
+
+
+def _prepared(processed: Any) -> PreparedPrompt:
+    mm = getattr(processed, "mm", None)
+    return PreparedPrompt(
+        input_ids=_as_int_list(processed.input_ids),
+        positions=processed.positions,
+        rope_delta=int(processed.rope_delta),
+        mm=mm,
+        num_images=int(getattr(mm, "num_images", 0) or 0),
+        num_videos=int(getattr(mm, "num_videos", 0) or 0),
+    )
+
+
+def _run_processor(
+    processor: Any, tmpl: TemplateInput, images: list[Any], videos: list[Any]
+) -> PreparedPrompt:
+    text = processor.apply_chat_template(tmpl.messages)
+    return _prepared(processor.process(text, images, videos))
+
+
+async def prepare_chat(
+    messages: list[ChatMessage], processor: Any, settings: ServerSettings
+) -> PreparedPrompt:
+    """Messages -> processed prompt: media fetched on the loop, template and processor in a thread."""
+    tmpl = to_template(messages)
+    images, videos = await load_media(tmpl.media, settings) if tmpl.media else ([], [])
+    try:
+        return await asyncio.to_thread(_run_processor, processor, tmpl, images, videos)
+    except (ValueError, TypeError) as e:
+        raise invalid_request(f"could not process the prompt: {e}", "messages") from e
+
+
+def _text_positions(n: int) -> Any:
+    import torch
+
+    return torch.arange(n, dtype=torch.int64).unsqueeze(0).expand(3, n).contiguous()
+
+
+async def prepare_completion(prompt: str | list[str] | list[int], processor: Any) -> PreparedPrompt:
+    """Text or token-id prompt -> processed prompt (text only; positions are 0..L-1 on all three axes)."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        ids = [int(t) for t in prompt]
+        return PreparedPrompt(ids, await asyncio.to_thread(_text_positions, len(ids)), 0)
+    text = prompt[0] if isinstance(prompt, list) else prompt
+    if not text:
+        raise invalid_request("prompt must not be empty", "prompt")
+    processed = await asyncio.to_thread(processor.process, text, [], [])
+    return _prepared(processed)
+
+
+# ---- sampling ------------------------------------------------------------------------------------------
+
+
+def _max_tokens(requested: int | None, prompt_len: int, settings: ServerSettings, param: str) -> int:
+    """The request's token budget: explicit value checked against the limits, else the clipped default."""
+    left = None if settings.max_model_len is None else settings.max_model_len - prompt_len
+    if left is not None and left < 1:
+        raise invalid_request(
+            f"the prompt ({prompt_len} tokens) leaves no room to generate within max_model_len "
+            f"{settings.max_model_len}",
+            param,
+        )
+    if requested is None:
+        return settings.default_max_tokens if left is None else min(settings.default_max_tokens, left)
+    if left is not None and requested > left:
+        raise invalid_request(
+            f"{param}={requested} is too large: prompt has {prompt_len} tokens and max_model_len is "
+            f"{settings.max_model_len} ({left} tokens left)",
+            param,
+        )
+    limit = getattr(settings, "max_tokens_limit", None)
+    if limit is not None and requested > limit:
+        raise invalid_request(f"{param}={requested} exceeds this server's limit of {limit}", param)
+    return requested
+
+
+def check_prompt_len(prompt_len: int, settings: ServerSettings, param: str) -> None:
+    if prompt_len > settings.max_prompt_len:
+        raise invalid_request(
+            f"the prompt has {prompt_len} tokens, more than this server's limit of {settings.max_prompt_len}",
+            param,
+        )
+
+
+def _logit_bias(raw: dict[str, float] | None) -> dict[int, float] | None:
+    if not raw:
+        return None
+    out = {}
+    for key, value in raw.items():
+        try:
+            out[int(key)] = float(value)
+        except ValueError:
+            raise invalid_request(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
+    return out
+
+
+def build_sampling(
+    req: ChatCompletionRequest | CompletionRequest, prompt_len: int, settings: ServerSettings, vocab_size: Any
+) -> SamplingParams:
+    """Request fields -> engine SamplingParams (validated; ValueError becomes a 400)."""
+    if isinstance(req, ChatCompletionRequest):
+        requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    else:
+        requested, param, logprobs = req.max_tokens, "max_tokens", req.logprobs
+    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    params = SamplingParams(
+        max_tokens=_max_tokens(requested, prompt_len, settings, param),
+        n=req.n,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=req.top_k or 0,
+        min_p=req.min_p or 0.0,
+        seed=req.seed,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        logit_bias=_logit_bias(req.logit_bias),
+        min_tokens=req.min_tokens,
+        ignore_eos=req.ignore_eos,
+        stop=tuple(s for s in stop if s),
+        stop_token_ids=tuple(req.stop_token_ids or ()),
+        include_stop_str_in_output=req.include_stop_str_in_output,
+        logprobs=logprobs,
+        skip_special_tokens=req.skip_special_tokens,
+    )
+    try:
+        params.validate(vocab_size if isinstance(vocab_size, int) else None)
+    except ValueError as e:
+        raise invalid_request(str(e), _param_of(str(e))) from e
+    return params
+
+
+def _param_of(message: str) -> str | None:
+    first = message.split(" ", 1)[0]
+    return first if first.isidentifier() else None
+
+
+def make_generate_request(
+    request_id: str, prompt: PreparedPrompt, sampling: SamplingParams
+) -> GenerateRequest:
+    return GenerateRequest(
+        request_id=request_id,
+        prompt_token_ids=prompt.input_ids,
+        positions=prompt.positions,
+        rope_delta=prompt.rope_delta,
+        sampling=sampling,
+        mm=prompt.mm,
+    )

@@ -1,0 +1,129 @@
+"""HTTP server settings: one frozen dataclass built once from the command line (and environment)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+from api import media
+from api.media import MediaLimits
+
+API_KEY_ENV = "INFINITEVL_API_KEY"  # comma-separated keys, added to every --api-key
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What the HTTP layer needs to know; engine settings live in serving.config."""
+
+    served_model_name: str
+    model_path: str
+    max_prompt_len: int = 1 << 20  # tokens per prompt, after image/video placeholder expansion
+    max_model_len: int | None = None  # prompt + completion tokens; None: unbounded (recurrent model)
+    default_max_tokens: int = 512  # when the request gives no max_tokens
+    max_tokens_limit: int | None = None  # largest max_tokens a request may ask for; None: no extra cap
+    max_request_body_bytes: int = 64 * 2**20
+    media: MediaLimits = field(default_factory=MediaLimits)
+    api_keys: tuple[str, ...] = ()
+    open_health_and_metrics: bool = True  # /health, /metrics, /version without a key
+    allowed_local_media_path: str | None = None
+    drain_retry_after_s: float = 5.0  # Retry-After sent with 503 while draining
+
+    def __post_init__(self) -> None:
+        if self.max_prompt_len < 1:
+            raise ValueError("max_prompt_len must be positive")
+        if self.default_max_tokens < 1:
+            raise ValueError("default_max_tokens must be positive")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError("max_model_len must be at least 2")
+        if self.max_request_body_bytes < 1024:
+            raise ValueError("max_request_body_bytes must be at least 1024")
+
+
+def _has_option(parser: argparse.ArgumentParser, flag: str) -> bool:
+    return flag in parser._option_string_actions  # argparse has no public lookup
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    """Flags of the HTTP layer (names follow vLLM where the meaning is the same)."""
+    group = parser.add_argument_group("HTTP API")
+    if not _has_option(parser, "--served-model-name"):
+        group.add_argument(
+            "--served-model-name", default=None, help="model name clients send (default: --model)"
+        )
+    group.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        help=f"accepted bearer key (repeatable; also ${API_KEY_ENV}, comma-separated). None: no auth",
+    )
+    group.add_argument("--max-prompt-len", type=int, default=1 << 20, help="tokens per prompt")
+    if not _has_option(parser, "--max-model-len"):
+        group.add_argument("--max-model-len", type=int, default=None, help="prompt + completion tokens")
+    group.add_argument(
+        "--default-max-tokens", type=int, default=512, help="max_tokens when a request omits it"
+    )
+    group.add_argument(
+        "--max-tokens-limit", type=int, default=None, help="largest max_tokens a request may ask"
+    )
+    group.add_argument(
+        "--max-request-bytes", type=int, default=64 * 2**20, help="largest request body in bytes"
+    )
+    group.add_argument(
+        "--protect-health-and-metrics",
+        action="store_true",
+        help="require the API key on /health, /metrics and /version too",
+    )
+    add_media = getattr(media, "add_media_args", None)
+    if add_media is not None:
+        add_media(parser)
+    if not _has_option(parser, "--allowed-local-media-path"):
+        group.add_argument(
+            "--allowed-local-media-path",
+            default=None,
+            help="directory from which file:// media may be read (default: none)",
+        )
+
+
+def _api_keys(args: argparse.Namespace) -> tuple[str, ...]:
+    keys = list(getattr(args, "api_key", None) or [])
+    keys += [k.strip() for k in os.environ.get(API_KEY_ENV, "").split(",")]
+    return tuple(dict.fromkeys(k for k in keys if k))
+
+
+def _media_limits(args: argparse.Namespace) -> MediaLimits:
+    from_args = getattr(media, "media_limits_from_args", None)
+    if from_args is not None:
+        limits = from_args(args)
+    else:  # flags named after the dataclass fields
+        values = vars(args)
+        given = {
+            f.name: values[f.name] for f in dataclasses.fields(MediaLimits) if values.get(f.name) is not None
+        }
+        limits = MediaLimits(**given)
+    local = getattr(args, "allowed_local_media_path", None)
+    if local and limits.allowed_local_media_path != local:
+        limits = dataclasses.replace(limits, allowed_local_media_path=local)
+    return limits
+
+
+def settings_from_args(args: argparse.Namespace, *, model_path: str) -> ServerSettings:
+    """Build ServerSettings from parsed flags; `model_path` is the resolved checkpoint directory or repo id."""
+    served = getattr(args, "served_model_name", None)
+    if isinstance(served, list | tuple):
+        served = served[0] if served else None
+    limits = _media_limits(args)
+    return ServerSettings(
+        served_model_name=served or getattr(args, "model", None) or model_path,
+        model_path=model_path,
+        max_prompt_len=getattr(args, "max_prompt_len", 1 << 20),
+        max_model_len=getattr(args, "max_model_len", None),
+        default_max_tokens=getattr(args, "default_max_tokens", 512),
+        max_tokens_limit=getattr(args, "max_tokens_limit", None),
+        max_request_body_bytes=getattr(args, "max_request_bytes", 64 * 2**20),
+        media=limits,
+        api_keys=_api_keys(args),
+        open_health_and_metrics=not getattr(args, "protect_health_and_metrics", False),
+        allowed_local_media_path=limits.allowed_local_media_path,
+    )
