@@ -1,0 +1,174 @@
+"""GPU backend: Triton kernels (and flash-linear-attention's chunked kernel) behind the kernel seam.
+
+Same semantics as the torch backend (`model.backends.base.Backend`). Decode calls (`meta.is_decode`)
+read only the device tensors of `BatchMeta` (slot_ids, context_lens), so they can be captured in a
+CUDA graph; prefill calls also use the host mirrors to build small index tables.
+This module imports triton and fla: the CPU path must never import it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+from model.backends.triton_kernels.conv import conv_decode, conv_prefill
+from model.backends.triton_kernels.gdn import gdn_decode
+from model.backends.triton_kernels.swa import swa_decode, swa_prefill
+from model.batch import BatchMeta
+
+SWA_BLOCK_M = 64  # queries per prefill attention program
+
+
+class TritonBackend:
+    """Kernel seam on CUDA: in-place pool updates by slot index, no per-step state gathers in decode."""
+
+    name = "triton"
+
+    def __init__(self, device: torch.device | str = "cuda") -> None:
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        elif os.environ.get("TRITON_INTERPRET") == "1":  # kernel logic tests in Triton's CPU interpreter
+            self.num_sms = 4
+        else:
+            raise ValueError(f"TritonBackend needs a CUDA device, got {self.device}")
+        self._host_cache: dict[tuple, dict[str, torch.Tensor]] = {}
+
+    # --- host-built index tables for prefill (cached for the meta of the current call) ---
+
+    def _tables(self, meta: BatchMeta, window: int | None = None) -> dict[str, torch.Tensor]:
+        key = (meta.seq_lens_cpu, meta.context_lens_cpu, meta.slot_ids_cpu, window)
+        hit = self._host_cache.get(key)
+        if hit is not None:
+            return hit
+        if len(self._host_cache) > 8:
+            self._host_cache.clear()
+        tables = _prefill_tables(meta, window, self.device)
+        self._host_cache[key] = tables
+        return tables
+
+    # --- seam ---
+
+    def short_conv(
+        self, x: torch.Tensor, weight: torch.Tensor, meta: BatchMeta, conv_state: torch.Tensor
+    ) -> torch.Tensor:
+        """silu(causal depthwise conv) [N, C]; conv_state rows meta.slot_ids updated in place."""
+        weight = weight.contiguous()
+        if meta.is_decode:
+            return conv_decode(x, weight, conv_state, meta.slot_ids, meta.context_lens)
+        t = self._tables(meta)
+        return conv_prefill(
+            x, weight, conv_state, t["tok_seq"], meta.cu_seqlens, meta.slot_ids, meta.context_lens
+        )
+
+    def gated_delta_rule(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        g: torch.Tensor,
+        beta: torch.Tensor,
+        meta: BatchMeta,
+        state: torch.Tensor,
+    ) -> torch.Tensor:
+        """Delta-rule output [N, H, d_v]; state rows meta.slot_ids updated in place."""
+        scale = q.shape[-1] ** -0.5
+        if meta.is_decode:
+            return gdn_decode(q, k, v, g, beta, state, meta.slot_ids, meta.context_lens, scale)
+        return self._gdn_prefill(q, k, v, g, beta, meta, state, scale)
+
+    def _gdn_prefill(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        g: torch.Tensor,
+        beta: torch.Tensor,
+        meta: BatchMeta,
+        state: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        t = self._tables(meta)
+        h0 = state.index_select(0, meta.slot_ids).float()  # [B, H, d_k, d_v]: one gather per chunk
+        h0.mul_(t["has_ctx"].view(-1, 1, 1, 1))  # fresh sequences start from zero
+        o, ht = chunk_gated_delta_rule(
+            q.unsqueeze(0),
+            k.unsqueeze(0),
+            v.unsqueeze(0),
+            g.float().unsqueeze(0),
+            beta.unsqueeze(0),
+            scale=scale,
+            initial_state=h0,
+            output_final_state=True,
+            use_qk_l2norm_in_kernel=True,
+            cu_seqlens=t["cu_long"],
+            cu_seqlens_cpu=t["cu_cpu"],
+        )
+        state.index_copy_(0, meta.slot_ids, ht.to(state.dtype))
+        return o.squeeze(0).to(v.dtype)
+
+    def sliding_window_attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: BatchMeta,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """Windowed causal attention [N, Hq, D]; the ring rows of meta.slot_ids get the new keys."""
+        if meta.is_decode:
+            return swa_decode(
+                q, k, v, key_cache, value_cache, meta.slot_ids, meta.context_lens, scale, self.num_sms
+            )
+        window = key_cache.shape[1]
+        t = self._tables(meta, window)
+        out = swa_prefill(
+            q, k, v, key_cache, value_cache, t["blk_seq"], t["blk_start"], meta.cu_seqlens,
+            meta.slot_ids, meta.context_lens, scale, SWA_BLOCK_M,
+        )  # fmt: skip
+        # ring write after the attention read the old ring: the last min(T, W) keys of each sequence
+        flat_k = key_cache.view(-1, *key_cache.shape[2:])
+        flat_v = value_cache.view(-1, *value_cache.shape[2:])
+        flat_k.index_copy_(0, t["ring_dst"], k.index_select(0, t["ring_src"]))
+        flat_v.index_copy_(0, t["ring_dst"], v.index_select(0, t["ring_src"]))
+        return out
+
+
+def _prefill_tables(meta: BatchMeta, window: int | None, device: torch.device) -> dict[str, torch.Tensor]:
+    """Small per-call index tables built on the host from the *_cpu mirrors (prefill only)."""
+    seq_lens = torch.tensor(meta.seq_lens_cpu, dtype=torch.int64)
+    ctx_lens = torch.tensor(meta.context_lens_cpu, dtype=torch.int64)
+    slots = torch.tensor(meta.slot_ids_cpu, dtype=torch.int64)
+    num_seqs = seq_lens.shape[0]
+    cu = torch.zeros(num_seqs + 1, dtype=torch.int64)
+    torch.cumsum(seq_lens, 0, out=cu[1:])
+    seq_idx = torch.arange(num_seqs)
+    tok_seq = torch.repeat_interleave(seq_idx, seq_lens)  # [N]
+    host: dict[str, torch.Tensor] = {
+        "tok_seq": tok_seq.to(torch.int32),
+        "has_ctx": (ctx_lens > 0).to(torch.float32),
+        "cu_long": cu,
+    }
+    if window is not None:
+        blocks = (seq_lens + SWA_BLOCK_M - 1) // SWA_BLOCK_M
+        blk_seq = torch.repeat_interleave(seq_idx, blocks)
+        first_blk = torch.cumsum(blocks, 0) - blocks
+        blk_start = cu[blk_seq] + (torch.arange(blk_seq.shape[0]) - first_blk[blk_seq]) * SWA_BLOCK_M
+        local = torch.arange(tok_seq.shape[0]) - cu[tok_seq]  # token index inside its sequence
+        keep = local >= seq_lens[tok_seq] - window  # the last min(T, W) tokens reach the ring
+        src = torch.nonzero(keep).flatten()
+        dst = slots[tok_seq[src]] * window + (ctx_lens[tok_seq[src]] + local[src]) % window
+        host["blk_seq"] = blk_seq.to(torch.int32)
+        host["blk_start"] = blk_start
+        host["ring_src"] = src
+        host["ring_dst"] = dst
+    out = {
+        n: t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+        for n, t in host.items()
+    }
+    out["cu_cpu"] = host["cu_long"]
+    return out

@@ -1,0 +1,1 @@
+"""Triton kernels of the GPU backend. Importing this package imports triton: GPU path only."""

@@ -1,0 +1,162 @@
+"""Depthwise causal short convolution (+SiLU) over pool-resident conv states.
+
+Conv state layout (per layer): [num_slots + 1, C, K] in the model dtype; column K-1 holds the newest
+pre-convolution input, column K-1-m the input m tokens earlier. Tokens before a fresh sequence
+(context_len == 0) are zero whatever the slot holds.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _conv_prefill_out_kernel(
+    x_ptr, w_ptr, state_ptr, out_ptr, tok_seq_ptr, cu_ptr, slot_ptr, ctx_ptr,
+    N, C, stride_x, stride_o, stride_s_slot, stride_s_c,
+    K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+):  # fmt: skip
+    offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
+    offs_c = tl.program_id(1) * BC + tl.arange(0, BC)
+    mt = offs_t < N
+    mc = offs_c < C
+    seq = tl.load(tok_seq_ptr + offs_t, mask=mt, other=0)
+    start = tl.load(cu_ptr + seq).to(tl.int64)
+    slot = tl.load(slot_ptr + seq).to(tl.int64)
+    has_ctx = tl.load(ctx_ptr + seq) > 0
+    acc = tl.zeros([BT, BC], dtype=tl.float32)
+    for j in tl.static_range(K):
+        src = offs_t.to(tl.int64) - (K - 1) + j  # packed index of the tap's input
+        in_seq = src >= start
+        m_x = (mt & in_seq)[:, None] & mc[None, :]
+        xv = tl.load(x_ptr + src[:, None] * stride_x + offs_c[None, :], mask=m_x, other=0.0)
+        col = K + (src - start)  # state column of a pre-sequence input (1 .. K-1)
+        m_s = (mt & ~in_seq & has_ctx)[:, None] & mc[None, :]
+        s_ptrs = state_ptr + slot[:, None] * stride_s_slot + offs_c[None, :] * stride_s_c + col[:, None]
+        sv = tl.load(s_ptrs, mask=m_s, other=0.0)
+        wj = tl.load(w_ptr + offs_c * K + j, mask=mc, other=0.0).to(tl.float32)
+        acc += (xv.to(tl.float32) + sv.to(tl.float32)) * wj[None, :]
+    y = acc * tl.sigmoid(acc)
+    o_ptrs = out_ptr + offs_t[:, None].to(tl.int64) * stride_o + offs_c[None, :]
+    tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mt[:, None] & mc[None, :])
+
+
+@triton.jit
+def _conv_prefill_state_kernel(
+    x_ptr, state_ptr, cu_ptr, slot_ptr, ctx_ptr,
+    C, stride_x, stride_s_slot, stride_s_c,
+    K: tl.constexpr, BC: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    offs_c = tl.program_id(1) * BC + tl.arange(0, BC)
+    mc = offs_c < C
+    start = tl.load(cu_ptr + b).to(tl.int64)
+    end = tl.load(cu_ptr + b + 1).to(tl.int64)
+    slot = tl.load(slot_ptr + b).to(tl.int64)
+    has_ctx = tl.load(ctx_ptr + b) > 0
+    cols = tl.arange(0, K)
+    pos = end - K + cols  # packed index that lands in each new column
+    in_seq = pos >= start
+    xv = tl.load(
+        x_ptr + pos[None, :] * stride_x + offs_c[:, None], mask=mc[:, None] & in_seq[None, :], other=0.0
+    )
+    base = state_ptr + slot * stride_s_slot + offs_c[:, None] * stride_s_c
+    old_col = K + (pos - start)
+    m_s = mc[:, None] & (~in_seq & has_ctx)[None, :]
+    sv = tl.load(base + old_col[None, :], mask=m_s, other=0.0)
+    new = xv.to(tl.float32) + sv.to(tl.float32)  # exactly one of the two is non-masked
+    tl.debug_barrier()  # every old column is read before any is overwritten
+    tl.store(base + cols[None, :], new.to(state_ptr.dtype.element_ty), mask=mc[:, None])
+
+
+@triton.jit
+def _conv_decode_kernel(
+    x_ptr, w_ptr, state_ptr, out_ptr, slot_ptr, ctx_ptr,
+    C, stride_x, stride_o, stride_s_slot, stride_s_c,
+    K: tl.constexpr, BC: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    offs_c = tl.program_id(1) * BC + tl.arange(0, BC)
+    mc = offs_c < C
+    slot = tl.load(slot_ptr + b).to(tl.int64)
+    has_ctx = tl.load(ctx_ptr + b) > 0
+    cols = tl.arange(0, K)
+    base = state_ptr + slot * stride_s_slot + offs_c[:, None] * stride_s_c
+    # new column k is old column k+1; the last column is the current input
+    is_new = cols == K - 1
+    sv = tl.load(base + (cols + 1)[None, :], mask=mc[:, None] & (~is_new & has_ctx)[None, :], other=0.0)
+    xv = tl.load(x_ptr + b.to(tl.int64) * stride_x + offs_c, mask=mc, other=0.0)
+    new = tl.where(is_new[None, :], xv[:, None].to(tl.float32), sv.to(tl.float32))
+    w = tl.load(w_ptr + offs_c[:, None] * K + cols[None, :], mask=mc[:, None], other=0.0).to(tl.float32)
+    acc = tl.sum(new * w, axis=1)
+    y = acc * tl.sigmoid(acc)
+    tl.store(out_ptr + b.to(tl.int64) * stride_o + offs_c, y.to(out_ptr.dtype.element_ty), mask=mc)
+    tl.debug_barrier()  # all old columns read before the shifted state is written
+    tl.store(base + cols[None, :], new.to(state_ptr.dtype.element_ty), mask=mc[:, None])
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor) -> int:
+    num_ch, k = weight.shape
+    if k & (k - 1):
+        raise ValueError(f"conv kernel size {k} must be a power of two for the Triton path")
+    if x.stride(1) != 1 or conv_state.stride(2) != 1 or not weight.is_contiguous():
+        raise ValueError("short_conv expects unit stride on the channel/column axes")
+    if conv_state.shape[1:] != (num_ch, k):
+        raise ValueError(f"conv_state {tuple(conv_state.shape)} does not match weight {tuple(weight.shape)}")
+    return k
+
+
+def conv_decode(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    conv_state: torch.Tensor,
+    slot_ids: torch.Tensor,
+    context_lens: torch.Tensor,
+) -> torch.Tensor:
+    """One token per row: shift the slot's conv state in place and return silu(conv) [B, C]."""
+    k = _check(x, weight, conv_state)
+    num_rows, num_ch = x.shape
+    out = torch.empty_like(x)
+    bc = 256
+    grid = (num_rows, triton.cdiv(num_ch, bc))
+    _conv_decode_kernel[grid](
+        x, weight, conv_state, out, slot_ids, context_lens,
+        num_ch, x.stride(0), out.stride(0), conv_state.stride(0), conv_state.stride(1),
+        K=k, BC=bc,
+    )  # fmt: skip
+    return out
+
+
+def conv_prefill(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    conv_state: torch.Tensor,
+    tok_seq: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    slot_ids: torch.Tensor,
+    context_lens: torch.Tensor,
+) -> torch.Tensor:
+    """Packed varlen prefill: returns silu(conv(x)) [N, C] and writes each slot's last K inputs.
+
+    tok_seq: [N] int32, the sequence of each packed token.
+    """
+    k = _check(x, weight, conv_state)
+    num_tok, num_ch = x.shape
+    out = torch.empty_like(x)
+    bt, bc = 32, 128
+    grid = (triton.cdiv(num_tok, bt), triton.cdiv(num_ch, bc))
+    _conv_prefill_out_kernel[grid](
+        x, weight, conv_state, out, tok_seq, cu_seqlens, slot_ids, context_lens,
+        num_tok, num_ch, x.stride(0), out.stride(0), conv_state.stride(0), conv_state.stride(1),
+        K=k, BT=bt, BC=bc,
+    )  # fmt: skip
+    bcs = 256
+    grid_s = (slot_ids.shape[0], triton.cdiv(num_ch, bcs))
+    _conv_prefill_state_kernel[grid_s](
+        x, conv_state, cu_seqlens, slot_ids, context_lens,
+        num_ch, x.stride(0), conv_state.stride(0), conv_state.stride(1),
+        K=k, BC=bcs,
+    )  # fmt: skip
+    return out

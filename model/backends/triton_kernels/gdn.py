@@ -1,0 +1,86 @@
+"""Gated delta rule, one decode token per row, updating pool-resident states in place.
+
+State layout (per layer): [num_slots + 1, H, d_k, d_v], key-major, fp32 (or bf16); each program owns
+one (row, head, d_v block) tile of its slot's state: it reads it once, writes it once, and nothing
+else of the state is touched, so no whole-state copy happens per step.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gdn_decode_kernel(
+    q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, state_ptr, out_ptr, slot_ptr, ctx_ptr,
+    H, stride_q, stride_qh, stride_k, stride_kh, stride_v, stride_vh, stride_g, stride_beta,
+    stride_s_slot, stride_s_h, stride_o, stride_oh, scale,
+    DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    b = (pid // H).to(tl.int64)
+    h = (pid % H).to(tl.int64)
+    offs_k = tl.arange(0, DK)
+    offs_v = tl.program_id(1) * BV + tl.arange(0, BV)
+    mv = offs_v < DV
+    slot = tl.load(slot_ptr + b).to(tl.int64)
+    has_ctx = tl.load(ctx_ptr + b) > 0
+
+    s_ptrs = state_ptr + slot * stride_s_slot + h * stride_s_h + offs_k[:, None] * DV + offs_v[None, :]
+    s = tl.load(s_ptrs, mask=mv[None, :] & has_ctx, other=0.0).to(tl.float32)  # [DK, BV]
+
+    q = tl.load(q_ptr + b * stride_q + h * stride_qh + offs_k).to(tl.float32)
+    k = tl.load(k_ptr + b * stride_k + h * stride_kh + offs_k).to(tl.float32)
+    v = tl.load(v_ptr + b * stride_v + h * stride_vh + offs_v, mask=mv, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + b * stride_g + h).to(tl.float32)
+    beta = tl.load(beta_ptr + b * stride_beta + h).to(tl.float32)
+    q = q / tl.sqrt(tl.sum(q * q) + 1e-6) * scale
+    k = k / tl.sqrt(tl.sum(k * k) + 1e-6)
+
+    s = s * tl.exp(g)
+    u = beta * (v - tl.sum(s * k[:, None], axis=0))  # [BV]
+    s = s + k[:, None] * u[None, :]
+    o = tl.sum(s * q[:, None], axis=0)
+    tl.store(out_ptr + b * stride_o + h * stride_oh + offs_v, o.to(out_ptr.dtype.element_ty), mask=mv)
+    tl.store(s_ptrs, s.to(state_ptr.dtype.element_ty), mask=mv[None, :])
+
+
+def gdn_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+    slot_ids: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """q, k [B, H, d_k], v [B, H, d_v], g/beta [B, H]; state [S+1, H, d_k, d_v] updated in place."""
+    num_rows, num_heads, dk = q.shape
+    dv = v.shape[-1]
+    if dk & (dk - 1):
+        raise ValueError(f"d_k {dk} must be a power of two for the Triton path")
+    if (
+        state.stride(3) != 1
+        or state.stride(2) != dv
+        or q.stride(2) != 1
+        or k.stride(2) != 1
+        or v.stride(2) != 1
+    ):
+        raise ValueError("gdn_decode expects unit stride on head dims and a contiguous [d_k, d_v] state")
+    if g.stride(1) != 1 or beta.stride(1) != 1:
+        raise ValueError("gdn_decode expects g and beta with unit head stride")
+    out = torch.empty((num_rows, num_heads, dv), dtype=v.dtype, device=v.device)
+    bv = 32 if num_rows * num_heads < 512 else 64  # small batches: more programs to fill the SMs
+    bv = min(bv, triton.next_power_of_2(dv))
+    grid = (num_rows * num_heads, triton.cdiv(dv, bv))
+    _gdn_decode_kernel[grid](
+        q, k, v, g, beta, state, out, slot_ids, context_lens,
+        num_heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        g.stride(0), beta.stride(0), state.stride(0), state.stride(1), out.stride(0), out.stride(1), scale,
+        DK=dk, DV=dv, BV=bv, num_warps=4,
+    )  # fmt: skip
+    return out

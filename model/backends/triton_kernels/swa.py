@@ -1,0 +1,260 @@
+"""Sliding-window attention over pool-resident ring caches (GQA, window W, token p at ring row p % W).
+
+Query at absolute index i sees keys max(0, i-W+1) .. i. Cached keys/values are post-RoPE, model dtype,
+layout [num_slots + 1, W, Hkv, D]. Decode reads each slot's ring where it lies (split over the window,
+flash-decoding style, then one reduction) and writes the new key/value in place; prefill reads the ring
+for positions before the chunk and the packed new keys for the chunk itself, then the caller writes
+the chunk's last W keys into the ring.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _swa_decode_split_kernel(
+    q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, ctx_ptr, m_ptr, l_ptr, acc_ptr,
+    W, HKV, G, NSPLIT, SPLIT_LEN,
+    stride_q, stride_qh, stride_k, stride_kh, stride_v, stride_vh,
+    stride_c_slot, stride_c_row, stride_c_h, qk_scale,
+    D: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (pid // HKV).to(tl.int64)
+    hk = (pid % HKV).to(tl.int64)
+    offs_g = tl.arange(0, BG)
+    offs_d = tl.arange(0, D)
+    mg = offs_g < G
+    slot = tl.load(slot_ptr + b).to(tl.int64)
+    p = tl.load(ctx_ptr + b).to(tl.int64)  # absolute index of the new token
+    heads = hk * G + offs_g
+    q = tl.load(
+        q_ptr + b * stride_q + heads[:, None] * stride_qh + offs_d[None, :], mask=mg[:, None], other=0.0
+    )
+
+    m_i = tl.full([BG], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BG], dtype=tl.float32)
+    acc = tl.zeros([BG, D], dtype=tl.float32)
+    k_new = tl.load(k_ptr + b * stride_k + hk * stride_kh + offs_d)
+    v_new = tl.load(v_ptr + b * stride_v + hk * stride_vh + offs_d)
+    if split == 0:  # the new token itself, from registers
+        s_new = tl.sum(q.to(tl.float32) * k_new[None, :].to(tl.float32), axis=1) * qk_scale
+        m_i = s_new
+        l_i = tl.full([BG], 1.0, dtype=tl.float32)
+        acc = tl.zeros([BG, D], dtype=tl.float32) + v_new[None, :].to(tl.float32)
+
+    # ring rows holding cached keys: 0..p-1 while p < W, else every row but p % W
+    num_rows = tl.minimum(p, W)
+    skip_row = tl.where(p >= W, p % W, -1)
+    lo = split * SPLIT_LEN
+    hi = tl.minimum(lo + SPLIT_LEN, num_rows)
+    base = slot * stride_c_slot + hk * stride_c_h
+    for start in range(lo, hi, BN):
+        rows = start + tl.arange(0, BN)
+        valid = (rows < hi) & (rows != skip_row)
+        offs = base + rows[:, None].to(tl.int64) * stride_c_row + offs_d[None, :]
+        kb = tl.load(kc_ptr + offs, mask=valid[:, None], other=0.0)
+        vb = tl.load(vc_ptr + offs, mask=valid[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(kb)) * qk_scale  # [BG, BN], log2 units
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        pr = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(pr, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(pr.to(vb.dtype), vb)
+        m_i = m_new
+
+    out_idx = (b * HKV * G + heads) * NSPLIT + split  # [B, Hq, NSPLIT]
+    tl.store(m_ptr + out_idx, m_i, mask=mg)
+    tl.store(l_ptr + out_idx, l_i, mask=mg)
+    tl.store(acc_ptr + out_idx[:, None] * D + offs_d[None, :], acc, mask=mg[:, None])
+    if split == 0:  # no program reads row p % W (masked above), so writing it now is race-free
+        dst = base + (p % W) * stride_c_row + offs_d
+        tl.store(kc_ptr + dst, k_new)
+        tl.store(vc_ptr + dst, v_new)
+
+
+@triton.jit
+def _swa_decode_reduce_kernel(
+    m_ptr, l_ptr, acc_ptr, out_ptr, HQ, NSPLIT, stride_o, stride_oh,
+    D: tl.constexpr, BS: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0).to(tl.int64)  # b * HQ + h
+    offs_s = tl.arange(0, BS)
+    offs_d = tl.arange(0, D)
+    ms = offs_s < NSPLIT
+    m = tl.load(m_ptr + pid * NSPLIT + offs_s, mask=ms, other=float("-inf"))
+    lsum = tl.load(l_ptr + pid * NSPLIT + offs_s, mask=ms, other=0.0)
+    acc = tl.load(
+        acc_ptr + (pid * NSPLIT + offs_s)[:, None] * D + offs_d[None, :], mask=ms[:, None], other=0.0
+    )
+    m_max = tl.max(m, axis=0)  # finite: split 0 always holds the new token
+    w = tl.where(ms, tl.exp2(m - m_max), 0.0)
+    o = tl.sum(acc * w[:, None], axis=0) / tl.sum(lsum * w, axis=0)
+    b = pid // HQ
+    h = pid % HQ
+    tl.store(out_ptr + b * stride_o + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty))
+
+
+def decode_num_splits(num_rows: int, num_kv_heads: int, window: int, num_sms: int = 132) -> int:
+    """Window splits per (row, kv head) so that about two programs per SM are in flight."""
+    want = max(1, (2 * num_sms) // max(1, num_rows * num_kv_heads))
+    return max(1, min(want, triton.cdiv(window, 64)))
+
+
+def swa_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_ids: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    num_sms: int = 132,
+) -> torch.Tensor:
+    """q [B, Hq, D], k/v [B, Hkv, D] (token index context_lens[b]); writes k/v into the ring in place."""
+    num_rows, num_q_heads, dim = q.shape
+    _, window, num_kv_heads, _ = key_cache.shape
+    group = num_q_heads // num_kv_heads
+    if dim & (dim - 1) or dim < 16:
+        raise ValueError(f"head_dim {dim} must be a power of two >= 16 for the Triton path")
+    if key_cache.stride() != value_cache.stride() or key_cache.stride(3) != 1:
+        raise ValueError("key and value caches must share a layout with unit stride on head_dim")
+    nsplit = decode_num_splits(num_rows, num_kv_heads, window, num_sms)
+    split_len = triton.cdiv(triton.cdiv(window, nsplit), 64) * 64
+    nsplit = triton.cdiv(window, split_len)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    m = torch.empty((num_rows, num_q_heads, nsplit), **f32)
+    lsum = torch.empty((num_rows, num_q_heads, nsplit), **f32)
+    acc = torch.empty((num_rows, num_q_heads, nsplit, dim), **f32)
+    bg = max(16, triton.next_power_of_2(group))
+    _swa_decode_split_kernel[(num_rows * num_kv_heads, nsplit)](
+        q, k, v, key_cache, value_cache, slot_ids, context_lens, m, lsum, acc,
+        window, num_kv_heads, group, nsplit, split_len,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), scale * LOG2E,
+        D=dim, BG=bg, BN=64, num_warps=4,
+    )  # fmt: skip
+    out = torch.empty_like(q)
+    _swa_decode_reduce_kernel[(num_rows * num_q_heads,)](
+        m, lsum, acc, out, num_q_heads, nsplit, out.stride(0), out.stride(1),
+        D=dim, BS=triton.next_power_of_2(nsplit),
+    )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _swa_prefill_kernel(
+    q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, out_ptr,
+    blk_seq_ptr, blk_start_ptr, cu_ptr, slot_ptr, ctx_ptr,
+    W, G, stride_q, stride_qh, stride_k, stride_kh, stride_v, stride_vh, stride_o, stride_oh,
+    stride_c_slot, stride_c_row, stride_c_h, qk_scale,
+    D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
+    blk = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    hk = h // G
+    seq = tl.load(blk_seq_ptr + blk)
+    t0 = tl.load(blk_start_ptr + blk).to(tl.int64)  # packed index of the block's first query
+    start = tl.load(cu_ptr + seq).to(tl.int64)
+    end = tl.load(cu_ptr + seq + 1).to(tl.int64)
+    slot = tl.load(slot_ptr + seq).to(tl.int64)
+    ctx = tl.load(ctx_ptr + seq).to(tl.int64)
+    offs_m = t0 + tl.arange(0, BM)
+    offs_d = tl.arange(0, D)
+    mm = offs_m < end
+    pos_q = ctx + (offs_m - start)  # absolute index of each query
+    q = tl.load(
+        q_ptr + offs_m[:, None] * stride_q + h * stride_qh + offs_d[None, :], mask=mm[:, None], other=0.0
+    )
+
+    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    acc = tl.zeros([BM, D], dtype=tl.float32)
+    first_q = ctx + (t0 - start)
+    last_q = ctx + (tl.minimum(t0 + BM, end) - 1 - start)
+    lo = tl.maximum(first_q - W + 1, 0)
+
+    # phase 1: cached positions lo .. ctx-1, read from the ring (row = position % W)
+    c_base = slot * stride_c_slot + hk * stride_c_h
+    for j0 in range(lo, ctx, BN):
+        pos_k = j0 + tl.arange(0, BN)
+        mk = pos_k < ctx
+        offs = c_base + (pos_k % W)[:, None] * stride_c_row + offs_d[None, :]
+        kb = tl.load(kc_ptr + offs, mask=mk[:, None], other=0.0)
+        vb = tl.load(vc_ptr + offs, mask=mk[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(kb)) * qk_scale
+        ok = mk[None, :] & (pos_k[None, :] > pos_q[:, None] - W)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        pr = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(pr, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(pr.to(vb.dtype), vb)
+        m_i = m_new
+
+    # phase 2: new positions max(lo, ctx) .. last_q, read from the packed keys
+    n_lo = start + tl.maximum(lo - ctx, 0)
+    n_hi = start + (last_q - ctx) + 1
+    for i0 in range(n_lo, n_hi, BN):
+        offs_n = i0 + tl.arange(0, BN)
+        mk = offs_n < n_hi
+        kb = tl.load(
+            k_ptr + offs_n[:, None] * stride_k + hk * stride_kh + offs_d[None, :], mask=mk[:, None], other=0.0
+        )
+        vb = tl.load(
+            v_ptr + offs_n[:, None] * stride_v + hk * stride_vh + offs_d[None, :], mask=mk[:, None], other=0.0
+        )
+        pos_k = ctx + (offs_n - start)
+        s = tl.dot(q, tl.trans(kb)) * qk_scale
+        ok = mk[None, :] & (pos_k[None, :] <= pos_q[:, None]) & (pos_k[None, :] > pos_q[:, None] - W)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        pr = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(pr, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(pr.to(vb.dtype), vb)
+        m_i = m_new
+
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_ptrs = out_ptr + offs_m[:, None] * stride_o + h * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=mm[:, None])
+
+
+def swa_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    blk_seq: torch.Tensor,
+    blk_start: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    slot_ids: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    block_m: int,
+) -> torch.Tensor:
+    """Attention of packed queries over ring + chunk keys; does not write the ring (see ring_write)."""
+    num_tok, num_q_heads, dim = q.shape
+    _, window, num_kv_heads, _ = key_cache.shape
+    out = torch.empty_like(q)
+    grid = (blk_seq.shape[0], num_q_heads)
+    _swa_prefill_kernel[grid](
+        q, k, v, key_cache, value_cache, out, blk_seq, blk_start, cu_seqlens, slot_ids, context_lens,
+        window, num_q_heads // num_kv_heads,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), scale * LOG2E,
+        D=dim, BM=block_m, BN=64, num_warps=4 if block_m <= 64 else 8, num_stages=2,
+    )  # fmt: skip
+    return out
