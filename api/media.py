@@ -294,27 +294,25 @@ def _frame_times(container: av.container.InputContainer, limits: MediaLimits) ->
     return sorted(times)
 
 
-def _duration(times: list[float]) -> float:
-    """Covered time in seconds: first to last frame plus one typical frame interval."""
+def _frame_interval(times: list[float]) -> float:
+    """Typical seconds between consecutive frames (median gap; 1.0 for a single frame)."""
     gaps = sorted(b - a for a, b in zip(times, times[1:], strict=False) if b > a)
-    interval = gaps[len(gaps) // 2] if gaps else 1.0
-    return times[-1] - times[0] + interval
+    return gaps[len(gaps) // 2] if gaps else 1.0
 
 
 def sample_frame_indices(times: list[float], fps: float, max_frames: int) -> tuple[list[int], float]:
     """Indices (into sorted `times`) of frames sampled at `fps`, at most `max_frames`, and the effective fps.
 
-    Each kept frame is the one nearest the middle of its equal share of the video's duration, so a video
+    Frame i shows [times[i], times[i + 1]). The duration is split into `count` equal shares and each share
+    keeps the frame on screen at its middle, so sampling at the native rate keeps every frame and a video
     longer than `max_frames / fps` seconds is covered uniformly from start to end.
     """
-    duration = _duration(times)
+    duration = times[-1] - times[0] + _frame_interval(times)
     count = max(1, min(round(duration * fps), max_frames, len(times)))
     indices = []
     for k in range(count):
-        target = times[0] + (k + 0.5) * duration / count
-        right = bisect.bisect_left(times, target)
-        candidates = [i for i in (right - 1, right) if 0 <= i < len(times)]
-        indices.append(min(candidates, key=lambda i: abs(times[i] - target)))
+        middle = times[0] + (k + 0.5) * duration / count
+        indices.append(max(0, bisect.bisect_right(times, middle) - 1))
     return indices, count / duration
 
 
