@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
+
+from serving.types import LogprobEntry, TokenLogprob
 
 _REPLACEMENT = "\ufffd"
 
@@ -75,37 +79,73 @@ class IncrementalDetokenizer:
         )
 
 
-def token_texts(tokenizer: Any, ids: list[int]) -> list[str]:
-    """The text of each token on its own (special tokens included), as logprobs report it."""
-    return [tokenizer.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False) for i in ids]
+def token_texts(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+    """The text of each token on its own (special tokens included), as logprobs report it; cached."""
+    texts = _cache(tokenizer).texts
+    out = []
+    for i in ids:
+        text = texts.get(i)
+        if text is None:
+            text = tokenizer.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            texts[i] = text
+        out.append(text)
+    return out
 
 
 def token_bytes(tokenizer: Any, token_id: int) -> list[int]:
     """The raw bytes of one token: byte-level BPE pieces map back through the GPT-2 byte alphabet;
-    added/special tokens and other tokenizers fall back to the UTF-8 of their text."""
+    added/special tokens and other tokenizers fall back to the UTF-8 of their text. Cached."""
+    cache = _cache(tokenizer)
+    raw = cache.raw.get(token_id)
+    if raw is None:
+        raw = _token_bytes_uncached(tokenizer, token_id, cache.added_ids)
+        cache.raw[token_id] = raw
+    return list(raw)
+
+
+def logprob_entry(
+    tokenizer: Any, token_id: int, logprob: float, top: Sequence[tuple[int, float]]
+) -> LogprobEntry:
+    """A LogprobEntry (text and bytes filled in) from one row of `SampleOutput.logprobs`."""
+
+    def one(tid: int, value: float) -> TokenLogprob:
+        return TokenLogprob(tid, token_texts(tokenizer, [tid])[0], float(value), token_bytes(tokenizer, tid))
+
+    return LogprobEntry(one(token_id, logprob), tuple(one(t, v) for t, v in top))
+
+
+def _token_bytes_uncached(tokenizer: Any, token_id: int, added_ids: frozenset[int]) -> tuple[int, ...]:
     piece = tokenizer.convert_ids_to_tokens(token_id)
     if piece is None:
-        return []
-    if token_id not in _added_token_ids(tokenizer):
-        decoder = _byte_decoder()
-        if all(ch in decoder for ch in piece):
-            return [decoder[ch] for ch in piece]
-        return list(tokenizer.decode([token_id], skip_special_tokens=False).encode("utf-8"))
-    return list(piece.encode("utf-8"))
+        return ()
+    if token_id in added_ids:
+        return tuple(piece.encode("utf-8"))
+    decoder = _byte_decoder()
+    if all(ch in decoder for ch in piece):
+        return tuple(decoder[ch] for ch in piece)
+    return tuple(tokenizer.decode([token_id], skip_special_tokens=False).encode("utf-8"))
 
 
-_ADDED_IDS: weakref.WeakKeyDictionary[Any, frozenset[int]] = weakref.WeakKeyDictionary()
+@dataclass
+class _TokenCache:
+    """Per-tokenizer memo of token texts and bytes (bounded by the vocabulary size)."""
+
+    added_ids: frozenset[int]  # added/special tokens: literal text, not byte-level pieces
+    texts: dict[int, str] = field(default_factory=dict)
+    raw: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
 
-def _added_token_ids(tokenizer: Any) -> frozenset[int]:
-    """Ids of added (special or not) tokens, whose text is literal rather than byte-level; cached."""
+_CACHES: weakref.WeakKeyDictionary[Any, _TokenCache] = weakref.WeakKeyDictionary()
+
+
+def _cache(tokenizer: Any) -> _TokenCache:
     try:
-        return _ADDED_IDS[tokenizer]
+        return _CACHES[tokenizer]
     except (KeyError, TypeError):
-        ids = frozenset(getattr(tokenizer, "added_tokens_decoder", {}).keys())
-    with contextlib.suppress(TypeError):  # not weak-referenceable: recomputed next time
-        _ADDED_IDS[tokenizer] = ids
-    return ids
+        cache = _TokenCache(frozenset(getattr(tokenizer, "added_tokens_decoder", {}).keys()))
+    with contextlib.suppress(TypeError):  # not weak-referenceable: a fresh cache each call
+        _CACHES[tokenizer] = cache
+    return cache
 
 
 @lru_cache(maxsize=1)

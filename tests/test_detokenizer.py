@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from serving.detokenizer import IncrementalDetokenizer, token_bytes, token_texts
+from serving.detokenizer import IncrementalDetokenizer, logprob_entry, token_bytes, token_texts
 
 try:
     from detokenizer_bpe import build_tokenizer, byte_token_ids
@@ -130,3 +130,22 @@ def test_token_bytes_single_byte_tokens_and_specials(tok: Any) -> None:
         assert token_bytes(tok, tid) == [byte]
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     assert token_bytes(tok, im_end) == list(b"<|im_end|>")
+
+
+def test_logprob_entry(tok: Any) -> None:
+    hello = tok.encode("hello")[0]
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    entry = logprob_entry(tok, hello, -0.5, [(hello, -0.5), (im_end, -1.25)])
+    assert entry.chosen.token_id == hello
+    assert entry.chosen.logprob == -0.5
+    assert bytes(entry.chosen.bytes or []).decode() == entry.chosen.token
+    assert [(t.token_id, t.token, t.logprob) for t in entry.top] == [
+        (hello, entry.chosen.token, -0.5),
+        (im_end, "<|im_end|>", -1.25),
+    ]
+
+
+def test_token_bytes_of_partial_character_token(tok: Any) -> None:
+    lead = byte_token_ids(tok, "😀")[0]
+    assert token_bytes(tok, lead) == [0xF0]
+    assert token_bytes(tok, lead) == [0xF0]  # cached answer is a fresh list with the same bytes
