@@ -64,11 +64,10 @@ def mrope_cos_sin(
         raise ValueError(f"mrope_section {mrope_section} must sum to head_dim/2 = {half}")
     exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
     inv_freq = 1.0 / (theta**exponent)  # [half] fp32
-    axis_of_slot = torch.repeat_interleave(
-        torch.arange(len(mrope_section), device=positions.device),
-        torch.tensor(mrope_section, device=positions.device),
-    )  # [half]: 0 (t), 1 (h) or 2 (w)
-    pos = positions.float()[axis_of_slot]  # [half, N]
+    # slot f takes axis 0 (t), 1 (h) or 2 (w); built from host ints (no host->device copy, no sync:
+    # this function runs inside captured CUDA graphs)
+    pos_f = positions.float()
+    pos = torch.cat([pos_f[a : a + 1].expand(n, -1) for a, n in enumerate(mrope_section)], dim=0)  # [half, N]
     angles = pos.transpose(0, 1) * inv_freq  # [N, half] fp32
     angles = torch.cat([angles, angles], dim=-1)  # rotate_half pairs f with f + half
     return angles.cos().to(dtype), angles.sin().to(dtype)
