@@ -85,6 +85,29 @@ class InfiniteVLForCausalLM(nn.Module):
         """Merged vision tokens [M, hidden] of all entries concatenated (M = sum(t*h*w) / merge**2)."""
         return self.visual.encode(pixel_values, grid_thw).to(self.dtype)
 
+    def embed_multimodal(
+        self,
+        input_ids: torch.Tensor,  # [N] int64
+        image_features: torch.Tensor | None = None,  # [num image pads in input_ids, hidden]
+        video_features: torch.Tensor | None = None,  # [num video pads in input_ids, hidden]
+    ) -> torch.Tensor:
+        """Token embeddings [N, hidden] with vision features written, in order, over the
+        `<|image_pad|>` / `<|video_pad|>` rows (spec 6.2 injection); counts must match exactly."""
+        h = self.embed(input_ids)
+        cfg = self.config.text
+        for token_id, feats, kind in (
+            (cfg.image_token_id, image_features, "image"),
+            (cfg.video_token_id, video_features, "video"),
+        ):
+            mask = input_ids == token_id
+            count = int(mask.sum())
+            have = 0 if feats is None else feats.shape[0]
+            if have != count:
+                raise ValueError(f"{count} {kind} placeholder tokens but {have} {kind} feature rows")
+            if count:
+                h[mask] = feats.to(device=h.device, dtype=h.dtype)
+        return h
+
     def forward(
         self,
         input_ids: torch.Tensor,  # [N] int64 packed new tokens
