@@ -1,0 +1,377 @@
+"""Black-box tests of the HTTP API against a real uvicorn server (fake engine, byte-level fake processor):
+the official OpenAI client, raw SSE framing, and every body validated against OpenAI's OpenAPI schemas."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+
+import httpx
+import openai
+import openapi_validator as oav
+import pytest
+from fake_engine import IMAGE_TOKENS, FakeEngine, FakeProcessor, ServerThread, word_of
+from PIL import Image
+
+from api.app import create_app
+from api.settings import ServerSettings
+
+MODEL = "infinitevl-test"
+
+needs_schema = pytest.mark.skipif(not oav.is_available(), reason="openai openapi.yaml not found")
+
+
+def check(obj: dict, schema: str) -> None:
+    if oav.is_available():
+        oav.validate(obj, schema)
+
+
+@pytest.fixture(scope="module")
+def stack():
+    engine, processor = FakeEngine(), FakeProcessor()
+    settings = ServerSettings(served_model_name=MODEL, model_path="/models/tiny", max_prompt_len=4096)
+    app = create_app(engine, processor, settings)
+    with ServerThread(app) as server:
+        yield engine, processor, app, server
+
+
+@pytest.fixture(scope="module")
+def client(stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack[3].base_url + "/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def http(stack):
+    with httpx.Client(base_url=stack[3].base_url, timeout=30) as c:
+        yield c
+
+
+def png_data_url(color: tuple[int, int, int], size: tuple[int, int] = (32, 24)) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+# ---- OpenAI SDK ----------------------------------------------------------------------------------------
+
+
+def test_chat_non_streaming(client, stack):
+    r = client.chat.completions.create(model=MODEL, messages=user("hello"), max_tokens=5, temperature=0)
+    body = r.model_dump(exclude_unset=True)
+    check(body, "CreateChatCompletionResponse")
+    assert r.id.startswith("chatcmpl-") and r.object == "chat.completion" and r.model == MODEL
+    assert abs(r.created - time.time()) < 600
+    (choice,) = r.choices
+    assert choice.message.role == "assistant" and choice.finish_reason == "length"
+    assert len(choice.message.content.split()) == 5
+    prompt = "<system>" not in stack[1].calls[-1][0] and stack[1].calls[-1][0]
+    assert prompt == "<user>:hello|<assistant>:"
+    assert r.usage.prompt_tokens == len(prompt.encode()) and r.usage.completion_tokens == 5
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 5
+
+
+def test_chat_text_matches_engine(client, stack):
+    r = client.chat.completions.create(model=MODEL, messages=user("same"), max_tokens=3, seed=7)
+    req = stack[0].submitted[-1]
+    assert req.sampling.seed == 7 and req.sampling.max_tokens == 3
+    assert req.request_id == r.id
+    # the fake engine's words are a pure function of (prompt ids, seed, choice index, position)
+    import hashlib
+
+    base = int.from_bytes(hashlib.sha256(f"{req.prompt_token_ids}|7|0".encode()).digest()[:4], "little")
+    assert r.choices[0].message.content == "".join(word_of(base, k)[1] for k in range(3))
+
+
+def test_streaming_with_usage(client):
+    stream = client.chat.completions.create(
+        model=MODEL, messages=user("hi"), max_tokens=4, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    for c in chunks:
+        check(c.model_dump(exclude_unset=True), "CreateChatCompletionStreamResponse")
+    assert len({c.id for c in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
+    first, finish, last = chunks[0], chunks[-2], chunks[-1]
+    assert first.choices[0].delta.role == "assistant" and first.choices[0].delta.content == ""
+    assert finish.choices[0].finish_reason == "length" and finish.choices[0].delta.content is None
+    assert last.choices == [] and last.usage.completion_tokens == 4
+    assert all(c.usage is None for c in chunks[:-1])
+    text = "".join(c.choices[0].delta.content or "" for c in chunks[:-1])
+    assert len(text.split()) == 4
+
+
+def test_image_data_url(client, stack):
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": png_data_url((255, 0, 0))}},
+                {"type": "text", "text": "What is this?"},
+            ],
+        }
+    ]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
+    text, images, videos = stack[1].calls[-1]
+    assert text == "<user>:<image>What is this?|<assistant>:" and videos == []
+    assert len(images) == 1 and images[0].size == (32, 24) and images[0].getpixel((3, 3)) == (255, 0, 0)
+    assert r.usage.prompt_tokens == len(text.encode()) + IMAGE_TOKENS
+    assert stack[0].submitted[-1].mm.num_images == 1
+
+
+def test_two_images_across_turns(client, stack):
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url((0, 255, 0))}}]},
+        {"role": "assistant", "content": "a green square"},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "and"},
+                {"type": "image_url", "image_url": {"url": png_data_url((0, 0, 255), (20, 40))}},
+            ],
+        },
+    ]
+    client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1)
+    text, images, _ = stack[1].calls[-1]
+    assert (
+        text == "<system>:be brief|<user>:<image>|<assistant>:a green square|<user>:and<image>|<assistant>:"
+    )
+    assert [im.getpixel((0, 0)) for im in images] == [(0, 255, 0), (0, 0, 255)]
+    assert images[1].size == (20, 40)
+
+
+def test_n2(client):
+    r = client.chat.completions.create(model=MODEL, messages=user("x"), n=2, max_tokens=3, seed=1)
+    check(r.model_dump(exclude_unset=True), "CreateChatCompletionResponse")
+    assert [c.index for c in r.choices] == [0, 1]
+    assert r.choices[0].message.content != r.choices[1].message.content
+    assert r.usage.completion_tokens == 6
+
+
+def test_n2_streaming(client):
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=user("x"), n=2, max_tokens=3, seed=1, stream=True
+        )
+    )
+    by_index: dict[int, str] = {0: "", 1: ""}
+    roles, finishes = set(), set()
+    for c in chunks:
+        check(c.model_dump(exclude_unset=True), "CreateChatCompletionStreamResponse")
+        (ch,) = c.choices
+        by_index[ch.index] += ch.delta.content or ""
+        if ch.delta.role:
+            roles.add(ch.index)
+        if ch.finish_reason:
+            finishes.add(ch.index)
+    assert roles == {0, 1} == finishes
+    ref = client.chat.completions.create(model=MODEL, messages=user("x"), n=2, max_tokens=3, seed=1)
+    assert [by_index[0], by_index[1]] == [c.message.content for c in ref.choices]
+
+
+def test_stop_string(client):
+    ref = client.chat.completions.create(model=MODEL, messages=user("s"), max_tokens=6, seed=3)
+    words = ref.choices[0].message.content.split()
+    r = client.chat.completions.create(model=MODEL, messages=user("s"), max_tokens=6, seed=3, stop=[words[2]])
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].message.content.split() == words[:2]
+
+
+def test_seed_reproducible(client):
+    def run(seed: int) -> str:
+        r = client.chat.completions.create(
+            model=MODEL, messages=user("r"), max_tokens=8, seed=seed, temperature=1
+        )
+        return r.choices[0].message.content
+
+    assert run(11) == run(11)
+    assert run(11) != run(12)
+
+
+def test_logprobs(client):
+    r = client.chat.completions.create(
+        model=MODEL, messages=user("l"), max_tokens=3, logprobs=True, top_logprobs=2
+    )
+    check(r.model_dump(exclude_unset=True), "CreateChatCompletionResponse")
+    content = r.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(e.top_logprobs) == 2 for e in content)
+    assert "".join(e.token for e in content) == r.choices[0].message.content
+
+
+def test_completions(client, stack):
+    r = client.completions.create(model=MODEL, prompt="Once upon", max_tokens=4, logprobs=1)
+    check(r.model_dump(exclude_unset=True), "CreateCompletionResponse")
+    assert r.id.startswith("cmpl-") and r.object == "text_completion"
+    assert len(r.choices[0].text.split()) == 4 and r.choices[0].finish_reason == "length"
+    assert stack[1].calls[-1][0] == "Once upon"
+    lp = r.choices[0].logprobs
+    assert "".join(lp.tokens) == r.choices[0].text and lp.text_offset[0] == 0
+
+
+def test_completions_token_ids(client, stack):
+    r = client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=2)
+    assert stack[0].submitted[-1].prompt_token_ids == [5, 6, 7]
+    assert r.usage.prompt_tokens == 3
+
+
+def test_completions_stream(client):
+    chunks = list(client.completions.create(model=MODEL, prompt="p", max_tokens=3, stream=True))
+    assert "".join(c.choices[0].text for c in chunks).count(" w") == 3
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_models_list(client, http):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    body = http.get("/v1/models").json()
+    check(body, "ListModelsResponse")
+    assert body["data"][0]["owned_by"] == "infinitevl"
+    assert client.models.retrieve(MODEL).id == MODEL
+    assert http.get("/v1/models/nope").status_code == 404
+
+
+def test_model_path_accepted(http):
+    r = http.post(
+        "/v1/chat/completions", json={"model": "/models/tiny", "messages": user("a"), "max_tokens": 1}
+    )
+    assert r.status_code == 200, r.text
+
+
+# ---- raw SSE -------------------------------------------------------------------------------------------
+
+
+def test_raw_sse_framing(http):
+    body = {"model": MODEL, "messages": user("raw"), "max_tokens": 3, "stream": True}
+    with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        raw = b"".join(r.iter_bytes())
+    assert raw.endswith(b"data: [DONE]\n\n")
+    events = raw.split(b"\n\n")
+    assert events[-1] == b""  # every event, the last included, ends with a blank line
+    events = events[:-1]
+    assert events[-1] == b"data: [DONE]" and events.count(b"data: [DONE]") == 1
+    for ev in events[:-1]:
+        assert ev.startswith(b"data: {") and b"\n" not in ev and b"\r" not in ev
+        obj = json.loads(ev[len(b"data: ") :])
+        check(obj, "CreateChatCompletionStreamResponse")
+        assert "usage" not in obj  # include_usage not asked
+    # role chunk, 3 content chunks, finish chunk
+    assert len(events) == 1 + 3 + 1 + 1
+
+
+def test_stream_error_event(http, stack):
+    stack[0].fail_with_error = "boom"
+    try:
+        body = {"model": MODEL, "messages": user("e"), "max_tokens": 3, "stream": True}
+        raw = http.post("/v1/chat/completions", json=body).content
+        last = raw.split(b"\n\n")[-2]
+        err = json.loads(last[len(b"data: ") :])
+        check(err, "ErrorResponse")
+        assert "boom" in err["error"]["message"]
+        r = http.post("/v1/chat/completions", json={**body, "stream": False})
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    finally:
+        stack[0].fail_with_error = None
+
+
+# ---- other endpoints -----------------------------------------------------------------------------------
+
+
+def test_health_version_metrics(http):
+    assert http.get("/health").status_code == 200
+    v = http.get("/version").json()
+    assert isinstance(v["version"], str) and v["served_model_name"] == MODEL
+    assert http.get("/metrics").status_code == 200
+
+
+def test_tokenize_detokenize(http):
+    r = http.post("/tokenize", json={"prompt": "abc"}).json()
+    assert r["tokens"] == [97, 98, 99] and r["count"] == 3
+    r = http.post("/tokenize", json={"messages": user("hi")}).json()
+    assert bytes(r["tokens"]).decode() == "<user>:hi|<assistant>:"
+    assert http.post("/detokenize", json={"tokens": [104, 105]}).json() == {"prompt": "hi"}
+    assert http.post("/detokenize", json={"tokens": [5000]}).status_code == 400
+
+
+# ---- disconnects, overload, draining -------------------------------------------------------------------
+
+
+def _wait_until(cond, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
+def test_disconnect_mid_stream_aborts(stack, http):
+    engine = stack[0]
+    engine.token_delay = 0.05
+    try:
+        body = {"model": MODEL, "messages": user("long"), "max_tokens": 10_000, "stream": True}
+        with http.stream("POST", "/v1/chat/completions", json=body) as r:
+            it = r.iter_bytes()
+            next(it)
+            rid = engine.submitted[-1].request_id
+            assert rid in engine.running
+        assert _wait_until(lambda: rid not in engine.running)
+        assert rid in engine.aborted
+    finally:
+        engine.token_delay = 0.0
+
+
+def test_disconnect_non_streaming_aborts(stack):
+    engine = stack[0]
+    engine.token_delay = 0.05
+    try:
+        body = {"model": MODEL, "messages": user("long2"), "max_tokens": 10_000}
+        with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=stack[3].base_url, timeout=0.5) as c:
+            c.post("/v1/chat/completions", json=body)
+        rid = engine.submitted[-1].request_id
+        assert _wait_until(lambda: rid not in engine.running)
+        assert rid in engine.aborted
+    finally:
+        engine.token_delay = 0.0
+
+
+def test_overloaded_is_429(stack, http):
+    stack[0].overloaded = True
+    try:
+        r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": user("o")})
+        assert r.status_code == 429 and r.headers["retry-after"] == "2"
+        check(r.json(), "ErrorResponse")
+    finally:
+        stack[0].overloaded = False
+
+
+def test_dead_engine_is_503(stack, http):
+    stack[0].dead = True
+    try:
+        assert http.get("/health").status_code == 503
+        r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": user("d")})
+        assert r.status_code == 503
+        check(r.json(), "ErrorResponse")
+    finally:
+        stack[0].dead = False
+    assert http.get("/health").status_code == 200
+
+
+def test_draining(stack, http):
+    app = stack[2]
+    app.state.draining = True
+    try:
+        assert http.get("/health").status_code == 503
+        r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": user("d")})
+        assert r.status_code == 503 and "retry-after" in r.headers
+        check(r.json(), "ErrorResponse")
+    finally:
+        app.state.draining = False
+    assert http.get("/health").status_code == 200
+    assert _wait_until(lambda: app.state.num_inflight == 0)
