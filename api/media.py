@@ -23,17 +23,7 @@ import av
 from PIL import Image
 
 from api import net
-
-try:
-    from model.processor import VideoInput
-except ImportError:  # model/processor.py not landed yet: identical stand-in, removed once it exists
-
-    @dataclass
-    class VideoInput:  # type: ignore[no-redef]
-        """Sampled video frames (RGB) and the rate they were sampled at (frames per second)."""
-
-        frames: list[Image.Image]
-        fps: float
+from model.processor import VideoInput
 
 
 @dataclass(frozen=True)

@@ -208,6 +208,13 @@ async def _send_pinned(client: httpx.AsyncClient, hop: _Hop, addresses: list[IPA
     raise FetchError(f"could not connect to media host '{hop.host}'") from last_error
 
 
+def _redirect_target(hop: _Hop, location: str) -> httpx.URL:
+    try:
+        return hop.url.join(location)
+    except (httpx.InvalidURL, UnicodeError, ValueError) as exc:
+        raise FetchError("media server sent an invalid redirect") from exc
+
+
 async def _fetch_hops(url: str, policy: FetchPolicy, max_bytes: int, timeout_s: float) -> bytes:
     hop = check_url(url, policy)
     async with _client(timeout_s) as client:
@@ -216,7 +223,7 @@ async def _fetch_hops(url: str, policy: FetchPolicy, max_bytes: int, timeout_s: 
             response = await _send_pinned(client, hop, addresses)
             try:
                 if response.status_code in REDIRECT_STATUSES and "location" in response.headers:
-                    hop = check_url(hop.url.join(response.headers["location"]), policy)
+                    hop = check_url(_redirect_target(hop, response.headers["location"]), policy)
                     continue
                 if not 200 <= response.status_code < 300:
                     raise FetchError(f"fetching media failed with HTTP status {response.status_code}")
@@ -237,5 +244,5 @@ async def fetch_url(url: str, policy: FetchPolicy, *, max_bytes: int, timeout_s:
             return await _fetch_hops(url, policy, max_bytes, timeout_s)
     except TimeoutError as exc:
         raise FetchError(f"fetching media timed out after {timeout_s:g} s") from exc
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
         raise FetchError(f"fetching media failed ({type(exc).__name__})") from exc
