@@ -17,7 +17,7 @@ from typing import Any
 import PIL.Image
 import torch
 from torch import Tensor
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2VLImageProcessorPil
+from transformers import AutoTokenizer, PreTrainedConfig, PreTrainedTokenizerBase, Qwen2VLImageProcessorPil
 
 from model.positions import get_rope_index
 from model.tokenizer_builder import CHAT_TEMPLATE
@@ -195,7 +195,9 @@ class InfiniteVLProcessor:
     def from_pretrained(cls, model_dir: str | Path) -> InfiniteVLProcessor:
         """Load tokenizer (fast), image processor (PIL), video settings, chat template and token ids."""
         model_dir = Path(model_dir)
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), use_fast=True)
+        # An empty config stops AutoTokenizer from parsing config.json (model_type `infinite_vl` is unknown to
+        # transformers and only triggers warnings); the class comes from tokenizer_config.json.
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), use_fast=True, config=PreTrainedConfig())
         image_cfg = _read_json(model_dir / "preprocessor_config.json")
         image_processor = Qwen2VLImageProcessorPil(**{k: image_cfg[k] for k in _IMAGE_KEYS if k in image_cfg})
         video_settings = VideoSettings.from_dict(_read_json(model_dir / "video_preprocessor_config.json"))
