@@ -56,11 +56,16 @@ def build_1_2_5_buckets(max_value: int) -> tuple[int, ...]:
 
 
 def package_version() -> str:
-    """Installed version of this package ("unknown" when run from a bare source tree)."""
+    """Installed version of this package, else the source tree's `serving.version`, else "unknown"."""
     try:
         return metadata.version("infinitevl-serve")
     except metadata.PackageNotFoundError:
+        pass
+    try:
+        from serving.version import __version__
+    except ImportError:
         return "unknown"
+    return str(__version__)
 
 
 class Metrics:
