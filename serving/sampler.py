@@ -80,18 +80,19 @@ class Sampler:
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
         logprobs = _raw_logprobs(logits, rows)
-        processed = _process_logits(logits, rows)
-        token_ids = self._select(processed, rows)
-        return SampleOutput(token_ids=token_ids, logprobs=_finish_logprobs(logprobs, token_ids, rows))
+        chosen = self._select(_process_logits(logits, rows), rows)  # [B] int64 on the logits' device
+        if logprobs is None:
+            return SampleOutput(token_ids=chosen.tolist(), logprobs=[None] * len(rows))
+        return _with_logprobs(logprobs, chosen, rows)
 
-    def _select(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> list[int]:
+    def _select(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         chosen = torch.argmax(logits, dim=-1)  # [B]; ties resolve to the lowest id
         random_rows = [i for i, row in enumerate(rows) if not row.params.is_greedy]
         if random_rows:
             idx = torch.tensor(random_rows, device=logits.device)
             sub_rows = [rows[i] for i in random_rows]
             chosen = chosen.index_copy(0, idx, self._sample(logits.index_select(0, idx), sub_rows))
-        return chosen.tolist()
+        return chosen
 
     def _sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         logits = restrict_support(apply_temperature(logits, rows), rows)
@@ -125,25 +126,26 @@ def _raw_logprobs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Te
     return torch.log_softmax(logits.float(), dim=-1)
 
 
-def _finish_logprobs(
-    logprobs: torch.Tensor | None, token_ids: list[int], rows: Sequence[SamplingRow]
-) -> list[tuple[float, list[tuple[int, float]]] | None]:
-    out: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(rows)
-    if logprobs is None:
-        return out
+def _with_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleOutput:
+    """Gather chosen and top-k logprobs on the device; one device-to-host transfer for everything."""
     max_k = max(row.params.logprobs or 0 for row in rows)
-    chosen = torch.tensor(token_ids, device=logprobs.device).unsqueeze(1)
-    chosen_lp = logprobs.gather(1, chosen).squeeze(1).tolist()
-    top_vals, top_ids = logprobs.topk(max_k, dim=-1) if max_k else (None, None)
-    top_vals_l = top_vals.tolist() if top_vals is not None else None
-    top_ids_l = top_ids.tolist() if top_ids is not None else None
-    for i, row in enumerate(rows):
+    chosen_lp = logprobs.gather(1, chosen.unsqueeze(1))  # [B, 1]
+    top_vals, top_ids = logprobs.topk(max_k, dim=-1)  # [B, max_k], sorted desc
+    # float64 holds int64 token ids (< 2**53) and float32 logprobs exactly
+    packed = torch.cat(
+        [chosen.unsqueeze(1).double(), chosen_lp.double(), top_ids.double(), top_vals.double()], 1
+    )
+    token_ids: list[int] = []
+    out: list[tuple[float, list[tuple[int, float]]] | None] = []
+    for row, values in zip(rows, packed.tolist(), strict=True):
+        token_ids.append(int(values[0]))
         k = row.params.logprobs
         if k is None:
+            out.append(None)
             continue
-        top = list(zip(top_ids_l[i][:k], top_vals_l[i][:k], strict=True)) if k else []
-        out[i] = (chosen_lp[i], top)
-    return out
+        ids, vals = values[2 : 2 + k], values[2 + max_k : 2 + max_k + k]
+        out.append((values[1], [(int(t), v) for t, v in zip(ids, vals, strict=True)]))
+    return SampleOutput(token_ids=token_ids, logprobs=out)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -208,17 +210,21 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
     active = [i for i, row in enumerate(rows) if _has_penalty(row.params)]
     if not active:
         return
-    device, vocab_size = logits.device, logits.shape[1]
+    device = logits.device
+    active_rows = [rows[i] for i in active]
     idx = torch.tensor(active, device=device)
     sub = logits.index_select(0, idx)  # [A, V]
-    counts = torch.stack([_output_counts(rows[i], vocab_size, device) for i in active])  # [A, V] f32
-    prompt_mask = torch.stack([_prompt_mask(rows[i], vocab_size, device) for i in active])  # [A, V] bool
-    rep = torch.tensor([rows[i].params.repetition_penalty for i in active], device=device).unsqueeze(1)
+    counts = _output_counts(active_rows, logits.shape[1], device)  # [A, V] f32
+    prompt_mask = torch.stack([_prompt_mask(row, logits.shape[1], device) for row in active_rows])
+    values = [
+        [r.params.repetition_penalty, r.params.frequency_penalty, r.params.presence_penalty]
+        for r in active_rows
+    ]
+    rep, freq, pres = (
+        torch.tensor(values, device=device, dtype=sub.dtype).unsqueeze(2).unbind(1)
+    )  # [A, 1] each
     seen = prompt_mask | (counts > 0)
-    penalised = torch.where(sub > 0, sub / rep, sub * rep)
-    sub = torch.where(seen, penalised, sub)
-    freq = torch.tensor([rows[i].params.frequency_penalty for i in active], device=device).unsqueeze(1)
-    pres = torch.tensor([rows[i].params.presence_penalty for i in active], device=device).unsqueeze(1)
+    sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
     sub = sub - freq * counts - pres * (counts > 0).to(sub.dtype)
     logits.index_copy_(0, idx, sub)
 
@@ -233,18 +239,31 @@ def _prompt_mask(row: SamplingRow, vocab_size: int, device: torch.device) -> tor
     return row._prompt_mask
 
 
-def _output_counts(row: SamplingRow, vocab_size: int, device: torch.device) -> torch.Tensor:
-    """[V] float32 occurrence counts of the output tokens, updated with the tokens added since last call."""
-    out = row.output_token_ids
-    if row._output_counts is None or row._output_counts.device != device or len(out) < row._num_counted:
-        row._output_counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
-        row._num_counted = 0
-    new = out[row._num_counted :]
-    if new:
-        ids = torch.tensor(new, dtype=torch.long, device=device)
-        row._output_counts.index_add_(0, ids, torch.ones(len(new), device=device))
-        row._num_counted = len(out)
-    return row._output_counts
+def _output_counts(rows: Sequence[SamplingRow], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """[A, V] float32 occurrence counts of each row's output tokens.
+
+    Each row keeps its own [V] counts on the device and the number of output tokens they include; the
+    tokens appended since are added for all rows at once (one transfer, one scatter, one batched copy
+    back), so the cost per step does not grow with the number of rows' kernel launches.
+    """
+    for row in rows:
+        stale = row._output_counts is None or row._output_counts.device != device
+        if stale or len(row.output_token_ids) < row._num_counted:
+            row._output_counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+            row._num_counted = 0
+    counts = torch.stack([row._output_counts for row in rows])  # type: ignore[misc]
+    row_idx: list[int] = []
+    tok_idx: list[int] = []
+    for i, row in enumerate(rows):
+        new = row.output_token_ids[row._num_counted :]
+        row_idx.extend([i] * len(new))
+        tok_idx.extend(new)
+        row._num_counted = len(row.output_token_ids)
+    if tok_idx:
+        pairs = torch.tensor([row_idx, tok_idx], dtype=torch.long, device=device)
+        counts.index_put_((pairs[0], pairs[1]), torch.ones((), device=device), accumulate=True)
+        torch._foreach_copy_([row._output_counts for row in rows], list(counts.unbind(0)))  # type: ignore[misc]
+    return counts
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -251,3 +251,29 @@ def test_logprobs_match_log_softmax_of_raw_logits() -> None:
 def test_rejects_mismatched_batch() -> None:
     with pytest.raises(ValueError):
         Sampler()(torch.zeros(2, 5), [_row()])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_rows_match_cpu_semantics() -> None:
+    device = torch.device("cuda")
+    logits = torch.randn(4, 32000, generator=torch.Generator().manual_seed(5)).to(device)
+    params = dict(temperature=0.8, top_p=0.9, top_k=50, min_p=0.05, repetition_penalty=1.2)
+
+    def seeded_row() -> SamplingRow:
+        return SamplingRow(SamplingParams(seed=9, **params), [1, 2, 3], [4], make_generator(9, device))
+
+    rows = [
+        SamplingRow(SamplingParams(temperature=0.0, logprobs=3, logit_bias={7: 1.0}), [1], []),
+        seeded_row(),
+        SamplingRow(SamplingParams(frequency_penalty=0.5), [1], [2, 2]),
+        SamplingRow(SamplingParams(min_tokens=2), [1], [], None, frozenset({0})),
+    ]
+    out = Sampler()(logits, rows)
+    biased = logits[0].clone()
+    biased[7] += 1.0
+    assert out.token_ids[0] == int(biased.argmax())
+    assert out.logprobs[0] is not None and len(out.logprobs[0][1]) == 3
+    alone = Sampler()(logits[1:2], [seeded_row()])
+    assert alone.token_ids[0] == out.token_ids[1]
+    assert out.token_ids[3] != 0
