@@ -109,11 +109,17 @@ def preprocess_video(
         raise ValueError(f"fps must be positive, got {fps}")
     width, height = frames[0].size
     size = smart_resize(height, width, patch_size * merge_size, min_pixels, max_pixels)
-    arrays = [normalize_frame(frame, size, mean, std) for frame in frames]
-    arrays += [arrays[-1]] * (-len(arrays) % temporal_patch_size)
-    stacked = np.stack(arrays)  # [T, 3, H, W] float32
-    pixel_values = torch.from_numpy(patchify(stacked, patch_size, temporal_patch_size, merge_size))
-    grid_thw = (len(arrays) // temporal_patch_size, size[0] // patch_size, size[1] // patch_size)
+    frames = list(frames) + [frames[-1]] * (-len(frames) % temporal_patch_size)
+    grid_thw = (len(frames) // temporal_patch_size, size[0] // patch_size, size[1] // patch_size)
+    rows_per_group = grid_thw[1] * grid_thw[2]
+    # [N, 3 * tp * p * p] float32, filled one temporal group at a time (peak memory ~ output + one group)
+    row_len = 3 * temporal_patch_size * patch_size * patch_size
+    pixel_values = torch.empty(grid_thw[0] * rows_per_group, row_len, dtype=torch.float32)
+    for g in range(grid_thw[0]):
+        group = frames[g * temporal_patch_size : (g + 1) * temporal_patch_size]
+        stacked = np.stack([normalize_frame(frame, size, mean, std) for frame in group])  # [tp, 3, H, W]
+        rows = patchify(stacked, patch_size, temporal_patch_size, merge_size)
+        pixel_values[g * rows_per_group : (g + 1) * rows_per_group] = torch.from_numpy(rows)
     return pixel_values, grid_thw, temporal_patch_size / fps
 
 
