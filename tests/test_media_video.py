@@ -177,3 +177,12 @@ def test_sample_indices_math():
     assert indices[0] in (4, 5) and indices[1] in (14, 15) and indices[2] in (24, 25)
     assert sample_frame_indices(times, fps=10.0, max_frames=64)[0] == list(range(30))
     assert sample_frame_indices([0.0], fps=2.0, max_frames=64) == ([0], 1.0)
+
+
+def test_animated_gif_as_video():
+    images = [_frame_image(i, 16, 16) for i in range(8)]
+    buf = io.BytesIO()
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:], duration=250, loop=0)
+    frames, fps = decode_video(buf.getvalue(), LIMITS)  # 8 frames x 0.25 s = 2 s at 2 fps -> 4 frames
+    assert len(frames) == 4 and fps == pytest.approx(2.0)
+    assert [_source_index(f) for f in frames] == [1, 3, 5, 7]
