@@ -1,0 +1,157 @@
+"""CUDA-graph capture and replay of the decode step (one new token per row).
+
+One graph per batch size in `capture_sizes(max_batch)` records `model.forward` + `compute_logits` over
+static input buffers. A batch of B rows replays the smallest captured size >= B; rows B.. point at the
+dummy slot (state row num_slots) so padding reads and writes nothing else (design invariant 4).
+The decode path of the kernels reads only BatchMeta's device tensors, which here are slices of the
+static buffers; the host tuples of the captured BatchMeta are placeholders and are never read.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from model.batch import BatchMeta
+from model.state import StateTensors
+
+logger = logging.getLogger(__name__)
+
+
+def capture_sizes(max_batch: int) -> list[int]:
+    """Batch sizes to capture: 1, 2, 4, 8, then steps of 8 up to 64, then steps of 16, then max_batch."""
+    sizes = [s for s in (1, 2, 4, 8) if s <= max_batch]
+    sizes += list(range(16, min(64, max_batch) + 1, 8))
+    sizes += list(range(80, max_batch + 1, 16))
+    if max_batch >= 1 and sizes[-1] != max_batch:
+        sizes.append(max_batch)
+    return sizes
+
+
+class CudaGraphRunner:
+    """Captured decode graphs over static buffers; `run` pads a batch to the next captured size."""
+
+    def __init__(
+        self,
+        model: Any,  # InfiniteVLForCausalLM: forward(ids, positions, meta, state) and compute_logits(hidden)
+        state: StateTensors,
+        max_batch: int,
+        device: torch.device | str,
+        enabled: bool = True,
+    ) -> None:
+        self.model = model
+        self.state = state
+        self.device = torch.device(device)
+        self.max_batch = max_batch
+        self.dummy_slot = state.dummy_slot
+        self.enabled = bool(enabled) and self.device.type == "cuda" and max_batch >= 1
+        self.sizes = capture_sizes(max_batch) if self.enabled else []
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if not self.enabled:
+            return
+        n, dev = max_batch, self.device
+        # static inputs [n] / [3, n]; rows beyond the live batch hold the dummy slot
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(3, n, dtype=torch.int64, device=dev)
+        self.slot_ids = torch.full((n,), self.dummy_slot, dtype=torch.int64, device=dev)
+        self.context_lens = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.cu_seqlens = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        self.logits_indices = torch.arange(n, dtype=torch.int64, device=dev)
+        vocab = model.config.text.vocab_size
+        self.logits = torch.zeros(n, vocab, dtype=torch.float32, device=dev)  # static output
+        self._capture_all()
+
+    # --- capture ---
+
+    def _meta(self, size: int) -> BatchMeta:
+        return BatchMeta(
+            slot_ids=self.slot_ids[:size],
+            cu_seqlens=self.cu_seqlens[: size + 1],
+            context_lens=self.context_lens[:size],
+            logits_indices=self.logits_indices[:size],
+            seq_lens_cpu=(1,) * size,
+            context_lens_cpu=(0,) * size,  # placeholder: the decode kernels read the device tensor
+            slot_ids_cpu=(self.dummy_slot,) * size,
+            is_decode=True,
+        )
+
+    def _step(self, size: int) -> None:
+        meta = self._meta(size)
+        hidden = self.model.forward(self.input_ids[:size], self.positions[:, :size], meta, self.state)
+        self.logits[:size].copy_(self.model.compute_logits(hidden))
+
+    @torch.inference_mode()
+    def _capture_all(self) -> None:
+        """Largest first, sharing one memory pool; warm-up and capture touch only the dummy slot."""
+        self.slot_ids.fill_(self.dummy_slot)
+        self.context_lens.zero_()
+        pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for size in reversed(self.sizes):
+                self._step(size)  # compiles/autotunes kernels outside the capture
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        for size in reversed(self.sizes):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=side):
+                self._step(size)
+            self._graphs[size] = graph
+        torch.cuda.synchronize(self.device)
+        logger.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
+
+    # --- replay ---
+
+    def padded_size(self, num_rows: int) -> int | None:
+        """The captured size a batch of `num_rows` replays, or None if there is none."""
+        for size in self.sizes:
+            if size >= num_rows:
+                return size
+        return None
+
+    def can_run(self, num_rows: int) -> bool:
+        return self.enabled and num_rows >= 1 and self.padded_size(num_rows) is not None
+
+    @torch.inference_mode()
+    def run(
+        self,
+        input_ids: torch.Tensor,  # [B] int64
+        positions: torch.Tensor,  # [3, B] int64
+        slot_ids: torch.Tensor,  # [B] int64 live slots (distinct)
+        context_lens: torch.Tensor,  # [B] int64 tokens already in each slot
+    ) -> torch.Tensor:
+        """Logits [B, vocab] fp32 of one decode step; the slots' state advances by one token.
+
+        The returned tensor is a view of the static output buffer: valid until the next `run`.
+        """
+        num_rows = input_ids.shape[0]
+        size = self.padded_size(num_rows) if self.enabled else None
+        if size is None:
+            return self._eager(input_ids, positions, slot_ids, context_lens)
+        self.input_ids[:num_rows].copy_(input_ids, non_blocking=True)
+        self.positions[:, :num_rows].copy_(positions, non_blocking=True)
+        self.slot_ids[:num_rows].copy_(slot_ids, non_blocking=True)
+        self.context_lens[:num_rows].copy_(context_lens, non_blocking=True)
+        if size > num_rows:  # padded rows: dummy slot, token 0 at position 0
+            self.input_ids[num_rows:size].zero_()
+            self.positions[:, num_rows:size].zero_()
+            self.slot_ids[num_rows:size].fill_(self.dummy_slot)
+            self.context_lens[num_rows:size].zero_()
+        self._graphs[size].replay()
+        return self.logits[:num_rows]
+
+    def _eager(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slot_ids: torch.Tensor,
+        context_lens: torch.Tensor,
+    ) -> torch.Tensor:
+        """Uncaptured fallback (graphs disabled or batch larger than max_batch)."""
+        meta = BatchMeta.build(
+            slot_ids.tolist(), [1] * input_ids.shape[0], context_lens.tolist(), device=input_ids.device
+        )
+        hidden = self.model.forward(input_ids, positions, meta, self.state)
+        return self.model.compute_logits(hidden)
