@@ -61,7 +61,7 @@ class TorchBackend:
                 prev = torch.zeros(x.shape[1], kernel, dtype=x.dtype, device=x.device)
             stream = torch.cat([prev, seq], dim=1)  # [C, K + T]
             windows = stream[:, 1:].float().unfold(1, kernel, 1)  # [C, T, K]: inputs t-K+1 .. t
-            y = torch.einsum("ctk,ck->tc", windows, w32)
+            y = (windows * w32[:, None, :]).sum(-1).transpose(0, 1)  # [T, C]
             out[start:end] = F.silu(y).to(x.dtype)
             conv_state[slot] = stream[:, -kernel:].to(conv_state.dtype)
         return out
@@ -150,10 +150,10 @@ def _delta_step(
 ) -> torch.Tensor:
     """S_t = a S + k (beta (v - (a S)^T k))^T with a = exp(g); o_t = S_t^T q. Returns S_t."""
     s = s * torch.exp(g)[..., None, None]
-    recalled = torch.einsum("...kv,...k->...v", s, k)
+    recalled = (k[..., None, :] @ s).squeeze(-2)  # S^T k
     delta = (v - recalled) * beta[..., None]
     s = s + k[..., :, None] * delta[..., None, :]
-    out.copy_(torch.einsum("...kv,...k->...v", s, q))
+    out.copy_((q[..., None, :] @ s).squeeze(-2))
     return s
 
 
@@ -180,8 +180,8 @@ def _window_attend(
         hi = first_query + b1 - first_key  # keys beyond the block's last query are never visible
         kp = key_pos[lo:hi]
         visible = (kp[None, :] <= q_pos[:, None]) & (kp[None, :] > q_pos[:, None] - window)
-        scores = torch.einsum("thd,hld->htl", q[b0:b1].float(), k32[:, lo:hi]) * scale
+        scores = (q[b0:b1].float().transpose(0, 1) @ k32[:, lo:hi].transpose(1, 2)) * scale  # [Hq, t, l]
         scores = scores.masked_fill(~visible[None], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
-        out[b0:b1] = torch.einsum("htl,hld->thd", probs, v32[:, lo:hi]).to(q.dtype)
+        out[b0:b1] = (probs @ v32[:, lo:hi]).transpose(0, 1).to(q.dtype)
     return out
