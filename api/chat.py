@@ -96,12 +96,30 @@ def reject_unsupported_chat(req: ChatCompletionRequest) -> None:
 
 
 def reject_unsupported_completion(req: CompletionRequest) -> None:
+    if isinstance(req.prompt, list):
+        check_prompt_list(req.prompt)
     if req.echo:
         raise not_supported("echo")
     if req.suffix:
         raise not_supported("suffix")
     if req.best_of is not None and req.best_of != req.n:
         raise not_supported("best_of", "best_of different from n")
+
+
+def check_prompt_list(prompt: list[Any]) -> None:
+    """A list prompt is either one string or token ids (non-negative ints); batches are not supported."""
+    if not prompt:
+        raise invalid_request("prompt must not be empty", "prompt")
+    if all(isinstance(p, str) for p in prompt):
+        if len(prompt) > 1:
+            raise not_supported("prompt", "a batch of several prompts")
+        return
+    for i, t in enumerate(prompt):
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < 2**31:
+            raise invalid_request(
+                "prompt must be a string, a list of one string, or a list of token ids (non-negative ints)",
+                f"prompt.{i}",
+            )
 
 
 # ---- messages -> template ------------------------------------------------------------------------------

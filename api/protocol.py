@@ -138,11 +138,7 @@ class ChatCompletionRequest(_SamplingFields):
 class CompletionRequest(_SamplingFields):
     """Body of POST /v1/completions (text prompt or token ids)."""
 
-    prompt: (
-        str
-        | Annotated[list[str], Field(min_length=1, max_length=1)]
-        | Annotated[list[NonNegInt], Field(min_length=1)]
-    )
+    prompt: str | list[Any]  # one string, a list of one string, or token ids; checked in api.chat
     echo: bool = False  # rejected when true
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     suffix: str | None = None  # rejected when set

@@ -1,0 +1,248 @@
+"""Malformed requests: each gets a 4xx in OpenAI's error envelope (never FastAPI's 422, never a 500), and the
+server stays healthy and correct afterwards."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from typing import Any
+
+import httpx
+import openapi_validator as oav
+import pytest
+from fake_engine import FakeEngine, FakeProcessor, ServerThread
+from PIL import Image
+
+from api.app import create_app
+from api.media import MediaLimits
+from api.settings import ServerSettings
+
+MODEL = "m"
+BODY_LIMIT = 64 * 1024
+
+
+def _png() -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+PNG = _png()
+
+
+def img(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+@pytest.fixture(scope="module")
+def server():
+    engine, processor = FakeEngine(), FakeProcessor()
+    settings = ServerSettings(
+        served_model_name=MODEL,
+        model_path="/ckpt",
+        max_prompt_len=2000,
+        max_model_len=4096,
+        max_request_body_bytes=BODY_LIMIT,
+        media=MediaLimits(max_images_per_request=2),
+    )
+    with ServerThread(create_app(engine, processor, settings)) as s:
+        yield engine, s
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server[1].base_url, timeout=30) as c:
+        yield c
+
+
+def chat(**fields: Any) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **fields}
+
+
+def msgs(*messages: dict) -> dict:
+    return {"model": MODEL, "messages": list(messages)}
+
+
+# (id, json body or raw bytes, expected status, expected param or None)
+CHAT_CASES: list[tuple[str, Any, int, str | None]] = [
+    ("bad-json", b'{"model": "m", "messages": [', 400, None),
+    ("json-array", b"[1, 2]", 400, None),
+    ("empty-body", b"", 400, None),
+    ("not-utf8", b"\xff\xfe{", 400, None),
+    ("no-messages", {"model": MODEL}, 400, "messages"),
+    ("no-model", {"messages": [{"role": "user", "content": "x"}]}, 400, "model"),
+    ("empty-messages", msgs(), 400, "messages"),
+    ("messages-string", {"model": MODEL, "messages": "hi"}, 400, "messages"),
+    ("unknown-role", msgs({"role": "robot", "content": "x"}), 400, "messages.0.role"),
+    ("missing-role", msgs({"content": "x"}), 400, "messages.0.role"),
+    ("content-number", msgs({"role": "user", "content": 5}), 400, "messages.0.content"),
+    ("unknown-part", msgs({"role": "user", "content": [{"type": "hologram"}]}), 400, "messages.0.content.0"),
+    (
+        "text-part-no-text",
+        msgs({"role": "user", "content": [{"type": "text"}]}),
+        400,
+        "messages.0.content.0.text",
+    ),
+    ("user-no-content", msgs({"role": "user"}), 400, "messages.0.content"),
+    (
+        "audio-part",
+        msgs({"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}),
+        400,
+        None,
+    ),
+    ("tool-role", msgs({"role": "tool", "content": "x", "tool_call_id": "a"}), 400, "messages.0.role"),
+    (
+        "last-assistant",
+        msgs({"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}),
+        400,
+        None,
+    ),
+    (
+        "bad-base64",
+        msgs({"role": "user", "content": [img("data:image/png;base64,@@@not base64@@@")]}),
+        400,
+        None,
+    ),
+    (
+        "not-an-image",
+        msgs(
+            {"role": "user", "content": [img("data:image/png;base64," + base64.b64encode(b"hello").decode())]}
+        ),
+        400,
+        None,
+    ),
+    ("too-many-images", msgs({"role": "user", "content": [img(PNG), img(PNG), img(PNG)]}), 400, "messages"),
+    ("private-url", msgs({"role": "user", "content": [img("http://127.0.0.1:1/x.png")]}), None, None),
+    ("file-url", msgs({"role": "user", "content": [img("file:///etc/passwd")]}), None, None),
+    ("tools", chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
+    ("response-format", chat(response_format={"type": "json_object"}), 400, "response_format"),
+    ("audio-out", chat(audio={"voice": "alloy", "format": "wav"}), 400, "audio"),
+    ("modalities", chat(modalities=["text", "audio"]), 400, "modalities"),
+    ("n-zero", chat(n=0), 400, "n"),
+    ("n-huge", chat(n=1000), 400, "n"),
+    ("max-tokens-negative", chat(max_tokens=-1), 400, "max_tokens"),
+    ("max-tokens-huge", chat(max_tokens=10**12), 400, "max_tokens"),
+    ("max-tokens-over-model-len", chat(max_tokens=5000), 400, "max_tokens"),
+    ("max-completion-tokens-zero", chat(max_completion_tokens=0), 400, "max_completion_tokens"),
+    ("temperature-5", chat(temperature=5), 400, "temperature"),
+    ("temperature-string", chat(temperature="hot"), 400, "temperature"),
+    ("top-p-zero", chat(top_p=0), 400, "top_p"),
+    ("presence-penalty", chat(presence_penalty=3), 400, "presence_penalty"),
+    ("top-logprobs-without-logprobs", chat(top_logprobs=2), 400, "top_logprobs"),
+    ("top-logprobs-21", chat(logprobs=True, top_logprobs=21), 400, "top_logprobs"),
+    ("stop-too-many", chat(stop=[str(i) for i in range(40)]), 400, "stop"),
+    ("stop-number", chat(stop=5), 400, "stop"),
+    ("seed-string", chat(seed="abc"), 400, "seed"),
+    ("stream-string", chat(stream="yes please"), 400, "stream"),
+    ("logit-bias-range", chat(logit_bias={"5": 500}), 400, "logit_bias.5"),
+    ("logit-bias-key", chat(logit_bias={"abc": 1}), 400, "logit_bias"),
+    ("stop-token-out-of-vocab", chat(stop_token_ids=[10**6]), 400, None),
+    ("min-tokens-over-max", chat(min_tokens=10, max_tokens=5), 400, "min_tokens"),
+    ("prompt-too-long", msgs({"role": "user", "content": "x" * 2500}), 400, "messages"),
+    ("unknown-model", chat(model="gpt-4o"), 404, "model"),
+]
+
+
+def _post(http: httpx.Client, path: str, body: Any, headers: dict | None = None) -> httpx.Response:
+    if isinstance(body, bytes):
+        return http.post(path, content=body, headers={"content-type": "application/json", **(headers or {})})
+    return http.post(path, json=body, headers=headers)
+
+
+def assert_envelope(r: httpx.Response, status: int | None) -> dict:
+    if status is None:
+        assert 400 <= r.status_code < 500, r.text
+    else:
+        assert r.status_code == status, r.text
+    body = r.json()
+    if oav.is_available():
+        oav.validate(body, "ErrorResponse")
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["message"]
+    return body["error"]
+
+
+@pytest.mark.parametrize(("case", "body", "status", "param"), CHAT_CASES, ids=[c[0] for c in CHAT_CASES])
+def test_malformed_chat(http, case, body, status, param):
+    err = assert_envelope(_post(http, "/v1/chat/completions", body), status)
+    if param is not None:
+        assert err["param"] == param, err
+    if case == "unknown-model":
+        assert err["code"] == "model_not_found"
+
+
+def test_not_supported_message(http):
+    err = assert_envelope(_post(http, "/v1/chat/completions", chat(tools=[{}])), 400)
+    assert "not supported" in err["message"]
+
+
+COMPLETION_CASES = [
+    ("echo", {"model": MODEL, "prompt": "a", "echo": True}, 400, "echo"),
+    ("suffix", {"model": MODEL, "prompt": "a", "suffix": "z"}, 400, "suffix"),
+    ("no-prompt", {"model": MODEL}, 400, "prompt"),
+    ("two-prompts", {"model": MODEL, "prompt": ["a", "b"]}, 400, "prompt"),
+    ("empty-prompt", {"model": MODEL, "prompt": ""}, 400, "prompt"),
+    ("logprobs-bool-string", {"model": MODEL, "prompt": "a", "logprobs": "x"}, 400, "logprobs"),
+    ("negative-token", {"model": MODEL, "prompt": [1, -2]}, 400, "prompt"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "body", "status", "param"), COMPLETION_CASES, ids=[c[0] for c in COMPLETION_CASES]
+)
+def test_malformed_completion(http, case, body, status, param):
+    err = assert_envelope(_post(http, "/v1/completions", body), status)
+    if param is not None:
+        assert err["param"] == param or err["param"].startswith(param + "."), err
+
+
+def test_wrong_content_type(http):
+    r = http.post("/v1/chat/completions", content=json.dumps(chat()), headers={"content-type": "text/plain"})
+    assert_envelope(r, 415)
+
+
+def test_oversized_body_content_length(http):
+    big = chat(messages=[{"role": "user", "content": "x" * (BODY_LIMIT + 10)}])
+    assert_envelope(_post(http, "/v1/chat/completions", big), 413)
+
+
+def test_oversized_body_chunked(http):
+    payload = json.dumps(chat(messages=[{"role": "user", "content": "y" * (BODY_LIMIT * 2)}])).encode()
+
+    def chunks():
+        for i in range(0, len(payload), 8192):
+            yield payload[i : i + 8192]
+
+    r = http.post("/v1/chat/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert "content-length" not in r.request.headers
+    assert_envelope(r, 413)
+
+
+def test_wrong_method_and_route(http):
+    assert_envelope(http.get("/v1/chat/completions"), 405)
+    assert_envelope(http.post("/v1/nothing", json={}), 404)
+    assert_envelope(http.get("/v1/models/other"), 404)
+
+
+def test_tokenize_errors(http):
+    assert_envelope(http.post("/tokenize", json={}), 400)
+    assert_envelope(http.post("/tokenize", json={"prompt": "a", "messages": []}), 400)
+    assert_envelope(http.post("/detokenize", json={"tokens": ["a"]}), 400)
+
+
+def test_healthy_and_correct_after_errors(http, server):
+    for _, body, _, _ in CHAT_CASES:
+        _post(http, "/v1/chat/completions", body)
+    assert http.get("/health").status_code == 200
+    r = http.post(
+        "/v1/chat/completions",
+        json=chat(max_tokens=3, seed=5, messages=[{"role": "user", "content": [img(PNG)]}]),
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    if oav.is_available():
+        oav.validate(body, "CreateChatCompletionResponse")
+    assert body["usage"]["completion_tokens"] == 3
+    assert len(body["choices"][0]["message"]["content"].split()) == 3
+    assert server[0].running == set()
