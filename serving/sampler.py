@@ -280,8 +280,10 @@ def restrict_support(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch
     """Set to -inf the tokens removed by top_k, then top_p, then min_p (each row's own values)."""
     use_top_k = any(row.params.top_k > 0 for row in rows)
     use_top_p = any(row.params.top_p < 1.0 for row in rows)
-    if use_top_k or use_top_p:
+    if use_top_p:
         logits = _top_k_top_p(logits, rows, use_top_k, use_top_p)
+    elif use_top_k:
+        logits = _top_k_only(logits, rows)
     if any(row.params.min_p > 0.0 for row in rows):
         logits = _min_p(logits, rows)
     return logits
@@ -305,6 +307,17 @@ def _top_k_top_p(
         remove = remove | (mass_before >= torch.tensor(top_p, device=device).unsqueeze(1))
     mask = torch.zeros_like(remove).scatter(1, order, remove)
     return logits.masked_fill(mask, float("-inf"))
+
+
+def _top_k_only(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """top_k without a full sort: the k-th largest value from topk(max k); ties with it stay."""
+    vocab_size = logits.shape[1]
+    k = [row.params.top_k if 0 < row.params.top_k < vocab_size else 0 for row in rows]  # 0: disabled
+    top_vals = logits.topk(max(k), dim=-1).values  # [R, max_k] sorted desc
+    k_t = torch.tensor(k, device=logits.device).unsqueeze(1)
+    kth = top_vals.gather(1, (k_t - 1).clamp_min(0))
+    kth = kth.masked_fill(k_t == 0, float("-inf"))
+    return logits.masked_fill(logits < kth, float("-inf"))
 
 
 def _min_p(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:

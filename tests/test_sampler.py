@@ -277,3 +277,19 @@ def test_cuda_rows_match_cpu_semantics() -> None:
     alone = Sampler()(logits[1:2], [seeded_row()])
     assert alone.token_ids[0] == out.token_ids[1]
     assert out.token_ids[3] != 0
+
+
+def test_top_k_per_row_values_with_disabled_rows() -> None:
+    # rows with different k (and one disabled) in one batch; ties with the k-th value are kept
+    logits = torch.tensor([[4.0, 3.0, 3.0, 1.0, 0.0]]).expand(3, -1).contiguous()
+    gen = torch.Generator().manual_seed(0)
+    seen: list[set[int]] = [set(), set(), set()]
+    params = [dict(top_k=3), dict(top_k=2), dict(top_k=0)]
+    for _ in range(400):
+        rows = [_row(**p) for p in params]
+        out = Sampler(generator=gen)(logits, rows)
+        for i, tok in enumerate(out.token_ids):
+            seen[i].add(tok)
+    assert seen[0] == {0, 1, 2}
+    assert seen[1] == {0, 1, 2}  # k=2: token 2 ties with the 2nd value 3.0
+    assert seen[2] == {0, 1, 2, 3, 4}
