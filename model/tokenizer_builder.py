@@ -278,8 +278,9 @@ def tokenizer_config(tok: Tokenizer) -> dict[str, Any]:
         "add_bos_token": False,
         "add_prefix_space": False,
         "added_tokens_decoder": _added_tokens_decoder(tok),
+        # transformers 5 reads this as `extra_special_tokens`; a list-valued `extra_special_tokens` key would
+        # break transformers 4.x (which expects a dict there), so only the classic key is written.
         "additional_special_tokens": list(EXTRA_SPECIAL_TOKENS),
-        "extra_special_tokens": list(EXTRA_SPECIAL_TOKENS),
         "bos_token": None,
         "chat_template": CHAT_TEMPLATE,
         "clean_up_tokenization_spaces": False,

@@ -100,6 +100,7 @@ def test_roles_and_no_bos(tok):
     assert tok.eos_token == "<|im_end|>"
     assert tok.pad_token == "<|endoftext|>"
     assert tok.bos_token is None
+    assert set(tok.all_special_tokens) == {t for t, special in SPECIAL_TOKENS if special}
     text = "Hello world"
     ids = tok(text)["input_ids"]
     assert ids == tok.encode(text, add_special_tokens=False)
