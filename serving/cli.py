@@ -21,7 +21,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="checkpoint directory or Hugging Face repo id (default: the embedded tiny checkpoint)",
     )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float32", "float16"],
+        help="auto: bf16 on GPU, fp32 on CPU",
+    )
     p.add_argument(
         "--state-dtype",
         default="float32",
@@ -33,10 +38,6 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget of one engine step")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--max-waiting", type=int, default=1024, help="bounded waiting queue; beyond it: 429")
-    p.add_argument("--max-prompt-len", type=int, default=1_048_576)
-    p.add_argument(
-        "--max-tokens-limit", type=int, default=32_768, help="largest max_tokens a request may ask for"
-    )
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--seed", type=int, default=0)
 
@@ -54,8 +55,8 @@ def engine_config_from_args(args: argparse.Namespace, model_path: str):
         max_num_batched_tokens=args.max_num_batched_tokens,
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_waiting=args.max_waiting,
-        max_prompt_len=args.max_prompt_len,
-        max_tokens_limit=args.max_tokens_limit,
+        max_prompt_len=getattr(args, "max_prompt_len", None) or 1_048_576,
+        max_tokens_limit=getattr(args, "max_tokens_limit", None) or 32_768,
         enforce_eager=args.enforce_eager,
         seed=args.seed,
     )
@@ -74,7 +75,6 @@ def _model_path(args: argparse.Namespace) -> str:
 def cmd_serve(args: argparse.Namespace) -> int:
     from api.app import create_app
     from api.settings import settings_from_args
-
     from serving.build import build_engine
     from serving.engine import AsyncEngine
     from serving.metrics import Metrics
@@ -88,7 +88,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model_name=settings.served_model_name,
         backend=stack.backend,
         state_dtype=config.state_dtype,
-        model_dtype=config.dtype,
+        model_dtype=str(config.torch_dtype).removeprefix("torch."),
     )
     metrics.set_cache_info(slots_total=stack.layout.num_slots, bytes_per_slot=stack.layout.bytes_per_slot)
     stack.core.metrics = metrics
@@ -100,7 +100,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "model_path": str(stack.model_dir),
             "backend": stack.backend,
             "device": config.device,
-            "dtype": config.dtype,
+            "dtype": str(config.torch_dtype).removeprefix("torch."),
             "state_dtype": config.state_dtype,
             "num_slots": stack.layout.num_slots,
             "bytes_per_slot": stack.layout.bytes_per_slot,
@@ -159,6 +159,41 @@ def cmd_tiny_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan_pool(args: argparse.Namespace) -> int:
+    """Pool layout for a checkpoint config on a GPU of a given size, without a GPU: weights counted on the
+    meta device, the activation workspace given (measure it with a real start-up on the device)."""
+    import torch
+
+    from cache.pool import plan_pool
+    from model.backends import get_backend
+    from model.config import load_config
+    from model.infinitevl import InfiniteVLForCausalLM
+    from serving.config import DTYPES
+
+    cfg = load_config(args.config_dir)
+    with torch.device("meta"):
+        model = InfiniteVLForCausalLM(cfg, get_backend("torch", "cpu"))
+    dtype = DTYPES[args.dtype]
+    weight_bytes = sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=dtype).element_size()
+    budget = (
+        int(args.memory_gib * 2**30 * args.gpu_memory_utilization)
+        - weight_bytes
+        - int(args.workspace_gib * 2**30)
+    )
+    layout = plan_pool(
+        cfg.text,
+        state_dtype=DTYPES[args.state_dtype],
+        model_dtype=dtype,
+        max_num_seqs=args.max_num_seqs,
+        memory_budget_bytes=budget,
+    )
+    print(
+        f"weights {weight_bytes / 2**30:.2f} GiB, workspace {args.workspace_gib:.2f} GiB, pool budget {budget / 2**30:.2f} GiB"
+    )
+    print(layout.describe())
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from serving.llm import LLM, Prompt
     from serving.types import SamplingParams
@@ -210,6 +245,18 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("path")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_tiny_checkpoint)
+
+    plan = sub.add_parser("plan-pool", help="print the state-pool layout for a config and a GPU memory size")
+    plan.add_argument("config_dir", help="directory holding config.json")
+    plan.add_argument("--memory-gib", type=float, default=80.0)
+    plan.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    plan.add_argument(
+        "--workspace-gib", type=float, default=2.0, help="activation workspace of the warm-up pass"
+    )
+    plan.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    plan.add_argument("--state-dtype", default="float32", choices=["float32", "bfloat16"])
+    plan.add_argument("--max-num-seqs", type=int, default=None)
+    plan.set_defaults(func=cmd_plan_pool)
 
     gen = sub.add_parser("generate", help="offline generation from the command line")
     add_engine_args(gen)

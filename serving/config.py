@@ -13,7 +13,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch
 class EngineConfig:
     model: str  # local directory (or a resolved Hugging Face snapshot)
     device: str = "cpu"  # "cpu", "cuda", "cuda:N"
-    dtype: str = "bfloat16"  # weights and activations
+    dtype: str = "auto"  # weights and activations; auto: bfloat16 on GPU, float32 on CPU
     state_dtype: str = "float32"  # recurrent state in the pool
     backend: str = "auto"  # "torch" | "triton" | "auto"
     max_num_seqs: int = 64  # slots, at most (fewer if the memory budget says so)
@@ -28,6 +28,13 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        """The model dtype; `auto` resolves by device (CPU bf16 matmuls are slow on most hosts)."""
+        if self.dtype == "auto":
+            return (
+                torch.float32
+                if self.device == "cpu" or (self.device == "auto" and not torch.cuda.is_available())
+                else torch.bfloat16
+            )
         return DTYPES[self.dtype]
 
     @property
@@ -35,7 +42,10 @@ class EngineConfig:
         return DTYPES[self.state_dtype]
 
     def validate(self) -> None:
-        if self.dtype not in DTYPES or self.state_dtype not in ("float32", "bfloat16"):
+        if (self.dtype != "auto" and self.dtype not in DTYPES) or self.state_dtype not in (
+            "float32",
+            "bfloat16",
+        ):
             raise ValueError(f"unsupported dtype {self.dtype!r} / state dtype {self.state_dtype!r}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError("need max_num_seqs >= 1 and max_num_batched_tokens >= max_num_seqs")

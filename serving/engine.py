@@ -202,9 +202,8 @@ class EngineCore:
                 st.last_token_time = now
             res = er.decoders[tok.choice].append(tok.token_id)
             lp = self._logprobs(tok) if tok.logprob is not None else None
-            if res.finish_reason is None:
-                if res.text or lp is not None:
-                    er.emit(Delta(er.request_id, tok.choice, res.text, (tok.token_id,), lp))
+            if res.finish_reason is None:  # emitted even with no text yet (a split UTF-8 character)
+                er.emit(Delta(er.request_id, tok.choice, res.text, (tok.token_id,), lp))
                 continue
             done = self.scheduler.finish_choice(er.request_id, tok.choice)
             er.emit(self._final(er, tok.choice, res.text, res.finish_reason, res.stop_reason, None, tok, lp))
