@@ -175,7 +175,9 @@ def apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
 
 
 def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
-    """In place: while a row has fewer than min_tokens outputs, its eos and stop token ids get -inf."""
+    """In place: while a row has fewer than min_tokens outputs, its eos and stop token ids get -inf.
+
+    eos ids are masked even with ignore_eos (the brief's rule; vLLM leaves them open in that case)."""
     vocab_size = logits.shape[1]
     row_idx: list[int] = []
     tok_idx: list[int] = []
