@@ -81,6 +81,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from serving.version import __version__
 
     model_path = _model_path(args)
+    if not args.model and not args.served_model_name:
+        args.served_model_name = "infinitevl"  # the embedded tiny checkpoint
     config = engine_config_from_args(args, model_path)
     settings = settings_from_args(args, model_path=model_path)
     stack = build_engine(config)
