@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedConfig, PreTrainedTokenizerBase, Qwen2VLImageProcessorPil
 
+from model.config import VisionConfig
 from model.positions import get_rope_index
 from model.tokenizer_builder import CHAT_TEMPLATE
 from model.video import (
@@ -132,7 +133,7 @@ def _load_token_ids(model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> Visi
     """Ids from config.json (top level or text_config), falling back to the tokenizer's vocabulary."""
     raw = _read_json(model_dir / "config.json")
     merged = {**raw, **(raw.get("text_config") or {})}
-    vision = raw.get("vision_config") or {}
+    vision = VisionConfig.from_dict(raw.get("vision_config") or {})  # absent fields: reference defaults
 
     def pick(key: str, token: str) -> int:
         value = merged.get(key)
@@ -143,8 +144,8 @@ def _load_token_ids(model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> Visi
         video_token_id=pick("video_token_id", "<|video_pad|>"),
         vision_start_token_id=pick("vision_start_token_id", "<|vision_start|>"),
         vision_end_token_id=pick("vision_end_token_id", "<|vision_end|>"),
-        spatial_merge_size=int(vision.get("spatial_merge_size", 2)),
-        tokens_per_second=vision.get("tokens_per_second", 2),
+        spatial_merge_size=vision.spatial_merge_size,
+        tokens_per_second=vision.tokens_per_second,
     )
 
 

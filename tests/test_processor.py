@@ -131,7 +131,7 @@ def test_short_video_grid_and_positions(proc):
     assert out.mm.second_per_grid_ts == [1.0]
     assert out.mm.pixel_values_videos.shape == (2 * 24 * 24, 1176)
     tid = proc.token_ids
-    assert out.input_ids.count(tid.video_token_id) == 2 * 12 * 12
+    assert out.input_ids.count(tid.video_token_id) == 2 * 12 * 12 == proc.count_video_tokens(4, 224, 224)
     start = out.input_ids.index(tid.video_token_id)
     i = torch.arange(288)
     block = out.positions[:, start : start + 288]
