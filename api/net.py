@@ -197,6 +197,14 @@ async def _read_body(response: httpx.Response, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
+def _is_tls_failure(exc: BaseException | None) -> bool:
+    while exc is not None:
+        if isinstance(exc, ssl.SSLError):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 async def _send_pinned(client: httpx.AsyncClient, hop: _Hop, addresses: list[IPAddress]) -> httpx.Response:
     """Open a streamed response from the first checked address that accepts a connection."""
     last_error: Exception | None = None
@@ -204,6 +212,8 @@ async def _send_pinned(client: httpx.AsyncClient, hop: _Hop, addresses: list[IPA
         try:
             return await client.send(_pinned_request(client, hop, ip), stream=True)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            if _is_tls_failure(exc):
+                raise FetchError(f"TLS handshake with media host '{hop.host}' failed") from exc
             last_error = exc
     raise FetchError(f"could not connect to media host '{hop.host}'") from last_error
 
