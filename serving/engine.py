@@ -21,6 +21,7 @@ import torch
 from cache.pool import StatePool
 from scheduler import QueueFull, SchedRequest, Scheduler, SchedulerConfig
 from serving.config import EngineConfig
+from serving.detokenizer import logprob_entry
 from serving.errors import EngineDead, EngineOverloaded, RequestTooLarge
 from serving.runner import ModelRunner, RequestFault, SampledToken
 from serving.sampler import SamplingRow, make_generator
@@ -32,7 +33,6 @@ from serving.types import (
     GenerateRequest,
     LogprobEntry,
     RequestStats,
-    TokenLogprob,
     Usage,
 )
 
@@ -235,15 +235,8 @@ class EngineCore:
         )
 
     def _logprobs(self, tok: SampledToken) -> tuple[LogprobEntry, ...]:
-        from serving.detokenizer import token_bytes
-
         chosen_lp, top = tok.logprob
-
-        def entry(tid: int, value: float) -> TokenLogprob:
-            text = self.tokenizer.decode([tid], skip_special_tokens=False)
-            return TokenLogprob(tid, text, float(value), token_bytes(self.tokenizer, tid))
-
-        return (LogprobEntry(entry(tok.token_id, chosen_lp), tuple(entry(t, v) for t, v in top)),)
+        return (logprob_entry(self.tokenizer, tok.token_id, chosen_lp, top),)
 
     def _expire_deadlines(self) -> None:
         now = time.monotonic()
