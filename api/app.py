@@ -2,7 +2,7 @@
 
 Route functions only parse, delegate and answer: validation and prompt building live in `api.chat`, media
 loading in `api.media`, response assembly in `api.responses`. A pure-ASGI gate in front of the app counts
-in-flight requests (`app.state.num_inflight`, awaited by the CLI on shutdown), refuses new POSTs while
+in-flight requests (`app.state.in_flight`, awaited by the CLI on shutdown), refuses new POSTs while
 `app.state.draining` is set, caps request bodies and records per-route HTTP metrics.
 """
 
@@ -59,6 +59,12 @@ JSON_TYPES = ("application/json",)
 
 def package_version() -> str:
     try:
+        from serving.version import __version__
+
+        return __version__
+    except ImportError:
+        pass
+    try:
         return metadata.version("infinitevl-serve")
     except metadata.PackageNotFoundError:
         return "0.0.0+unknown"
@@ -89,7 +95,7 @@ class Gate:
                 status[0] = int(message["status"])
             await send(message)
 
-        self.state.num_inflight += 1
+        self.state.in_flight += 1
         try:
             early = self._early_rejection(scope)
             if early is not None:
@@ -97,7 +103,7 @@ class Gate:
             else:
                 await self.app(scope, self._counting(receive), send_recording)
         finally:
-            self.state.num_inflight -= 1
+            self.state.in_flight -= 1
             self._record(scope, status[0], time.monotonic() - t0)
 
     def _early_rejection(self, scope: dict[str, Any]) -> Response | None:
@@ -176,7 +182,7 @@ def create_app(
     app.state.engine = engine
     app.state.settings = settings
     app.state.draining = False
-    app.state.num_inflight = 0
+    app.state.in_flight = 0
     app.state.started_at = now_s()
     install_error_handlers(app)
     _install_auth(app, settings)

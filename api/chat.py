@@ -285,7 +285,10 @@ async def prepare_completion(prompt: str | list[str] | list[int], processor: Any
     text = prompt[0] if isinstance(prompt, list) else prompt
     if not text:
         raise invalid_request("prompt must not be empty", "prompt")
-    processed = await asyncio.to_thread(processor.process, text, [], [])
+    try:
+        processed = await asyncio.to_thread(processor.process, text, [], [])
+    except (ValueError, TypeError) as e:
+        raise invalid_request(f"could not process the prompt: {e}", "prompt") from e
     return _prepared(processed)
 
 

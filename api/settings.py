@@ -22,7 +22,7 @@ class ServerSettings:
     max_prompt_len: int = 1 << 20  # tokens per prompt, after image/video placeholder expansion
     max_model_len: int | None = None  # prompt + completion tokens; None: unbounded (recurrent model)
     default_max_tokens: int = 512  # when the request gives no max_tokens
-    max_tokens_limit: int | None = None  # largest max_tokens a request may ask for; None: no extra cap
+    max_tokens_limit: int | None = 32_768  # largest max_tokens a request may ask for; None: no cap
     max_request_body_bytes: int = 64 * 2**20
     media: MediaLimits = field(default_factory=MediaLimits)
     api_keys: tuple[str, ...] = ()
@@ -120,7 +120,7 @@ def settings_from_args(args: argparse.Namespace, *, model_path: str) -> ServerSe
         max_prompt_len=getattr(args, "max_prompt_len", 1 << 20),
         max_model_len=getattr(args, "max_model_len", None),
         default_max_tokens=getattr(args, "default_max_tokens", 512),
-        max_tokens_limit=getattr(args, "max_tokens_limit", None),
+        max_tokens_limit=getattr(args, "max_tokens_limit", 32_768),
         max_request_body_bytes=getattr(args, "max_request_bytes", 64 * 2**20),
         media=limits,
         api_keys=_api_keys(args),

@@ -374,4 +374,4 @@ def test_draining(stack, http):
     finally:
         app.state.draining = False
     assert http.get("/health").status_code == 200
-    assert _wait_until(lambda: app.state.num_inflight == 0)
+    assert _wait_until(lambda: app.state.in_flight == 0)

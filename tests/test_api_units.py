@@ -1,0 +1,157 @@
+"""Unit tests of the API layer's pure pieces: settings from flags, message translation, error params,
+sampling translation, logprob formats."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from api.chat import build_sampling, to_template
+from api.errors import APIError, loc_to_param
+from api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+from api.responses import legacy_logprobs, openai_finish_reason
+from api.settings import ServerSettings, add_server_args, settings_from_args
+from serving.types import LogprobEntry, TokenLogprob
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default=None)
+    add_server_args(p)
+    return p.parse_args(argv)
+
+
+def test_settings_from_args(monkeypatch, tmp_path):
+    monkeypatch.setenv("INFINITEVL_API_KEY", "k2, k3,")
+    args = parse(
+        [
+            "--served-model-name",
+            "vl",
+            "--api-key",
+            "k1",
+            "--api-key",
+            "k2",
+            "--max-request-bytes",
+            "2048",
+            "--max-images-per-request",
+            "3",
+            "--allowed-local-media-path",
+            str(tmp_path),
+        ]
+    )
+    s = settings_from_args(args, model_path="/ckpt")
+    assert s.served_model_name == "vl" and s.model_path == "/ckpt"
+    assert s.api_keys == ("k1", "k2", "k3")
+    assert s.max_request_body_bytes == 2048
+    assert s.media.max_images_per_request == 3
+    assert s.media.allowed_local_media_path is not None
+    assert s.allowed_local_media_path == s.media.allowed_local_media_path
+
+
+def test_settings_default_name(monkeypatch):
+    monkeypatch.delenv("INFINITEVL_API_KEY", raising=False)
+    s = settings_from_args(parse([]), model_path="/ckpt")
+    assert s.served_model_name == "/ckpt" and s.api_keys == () and s.open_health_and_metrics
+
+
+def test_to_template_order_and_roles():
+    msgs = [
+        ChatMessage.model_validate({"role": "developer", "content": "rules", "name": "x"}),
+        ChatMessage.model_validate(
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "a"},
+                    {"type": "image_url", "image_url": {"url": "u1"}},
+                    {"type": "video_url", "video_url": {"url": "v1", "fps": 1.0}},
+                    {"type": "image_url", "image_url": {"url": "u2"}},
+                ],
+            }
+        ),
+        ChatMessage.model_validate({"role": "assistant", "content": [{"type": "text", "text": "ok"}]}),
+        ChatMessage.model_validate({"role": "user", "content": "more"}),
+    ]
+    t = to_template(msgs)
+    assert t.messages[0] == {"role": "system", "content": "rules"}
+    assert t.messages[1]["content"] == [
+        {"type": "text", "text": "a"},
+        {"type": "image"},
+        {"type": "video"},
+        {"type": "image"},
+    ]
+    assert t.messages[2] == {"role": "assistant", "content": "ok"}
+    assert [(m.kind, m.url) for m in t.media] == [("image", "u1"), ("video", "v1"), ("image", "u2")]
+    assert t.media[1].fps == 1.0 and t.media[2].param == "messages.1.content.3.image_url.url"
+
+
+def test_to_template_rejects_tool_calls():
+    msgs = [
+        ChatMessage.model_validate({"role": "user", "content": "a"}),
+        ChatMessage.model_validate({"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}),
+        ChatMessage.model_validate({"role": "user", "content": "b"}),
+    ]
+    with pytest.raises(APIError) as e:
+        to_template(msgs)
+    assert e.value.status_code == 400 and e.value.param == "messages.1.tool_calls"
+
+
+def test_loc_to_param():
+    assert loc_to_param(("body", "messages", 0, "content")) == "messages.0.content"
+    assert loc_to_param(("messages", 0, "content", "list[...]", 1, "image_url", "image_url", "url")) == (
+        "messages.0.content.1.image_url.url"
+    )
+    assert loc_to_param(()) is None
+
+
+def _settings(**kw) -> ServerSettings:
+    return ServerSettings(served_model_name="m", model_path="p", **kw)
+
+
+def test_build_sampling_chat():
+    req = ChatCompletionRequest.model_validate(
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "x"}],
+            "max_completion_tokens": 7,
+            "max_tokens": 99,
+            "stop": "END",
+            "logprobs": True,
+            "top_logprobs": 3,
+            "logit_bias": {"12": -5},
+            "top_k": 4,
+            "ignore_eos": True,
+        }
+    )
+    sp = build_sampling(req, 10, _settings(), 1000)
+    assert sp.max_tokens == 7 and sp.stop == ("END",) and sp.logprobs == 3
+    assert sp.logit_bias == {12: -5.0} and sp.top_k == 4 and sp.ignore_eos and sp.temperature == 1.0
+
+
+def test_default_max_tokens_clipped_to_model_len():
+    req = CompletionRequest.model_validate({"model": "m", "prompt": "x"})
+    assert build_sampling(req, 90, _settings(max_model_len=100, default_max_tokens=50), None).max_tokens == 10
+    assert build_sampling(req, 90, _settings(default_max_tokens=50), None).max_tokens == 50
+    with pytest.raises(APIError):
+        build_sampling(req, 100, _settings(max_model_len=100), None)
+
+
+def test_finish_reason_mapping():
+    assert [openai_finish_reason(r) for r in ("stop", "length", "abort", "timeout", None)] == [
+        "stop",
+        "length",
+        "length",
+        "length",
+        None,
+    ]
+
+
+def test_legacy_logprobs_offsets():
+    def e(tok: str, lp: float) -> LogprobEntry:
+        return LogprobEntry(TokenLogprob(1, tok, lp), (TokenLogprob(2, "z", -1.0),))
+
+    out = legacy_logprobs([e("ab", -0.1), e("c", float("-inf")), e("de", -0.2)], offset=5)
+    assert out.text_offset == [5, 7, 8]
+    assert out.tokens == ["ab", "c", "de"]
+    assert out.token_logprobs == [-0.1, -9999.0, -0.2]
+    assert out.top_logprobs[0] == {"z": -1.0}
