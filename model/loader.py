@@ -134,10 +134,30 @@ def load_weights(model: InfiniteVLForCausalLM, model_dir: Path) -> None:
         bar.close()
 
 
+_DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+}
+
+
+def resolve_dtype(dtype: torch.dtype | str, device: torch.device | str = "cpu") -> torch.dtype:
+    """A torch dtype from a dtype or a name; "auto" is bf16 on CUDA and fp32 elsewhere."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; expected one of {sorted(_DTYPES)} or 'auto'")
+    return _DTYPES[dtype]
+
+
 def load_model(
     model_dir: str | Path,
     *,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | str = torch.bfloat16,
     device: torch.device | str = "cpu",
     backend: str = "auto",
 ) -> InfiniteVLForCausalLM:
@@ -148,7 +168,7 @@ def load_model(
     kernels = get_backend(backend, device)
     with torch.device("meta"):
         model = InfiniteVLForCausalLM(config, kernels)
-    model = model.to(dtype=dtype).to_empty(device=device)
+    model = model.to(dtype=resolve_dtype(dtype, device)).to_empty(device=device)
     load_weights(model, model_dir)
     model.visual.reset_buffers()
     return model.eval().requires_grad_(False)
