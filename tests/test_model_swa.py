@@ -101,3 +101,59 @@ def test_rope_rotates_half_split_pairs():
 def test_mrope_rejects_bad_sections():
     with pytest.raises(ValueError, match="mrope_section"):
         mrope_cos_sin(text_positions(0, 2), 16, 1e6, (2, 2, 2), torch.float32)
+
+
+def _reference_swa(layer, x: torch.Tensor, positions: torch.Tensor, cfg) -> torch.Tensor:
+    """Spec 4.4/4.6 written directly: projections with biases, M-RoPE per frequency slot, GQA with head
+    h using KV head h // group, softmax over keys max(0, i-W+1) .. i, o_proj. float64."""
+    w = {n: p.detach().double() for n, p in layer.named_parameters()}
+    x = x.double()
+    n, d, hq, hkv = x.shape[0], cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    q = (x @ w["q_proj.weight"].T + w["q_proj.bias"]).view(n, hq, d)
+    k = (x @ w["k_proj.weight"].T + w["k_proj.bias"]).view(n, hkv, d)
+    v = (x @ w["v_proj.weight"].T + w["v_proj.bias"]).view(n, hkv, d)
+    axis = [a for a, size in enumerate(cfg.mrope_section) for _ in range(size)]
+
+    def rotate(t: torch.Tensor, i: int) -> torch.Tensor:
+        out = t.clone()
+        for f in range(d // 2):
+            phi = positions[axis[f], i].item() * cfg.rope_theta ** (-2 * f / d)
+            c, s = math.cos(phi), math.sin(phi)
+            out[..., f] = t[..., f] * c - t[..., f + d // 2] * s
+            out[..., f + d // 2] = t[..., f + d // 2] * c + t[..., f] * s
+        return out
+
+    q = torch.stack([rotate(q[i], i) for i in range(n)])
+    k = torch.stack([rotate(k[i], i) for i in range(n)])
+    out = torch.zeros(n, hq, d, dtype=torch.float64)
+    window, group = cfg.sliding_window, hq // hkv
+    for i in range(n):
+        keys = range(max(0, i - window + 1), i + 1)
+        for h in range(hq):
+            scores = torch.stack([q[i, h] @ k[j, h // group] for j in keys]) / math.sqrt(d)
+            probs = torch.softmax(scores, dim=0)
+            out[i, h] = sum(p * v[j, h // group] for p, j in zip(probs, keys, strict=True))
+    return out.reshape(n, hq * d) @ w["o_proj.weight"].T
+
+
+@torch.no_grad()
+def test_swa_layer_matches_direct_reference(tiny_model):
+    """Layer 0 over calls of 11, 1, 14 tokens (crossing the 16-token window) vs the direct formula,
+    with distinct t/h/w positions so that the M-RoPE sections matter."""
+    cfg = tiny_model.config.text
+    layer = tiny_model.model.layers[0].self_attn
+    n = 26
+    x = torch.randn(n, cfg.hidden_size, generator=torch.Generator().manual_seed(2))
+    positions = torch.stack([torch.arange(n), torch.arange(n) * 2 % 7, torch.arange(n) * 3 % 11])
+    ref = _reference_swa(layer, x, positions, cfg)
+    kc = torch.zeros(2, cfg.sliding_window, cfg.num_key_value_heads, cfg.head_dim)
+    vc = kc.clone()
+    outs, done = [], 0
+    for m in (11, 1, 14):
+        pos = positions[:, done : done + m]
+        rope = mrope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, x.dtype)
+        outs.append(
+            layer(x[done : done + m], rope, BatchMeta.build([1], [m], [done]), kc, vc, TorchBackend())
+        )
+        done += m
+    torch.testing.assert_close(torch.cat(outs).double(), ref, atol=1e-4, rtol=1e-4)
