@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import httpx
 import pytest
@@ -88,11 +89,15 @@ def test_sigterm_drains_streams_and_exits_zero(server):
     server.proc.terminate()  # SIGTERM, as the kubelet sends after preStop
 
     with httpx.Client(base_url=server.base_url, timeout=10) as client:
-        health = client.get("/health")
+        # the signal is handled asynchronously: allow the server a moment to notice it
+        deadline = time.monotonic() + 5
+        while (health := client.get("/health")).status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
         refused = client.post(
             "/v1/completions", json={"model": "tiny", "prompt": "late", "max_tokens": 4, "ignore_eos": True}
         )
     assert health.status_code == 503
+    assert any(s.is_alive() for s in streams), "streams finished before the checks: raise MAX_TOKENS"
     assert refused.status_code == 503
     assert float(refused.headers["Retry-After"]) > 0
     assert refused.json()["error"]["message"]
