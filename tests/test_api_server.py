@@ -375,3 +375,32 @@ def test_draining(stack, http):
         app.state.draining = False
     assert http.get("/health").status_code == 200
     assert _wait_until(lambda: app.state.in_flight == 0)
+
+
+def mp4_data_url(seconds: float = 3.0, rate: int = 10) -> str:
+    import av
+
+    codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(round(seconds * rate)):
+            frame = av.VideoFrame.from_image(Image.new("RGB", (64, 48), (8 * i,) * 3))
+            frame.pts = i
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return "data:video/mp4;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_video_url(client, stack):
+    url = mp4_data_url()
+    content = [{"type": "text", "text": "what happens?"}, {"type": "video_url", "video_url": {"url": url}}]
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=1)
+    text, images, videos = stack[1].calls[-1]
+    assert text == "<user>:what happens?<video>|<assistant>:" and images == []
+    (video,) = videos
+    assert len(video.frames) == 6 and video.fps == pytest.approx(2.0)  # 3 s at the default 2 fps
+    content[1]["video_url"]["max_frames"] = 4  # our extension: fewer frames spread over the whole video
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=1)
+    assert len(stack[1].calls[-1][2][0].frames) == 4
