@@ -289,3 +289,18 @@ def test_metrics_doc_covers_every_metric():
     for name in METRIC_NAMES:
         assert f"`{name}`" in doc, name
     assert AUTOSCALING_METRIC in doc and HPA_METRIC in doc
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_server_accepts_the_manifest_flags(overlay):
+    cli = pytest.importorskip("serving.cli", reason="serving/cli.py not written yet")
+    args = server_container(rendered(overlay))["args"]
+    parsed = cli.build_parser().parse_args(["serve", *args])
+    assert parsed.port == server_container(rendered(overlay))["ports"][0]["containerPort"]
+    assert parsed.host == "0.0.0.0"
+
+
+def test_server_accepts_the_image_default_flags():
+    cli = pytest.importorskip("serving.cli", reason="serving/cli.py not written yet")
+    cmd = next(line for line in (DEPLOY / "Dockerfile").read_text().splitlines() if line.startswith("CMD "))
+    cli.build_parser().parse_args(["serve", *json.loads(cmd.removeprefix("CMD "))])
