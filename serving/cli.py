@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import uvicorn
 
@@ -168,11 +170,12 @@ def cmd_plan_pool(args: argparse.Namespace) -> int:
 
     from cache.pool import plan_pool
     from model.backends import get_backend
-    from model.config import load_config
+    from model.config import load_config, parse_config
     from model.infinitevl import InfiniteVLForCausalLM
     from serving.config import DTYPES
 
-    cfg = load_config(args.config_dir)
+    path = Path(args.config)
+    cfg = parse_config(json.loads(path.read_text())) if path.is_file() else load_config(path)
     with torch.device("meta"):
         model = InfiniteVLForCausalLM(cfg, get_backend("torch", "cpu"))
     dtype = DTYPES[args.dtype]
@@ -249,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.set_defaults(func=cmd_tiny_checkpoint)
 
     plan = sub.add_parser("plan-pool", help="print the state-pool layout for a config and a GPU memory size")
-    plan.add_argument("config_dir", help="directory holding config.json")
+    plan.add_argument("config", help="a config.json file or a checkpoint directory holding one")
     plan.add_argument("--memory-gib", type=float, default=80.0)
     plan.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     plan.add_argument(
