@@ -101,20 +101,28 @@ class ModelRunner:
     def _inputs(
         self, batch: ScheduledBatch, reqs: dict[str, EngineRequest]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        ids: list[torch.Tensor] = []
-        pos: list[torch.Tensor] = []
-        for row in batch.rows:
-            er = reqs[row.request_id]
-            if row.is_prefill:
-                ids.append(er.prompt_ids[row.start : row.start + row.num_tokens])
-                pos.append(er.req.positions[:, row.start : row.start + row.num_tokens])
-            else:
-                last = er.rows[row.choice].output_token_ids[-1]
-                ids.append(torch.tensor([last], dtype=torch.int64))
-                pos.append(torch.full((3, 1), row.start + er.req.rope_delta, dtype=torch.int64))
-        input_ids = torch.cat(ids).to(self.device, non_blocking=True)
-        positions = torch.cat(pos, dim=1).to(self.device, non_blocking=True)
-        return input_ids, positions
+        """Packed token ids [N] and M-RoPE positions [3, N] on the device (one copy each)."""
+        if batch.is_decode_only:  # the hot path: host ints, no per-row tensors
+            ids = [reqs[r.request_id].rows[r.choice].output_token_ids[-1] for r in batch.rows]
+            pos = [r.start + reqs[r.request_id].req.rope_delta for r in batch.rows]
+            input_ids = torch.tensor(ids, dtype=torch.int64)
+            positions = torch.tensor(pos, dtype=torch.int64).expand(3, len(pos))
+        else:
+            id_parts: list[torch.Tensor] = []
+            pos_parts: list[torch.Tensor] = []
+            for row in batch.rows:
+                er = reqs[row.request_id]
+                if row.is_prefill:
+                    id_parts.append(er.prompt_ids[row.start : row.start + row.num_tokens])
+                    pos_parts.append(er.req.positions[:, row.start : row.start + row.num_tokens])
+                else:
+                    id_parts.append(
+                        torch.tensor([er.rows[row.choice].output_token_ids[-1]], dtype=torch.int64)
+                    )
+                    pos_parts.append(torch.full((3, 1), row.start + er.req.rope_delta, dtype=torch.int64))
+            input_ids = torch.cat(id_parts)
+            positions = torch.cat(pos_parts, dim=1)
+        return input_ids.to(self.device), positions.contiguous().to(self.device)
 
     def _ensure_vision(self, er: EngineRequest) -> None:
         """Encode every image and video of a request once, before its first prefill chunk."""
