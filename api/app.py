@@ -20,6 +20,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
 from api.chat import (
+    TIMEOUT_FIELD,
+    TIMEOUT_HEADER,
     build_sampling,
     check_model,
     check_prompt_len,
@@ -30,6 +32,7 @@ from api.chat import (
     prepare_completion,
     reject_unsupported_chat,
     reject_unsupported_completion,
+    request_timeout,
 )
 from api.errors import APIError, install_error_handlers, invalid_request, server_draining, validation_error
 from api.protocol import (
@@ -51,10 +54,13 @@ from api.responses import (
 )
 from api.settings import ServerSettings
 from api.sse import sse_response
-from serving.types import EngineClient, GenerateRequest
+from serving.types import Delta, EngineClient, GenerateRequest
 
 M = TypeVar("M", bound=BaseModel)
 JSON_TYPES = ("application/json",)
+# status of a refused POST -> `reason` label of infinitevl:requests_rejected_total (503 counts only while
+# draining: a dead engine is not a rejection of the request)
+REJECT_REASON_BY_STATUS = {400: "invalid", 404: "invalid", 413: "invalid", 415: "invalid", 429: "overloaded"}
 
 
 def package_version() -> str:
@@ -134,6 +140,16 @@ class Gate:
         path = getattr(route, "path", None) or "unmatched"
         with contextlib.suppress(Exception):  # metrics must never fail a request
             self.metrics.on_http(path, scope["method"], status, seconds)
+            reason = self._reject_reason(scope["method"], status)
+            if reason is not None:
+                self.metrics.on_request_rejected(reason)
+
+    def _reject_reason(self, method: str, status: int) -> str | None:
+        if method != "POST":
+            return None
+        if status == 503:
+            return "draining" if getattr(self.state, "draining", False) else None
+        return REJECT_REASON_BY_STATUS.get(status)
 
 
 def _body_too_large(limit: int) -> APIError:
@@ -145,6 +161,11 @@ def _body_too_large(limit: int) -> APIError:
 
 async def read_json(request: Request, model: type[M]) -> M:
     """Parse the body as `model`: 415 for a non-JSON content type, 400 for bad JSON or invalid fields."""
+    return (await read_json_raw(request, model))[0]
+
+
+async def read_json_raw(request: Request, model: type[M]) -> tuple[M, dict[str, Any]]:
+    """`read_json`, also returning the raw JSON object (for extra fields the model ignores)."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype and ctype not in JSON_TYPES and not ctype.endswith("+json"):
         raise APIError(
@@ -162,7 +183,7 @@ async def read_json(request: Request, model: type[M]) -> M:
     if not isinstance(obj, dict):
         raise invalid_request("the request body must be a JSON object")
     try:
-        return model.model_validate(obj)
+        return model.model_validate(obj), obj
     except ValidationError as e:
         raise validation_error(list(e.errors())) from None
 
@@ -209,9 +230,31 @@ def _vocab_size(engine: EngineClient) -> int | None:
 
 async def _submit(engine: EngineClient, greq: GenerateRequest, request: Request) -> Any:
     try:
-        return await start(engine, greq, request)
+        it, first = await start(engine, greq, request)
     except ValueError as e:  # the engine's own validation
         raise invalid_request(str(e)) from e
+    _raise_if_timed_out(first)
+    return it, first
+
+
+def _raise_if_timed_out(first: Delta | None) -> None:
+    """504 when the deadline passed before any token: the first delta of all is a "timeout" final.
+    (Once a token exists the answer is the partial one, finish_reason "length"; see docs/security.md.)"""
+    if first is not None and first.finish_reason == "timeout" and not first.token_ids:
+        raise APIError(
+            "the request exceeded its deadline before any token was generated",
+            504,
+            code="request_timeout",
+            err_type="timeout_error",
+        )
+
+
+def _deadline(
+    request: Request, raw: dict[str, Any], settings: ServerSettings, arrival: float
+) -> float | None:
+    """Monotonic deadline of this request (arrival + its timeout), or None."""
+    timeout = request_timeout(request.headers.get(TIMEOUT_HEADER), raw.get(TIMEOUT_FIELD), settings)
+    return None if timeout is None else arrival + timeout
 
 
 def _add_generation_routes(
@@ -219,15 +262,17 @@ def _add_generation_routes(
 ) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        req = await read_json(request, ChatCompletionRequest)
+        arrival = time.monotonic()
+        req, raw = await read_json_raw(request, ChatCompletionRequest)
         check_model(req.model, settings)
+        deadline = _deadline(request, raw, settings, arrival)
         reject_unsupported_chat(req)
         prompt = await prepare_chat(req.messages, processor, settings)
         prompt_len = len(prompt.input_ids)
         check_prompt_len(prompt_len, settings, "messages")
         sampling = build_sampling(req, prompt_len, settings, _vocab_size(engine))
         rid, created = new_id("chatcmpl"), now_s()
-        greq = make_generate_request(rid, prompt, sampling)
+        greq = make_generate_request(rid, prompt, sampling, deadline)
         it, first = await _submit(engine, greq, request)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         if req.stream:
@@ -238,15 +283,17 @@ def _add_generation_routes(
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        req = await read_json(request, CompletionRequest)
+        arrival = time.monotonic()
+        req, raw = await read_json_raw(request, CompletionRequest)
         check_model(req.model, settings)
+        deadline = _deadline(request, raw, settings, arrival)
         reject_unsupported_completion(req)
         prompt = await prepare_completion(req.prompt, processor)
         prompt_len = len(prompt.input_ids)
         check_prompt_len(prompt_len, settings, "prompt")
         sampling = build_sampling(req, prompt_len, settings, _vocab_size(engine))
         rid, created = new_id("cmpl"), now_s()
-        greq = make_generate_request(rid, prompt, sampling)
+        greq = make_generate_request(rid, prompt, sampling, deadline)
         it, first = await _submit(engine, greq, request)
         want_logprobs = req.logprobs is not None
         if req.stream:

@@ -15,6 +15,7 @@ parallel_tool_calls (without tools), image_url.detail.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -382,8 +383,9 @@ def _param_of(message: str) -> str | None:
 
 
 def make_generate_request(
-    request_id: str, prompt: PreparedPrompt, sampling: SamplingParams
+    request_id: str, prompt: PreparedPrompt, sampling: SamplingParams, deadline: float | None = None
 ) -> GenerateRequest:
+    """`deadline`: time.monotonic() seconds after which the engine aborts the request (None: never)."""
     return GenerateRequest(
         request_id=request_id,
         prompt_token_ids=prompt.input_ids,
@@ -391,4 +393,37 @@ def make_generate_request(
         rope_delta=prompt.rope_delta,
         sampling=sampling,
         mm=prompt.mm,
+        deadline=deadline,
     )
+
+
+# ---- deadlines -----------------------------------------------------------------------------------------
+
+TIMEOUT_HEADER = "x-request-timeout"
+TIMEOUT_FIELD = "timeout"
+
+
+def _timeout_value(raw: Any, param: str) -> float:
+    """A positive finite number of seconds, from a JSON number or a header string; else a 400."""
+    value: Any = raw
+    if isinstance(raw, str):
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            value = None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise invalid_request(f"{param} must be a positive number of seconds", param)
+    return float(value)
+
+
+def request_timeout(header: str | None, body_value: Any, settings: ServerSettings) -> float | None:
+    """The request's time budget in seconds: the smallest of the `X-Request-Timeout` header, the body's
+    `timeout` field and the server's --request-timeout, whichever are given (None: no deadline)."""
+    given = []
+    if header is not None:
+        given.append(_timeout_value(header, "X-Request-Timeout"))
+    if body_value is not None:
+        given.append(_timeout_value(body_value, TIMEOUT_FIELD))
+    if settings.request_timeout_s is not None:
+        given.append(settings.request_timeout_s)
+    return min(given) if given else None

@@ -29,6 +29,7 @@ class ServerSettings:
     open_health_and_metrics: bool = True  # /health, /metrics, /version without a key
     allowed_local_media_path: str | None = None
     drain_retry_after_s: float = 5.0  # Retry-After sent with 503 while draining
+    request_timeout_s: float | None = None  # deadline per request (seconds from arrival); None: none
 
     def __post_init__(self) -> None:
         if self.max_prompt_len < 1:
@@ -39,6 +40,8 @@ class ServerSettings:
             raise ValueError("max_model_len must be at least 2")
         if self.max_request_body_bytes < 1024:
             raise ValueError("max_request_body_bytes must be at least 1024")
+        if self.request_timeout_s is not None and not 0 < self.request_timeout_s < float("inf"):
+            raise ValueError("request_timeout_s must be a positive number of seconds")
 
 
 def _has_option(parser: argparse.ArgumentParser, flag: str) -> bool:
@@ -74,6 +77,14 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         "--protect-health-and-metrics",
         action="store_true",
         help="require the API key on /health, /metrics and /version too",
+    )
+    group.add_argument(
+        "--request-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="abort a generation this many seconds after it arrived (also caps a request's own "
+        "X-Request-Timeout header or `timeout` field); default: no deadline",
     )
     add_media = getattr(media, "add_media_args", None)
     if add_media is not None:
@@ -126,4 +137,5 @@ def settings_from_args(args: argparse.Namespace, *, model_path: str) -> ServerSe
         api_keys=_api_keys(args),
         open_health_and_metrics=not getattr(args, "protect_health_and_metrics", False),
         allowed_local_media_path=limits.allowed_local_media_path,
+        request_timeout_s=getattr(args, "request_timeout", None),
     )
