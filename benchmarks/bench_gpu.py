@@ -437,6 +437,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32,64,128,256")
     ap.add_argument("--chunk", type=int, default=8192, help="prefill chunk (tokens per call)")
     ap.add_argument("--frames", type=int, default=20)
+    ap.add_argument("--commit", default="", help="commit to record (the device copy has no git history)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -25,11 +25,15 @@ def _backends():
     return TritonBackend(DEVICE), TorchBackend(DEVICE)
 
 
-def _pool(shape: tuple[int, ...], num_slots: int, dtype: torch.dtype, live: list[int]) -> torch.Tensor:
-    """[num_slots + 1, *shape]: random rows for `live` slots, NaN elsewhere (dummy row included)."""
+def _pool(
+    shape: tuple[int, ...], num_slots: int, dtype: torch.dtype, live: list[int], ctx: list[int]
+) -> torch.Tensor:
+    """[num_slots + 1, *shape]: random rows for live slots that continue a sequence, NaN elsewhere
+    (fresh sequences' rows and the dummy row included: a fresh sequence must never read its row)."""
     pool = torch.full((num_slots + 1, *shape), float("nan"), dtype=dtype, device=DEVICE)
-    for s in live:
-        pool[s] = torch.randn(shape, dtype=dtype, device=DEVICE)
+    for s, c in zip(live, ctx, strict=True):
+        if c > 0:
+            pool[s] = torch.randn(shape, dtype=dtype, device=DEVICE)
     return pool
 
 
@@ -65,9 +69,7 @@ def test_short_conv(decode: bool, seed: int) -> None:
     C, K = 96, 4
     x = torch.randn(sum(lens), C, dtype=DT, device=DEVICE)
     w = torch.randn(C, K, dtype=DT, device=DEVICE) * 0.5
-    pool = _pool((C, K), num_slots, DT, slots)
-    fresh = [s for s, c in zip(slots, ctx, strict=True) if c == 0]
-    pool[fresh] = float("nan")  # fresh sequences must not read their row
+    pool = _pool((C, K), num_slots, DT, slots, ctx)
     pool_ref = pool.clone()
     out = tri.short_conv(x, w, meta, pool)
     out_ref = ref.short_conv(x, w, meta, pool_ref)
@@ -89,7 +91,7 @@ def test_gdn_decode(state_dtype: torch.dtype, seed: int) -> None:
     v = torch.randn(n, H, DV, dtype=DT, device=DEVICE)
     g = -torch.rand(n, H, device=DEVICE) * 2
     beta = torch.rand(n, H, dtype=DT, device=DEVICE)
-    pool = _pool((H, DK, DV), num_slots, state_dtype, slots)
+    pool = _pool((H, DK, DV), num_slots, state_dtype, slots, ctx)
     pool_ref = pool.clone()
     out = tri.gated_delta_rule(q, k, v, g, beta, meta, pool)
     out_ref = ref.gated_delta_rule(q, k, v, g, beta, meta, pool_ref)
@@ -111,7 +113,7 @@ def test_gdn_prefill(seed: int) -> None:
     v = torch.randn(n, H, DV, dtype=DT, device=DEVICE)
     g = torch.nn.functional.logsigmoid(torch.randn(n, H, device=DEVICE)) * 0.3
     beta = torch.rand(n, H, dtype=DT, device=DEVICE)
-    pool = _pool((H, DK, DV), num_slots, torch.float32, slots)
+    pool = _pool((H, DK, DV), num_slots, torch.float32, slots, ctx)
     pool_ref = pool.clone()
     out = tri.gated_delta_rule(q, k, v, g, beta, meta, pool)
     out_ref = ref.gated_delta_rule(q, k, v, g, beta, meta, pool_ref)
@@ -132,8 +134,8 @@ def test_sliding_window_attention(decode: bool, seed: int, window: int) -> None:
     q = torch.randn(n, HQ, D, dtype=DT, device=DEVICE)
     k = torch.randn(n, HKV, D, dtype=DT, device=DEVICE)
     v = torch.randn(n, HKV, D, dtype=DT, device=DEVICE)
-    kc = _pool((window, HKV, D), num_slots, DT, slots)
-    vc = _pool((window, HKV, D), num_slots, DT, slots)
+    kc = _pool((window, HKV, D), num_slots, DT, slots, ctx)
+    vc = _pool((window, HKV, D), num_slots, DT, slots, ctx)
     kc_ref, vc_ref = kc.clone(), vc.clone()
     out = tri.sliding_window_attention(q, k, v, meta, kc, vc, D**-0.5)
     out_ref = ref.sliding_window_attention(q, k, v, meta, kc_ref, vc_ref, D**-0.5)

@@ -92,7 +92,8 @@ class TritonBackend:
     ) -> torch.Tensor:
         t = self._tables(meta)
         h0 = state.index_select(0, meta.slot_ids).float()  # [B, H, d_k, d_v]: one gather per chunk
-        h0.mul_(t["has_ctx"].view(-1, 1, 1, 1))  # fresh sequences start from zero
+        # fresh sequences start from zero whatever the row holds (NaN included: no multiply by 0)
+        h0 = torch.where(t["has_ctx"].view(-1, 1, 1, 1) > 0, h0, 0.0)
         o, ht = chunk_gated_delta_rule(
             q.unsqueeze(0),
             k.unsqueeze(0),
