@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from importlib import metadata
 from typing import Any, TypeVar
@@ -180,12 +181,40 @@ async def read_json_raw(request: Request, model: type[M]) -> tuple[M, dict[str, 
         obj = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise invalid_request(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:  # json's decoder recurses once per nesting level
+        raise invalid_request("the request body is nested too deeply") from None
     if not isinstance(obj, dict):
         raise invalid_request("the request body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(body) and _has_lone_surrogate(obj):
+        raise invalid_request(
+            "the request body contains an unpaired UTF-16 surrogate (a \\uD800-\\uDFFF escape)"
+        )
     try:
         return model.model_validate(obj), obj
     except ValidationError as e:
         raise validation_error(list(e.errors())) from None
+
+
+# a \uD800-\uDFFF escape; JSON allows unpaired ones, which no UTF-8 text (tokenizer, response) can hold
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(obj: Any) -> bool:
+    """True if any string (key or value) in the parsed JSON holds an unpaired surrogate."""
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _json(model: BaseModel, status: int = 200) -> JSONResponse:
@@ -224,7 +253,15 @@ def _install_auth(app: FastAPI, settings: ServerSettings) -> None:
 
 
 def _vocab_size(engine: EngineClient) -> int | None:
+    """The model's vocabulary size: engine.info()["vocab_size"], else (AsyncEngine, whose info the CLI
+    fills without it) read from the engine core's model config; None when neither is known."""
     size = engine.info().get("vocab_size")
+    if isinstance(size, int):
+        return size
+    try:
+        size = engine.core.runner.model.config.text.vocab_size  # type: ignore[attr-defined]
+    except AttributeError:
+        return None
     return size if isinstance(size, int) else None
 
 
@@ -288,7 +325,7 @@ def _add_generation_routes(
         check_model(req.model, settings)
         deadline = _deadline(request, raw, settings, arrival)
         reject_unsupported_completion(req)
-        prompt = await prepare_completion(req.prompt, processor)
+        prompt = await prepare_completion(req.prompt, processor, vocab_size=_vocab_size(engine))
         prompt_len = len(prompt.input_ids)
         check_prompt_len(prompt_len, settings, "prompt")
         sampling = build_sampling(req, prompt_len, settings, _vocab_size(engine))

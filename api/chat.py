@@ -278,10 +278,19 @@ def _text_positions(n: int) -> Any:
     return torch.arange(n, dtype=torch.int64).unsqueeze(0).expand(3, n).contiguous()
 
 
-async def prepare_completion(prompt: str | list[str] | list[int], processor: Any) -> PreparedPrompt:
-    """Text or token-id prompt -> processed prompt (text only; positions are 0..L-1 on all three axes)."""
+async def prepare_completion(
+    prompt: str | list[str] | list[int], processor: Any, vocab_size: int | None = None
+) -> PreparedPrompt:
+    """Text or token-id prompt -> processed prompt (text only; positions are 0..L-1 on all three axes).
+    Token ids must lie in the vocabulary (0..vocab_size-1) when `vocab_size` is given."""
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
         ids = [int(t) for t in prompt]
+        if vocab_size is not None:
+            for i, t in enumerate(ids):
+                if t >= vocab_size:
+                    raise invalid_request(
+                        f"token id {t} is outside the vocabulary (0..{vocab_size - 1})", f"prompt.{i}"
+                    )
         return PreparedPrompt(ids, await asyncio.to_thread(_text_positions, len(ids)), 0)
     text = prompt[0] if isinstance(prompt, list) else prompt
     if not text:
@@ -355,7 +364,7 @@ def build_sampling(
         n=req.n,
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=req.top_k or 0,
+        top_k=_top_k(req.top_k, vocab_size),
         min_p=req.min_p or 0.0,
         seed=req.seed,
         presence_penalty=req.presence_penalty or 0.0,
@@ -375,6 +384,13 @@ def build_sampling(
     except ValueError as e:
         raise invalid_request(str(e), _param_of(str(e))) from e
     return params
+
+
+def _top_k(top_k: int | None, vocab_size: Any) -> int:
+    """0 (disabled) for none, and for k >= the vocabulary, which keeps every token just the same."""
+    if not top_k or (isinstance(vocab_size, int) and top_k >= vocab_size):
+        return 0
+    return top_k
 
 
 def _param_of(message: str) -> str | None:
