@@ -216,13 +216,15 @@ def kernel_times(cfg: ModelConfig) -> dict[str, Any]:
 
 
 @torch.inference_mode()
-def section_decode(model: InfiniteVLForCausalLM, cfg: ModelConfig, batches: list[int]) -> dict[str, Any]:
+def section_decode(
+    model: InfiniteVLForCausalLM, cfg: ModelConfig, batches: list[int], compile_model: bool = False
+) -> dict[str, Any]:
     from serving.cuda_graph import CudaGraphRunner
 
     max_batch = max(batches)
     state = random_state(cfg, max_batch)
     t0 = time.perf_counter()
-    graphs = CudaGraphRunner(model, state, max_batch=max_batch, device=DEV)
+    graphs = CudaGraphRunner(model, state, max_batch=max_batch, device=DEV, compile_model=compile_model)
     capture_s = time.perf_counter() - t0
     lm_head = cfg.text.vocab_size * cfg.text.hidden_size * 2
     rows = []
@@ -250,7 +252,7 @@ def section_decode(model: InfiniteVLForCausalLM, cfg: ModelConfig, batches: list
     ids = torch.randint(0, 150000, (1,), device=DEV)
     pos = torch.full((3, 1), 1024, dtype=torch.int64, device=DEV)
     eager = cuda_time(lambda: model.compute_logits(model.forward(ids, pos, meta, state)), reps=10)
-    return {"capture_s": capture_s, "rows": rows, "eager_b1_ctx1k_ms": eager * 1e3}
+    return {"capture_s": capture_s, "compiled": compile_model, "rows": rows, "eager_b1_ctx1k_ms": eager * 1e3}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -437,6 +439,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32,64,128,256")
     ap.add_argument("--chunk", type=int, default=8192, help="prefill chunk (tokens per call)")
     ap.add_argument("--frames", type=int, default=20)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the decode forward before capture")
     ap.add_argument("--commit", default="", help="commit to record (the device copy has no git history)")
     args = ap.parse_args()
     out = Path(args.out)
@@ -465,7 +468,8 @@ def main() -> None:
         save()
     model = build_model(cfg)
     if "decode" in sections:
-        results["decode"] = section_decode(model, cfg, [int(b) for b in args.batches.split(",")])
+        batches = [int(b) for b in args.batches.split(",")]
+        results["decode"] = section_decode(model, cfg, batches, args.compile)
         save()
     if "prefill" in sections:
         results["prefill"] = section_prefill(model, cfg, args.chunk)

@@ -40,8 +40,12 @@ class CudaGraphRunner:
         max_batch: int,
         device: torch.device | str,
         enabled: bool = True,
+        compile_model: bool = False,
     ) -> None:
+        """Captures every size at once. compile_model: torch.compile the forward first (fuses the
+        elementwise code between kernels; one dynamic-batch compile, done during the warm-up)."""
         self.model = model
+        self._forward = torch.compile(model.forward, dynamic=True) if compile_model else model.forward
         self.state = state
         self.device = torch.device(device)
         self.max_batch = max_batch
@@ -79,7 +83,7 @@ class CudaGraphRunner:
 
     def _step(self, size: int) -> None:
         meta = self._meta(size)
-        hidden = self.model.forward(self.input_ids[:size], self.positions[:, :size], meta, self.state)
+        hidden = self._forward(self.input_ids[:size], self.positions[:, :size], meta, self.state)
         self.logits[:size].copy_(self.model.compute_logits(hidden))
 
     @torch.inference_mode()

@@ -83,37 +83,47 @@ def test_replay_equals_eager_and_padding_is_confined(gpu_model) -> None:
         assert rel_err(t[:, slots], e[:, slots]) < 1e-2, name
 
 
-def test_greedy_tracks_torch_backend(gpu_model) -> None:
-    """Teacher-forced on the oracle's greedy tokens: logits agree to bf16 noise at every step, and any
-    argmax disagreement happens only at a near-tie of the oracle's logits."""
+@pytest.fixture(scope="module")
+def fp32_oracle(tiny_ckpt_dir):
+    from model.loader import load_model
+
+    return load_model(tiny_ckpt_dir, dtype=torch.float32, device=DEV, backend="torch")
+
+
+def test_greedy_tracks_torch_backend(gpu_model, fp32_oracle) -> None:
+    """Teacher-forced on the fp32 oracle's greedy tokens, 200 decode steps past the window.
+
+    Noise policy: the fast path (Triton kernels + CUDA graphs, bf16) may deviate from the fp32 oracle
+    at most about as much as the torch backend run in bf16 does (its own rounding noise): per-step
+    logit error <= 2x the bf16 torch error (+1e-3), and no more argmax disagreements than 2x its
+    count (+2)."""
     from serving.cuda_graph import CudaGraphRunner
 
-    model = gpu_model
+    model, oracle_model = gpu_model, fp32_oracle
     fast_backend = model.backend
-    oracle_backend = TorchBackend(DEV)
     text = model.config.text
     slots, lens = [0, 2, 3], [5, 40, 17]
     prompts = _prompts(text.vocab_size, lens, 1)
     fast = allocate_state(text, 4, torch.float32, model.dtype, DEV)
-    oracle = allocate_state(text, 4, torch.float32, model.dtype, DEV)
+    slow = allocate_state(text, 4, torch.float32, model.dtype, DEV)
+    exact = allocate_state(text, 4, torch.float32, torch.float32, DEV)
     graphs = CudaGraphRunner(model, fast, max_batch=4, device=DEV)
+    bf16_torch = TorchBackend(DEV)
     try:
-        model.backend = oracle_backend
-        ref = _prefill(model, oracle, slots, prompts)
+        ref = _prefill(oracle_model, exact, slots, prompts)
+        model.backend = bf16_torch
+        noisy = _prefill(model, slow, slots, prompts)
         model.backend = fast_backend
         out = _prefill(model, fast, slots, prompts)
-        ctx, steps, mismatches = list(lens), 200, 0
-        for _ in range(steps):
-            assert rel_err(out, ref) < 3e-2
+        ctx, fast_miss, noisy_miss = list(lens), 0, 0
+        for _ in range(200):
+            assert rel_err(out, ref) <= 2 * rel_err(noisy, ref) + 1e-3
             tokens = ref.argmax(-1)
-            diff = out.argmax(-1) != tokens
-            if diff.any():
-                mismatches += int(diff.sum())
-                rows = diff.nonzero().flatten()
-                margin = ref[rows, tokens[rows]] - ref[rows, out.argmax(-1)[rows]]
-                assert (margin < 0.05 * ref[rows].std(-1)).all(), "disagreement away from a near-tie"
-            model.backend = oracle_backend
-            ref = _eager_decode(model, oracle, tokens, slots, ctx)
+            fast_miss += int((out.argmax(-1) != tokens).sum())
+            noisy_miss += int((noisy.argmax(-1) != tokens).sum())
+            ref = _eager_decode(oracle_model, exact, tokens, slots, ctx)
+            model.backend = bf16_torch
+            noisy = _eager_decode(model, slow, tokens, slots, ctx)
             model.backend = fast_backend
             out = graphs.run(
                 tokens,
@@ -122,6 +132,6 @@ def test_greedy_tracks_torch_backend(gpu_model) -> None:
                 torch.tensor(ctx, device=DEV),
             )
             ctx = [c + 1 for c in ctx]
-        assert mismatches <= 0.02 * steps * len(slots)
+        assert fast_miss <= 2 * noisy_miss + 2, (fast_miss, noisy_miss)
     finally:
         model.backend = fast_backend

@@ -101,12 +101,13 @@ def test_gdn_decode(state_dtype: torch.dtype, seed: int) -> None:
 
 @pytest.mark.skipif(INTERPRET and not torch.cuda.is_available(), reason="fla's chunk kernel needs a GPU")
 @pytest.mark.parametrize("seed", [0, 1])
-def test_gdn_prefill(seed: int) -> None:
+@pytest.mark.parametrize("dims", [(4, 128, 256), (2, 16, 32)])  # real head dims; the tiny model's
+def test_gdn_prefill(seed: int, dims: tuple[int, int, int]) -> None:
     tri, ref = _backends()
     torch.manual_seed(seed)
     slots, lens, ctx, num_slots = _case(False, seed)
     meta = BatchMeta.build(slots, lens, ctx, DEVICE)
-    H, DK, DV = 4, 128, 256
+    H, DK, DV = dims
     n = sum(lens)
     q = torch.randn(n, H, DK, dtype=DT, device=DEVICE)
     k = torch.randn(n, H, DK, dtype=DT, device=DEVICE)

@@ -13,9 +13,9 @@ import os
 import torch
 from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
-from model.backends.triton_kernels.conv import conv_decode, conv_prefill
-from model.backends.triton_kernels.gdn import gdn_decode
-from model.backends.triton_kernels.swa import swa_decode, swa_prefill
+from model.backends.triton_kernels.conv import conv_prefill
+from model.backends.triton_kernels.ops import conv_decode_op, gdn_decode_op, swa_decode_op
+from model.backends.triton_kernels.swa import swa_prefill
 from model.batch import BatchMeta
 
 SWA_BLOCK_M = 64  # queries per prefill attention program
@@ -55,9 +55,8 @@ class TritonBackend:
         self, x: torch.Tensor, weight: torch.Tensor, meta: BatchMeta, conv_state: torch.Tensor
     ) -> torch.Tensor:
         """silu(causal depthwise conv) [N, C]; conv_state rows meta.slot_ids updated in place."""
-        weight = weight.contiguous()
         if meta.is_decode:
-            return conv_decode(x, weight, conv_state, meta.slot_ids, meta.context_lens)
+            return conv_decode_op(x, weight, conv_state, meta.slot_ids, meta.context_lens)
         t = self._tables(meta)
         return conv_prefill(
             x, weight, conv_state, t["tok_seq"], meta.cu_seqlens, meta.slot_ids, meta.context_lens
@@ -76,7 +75,7 @@ class TritonBackend:
         """Delta-rule output [N, H, d_v]; state rows meta.slot_ids updated in place."""
         scale = q.shape[-1] ** -0.5
         if meta.is_decode:
-            return gdn_decode(q, k, v, g, beta, state, meta.slot_ids, meta.context_lens, scale)
+            return gdn_decode_op(q, k, v, g, beta, state, meta.slot_ids, meta.context_lens, scale)
         return self._gdn_prefill(q, k, v, g, beta, meta, state, scale)
 
     def _gdn_prefill(
@@ -122,7 +121,7 @@ class TritonBackend:
     ) -> torch.Tensor:
         """Windowed causal attention [N, Hq, D]; the ring rows of meta.slot_ids get the new keys."""
         if meta.is_decode:
-            return swa_decode(
+            return swa_decode_op(
                 q, k, v, key_cache, value_cache, meta.slot_ids, meta.context_lens, scale, self.num_sms
             )
         window = key_cache.shape[1]
