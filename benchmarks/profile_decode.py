@@ -48,12 +48,34 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--out", default=".")
+    ap.add_argument(
+        "--prefill", type=int, default=0, help="also profile one prefill chunk of this many tokens"
+    )
     args = ap.parse_args()
     cfg = load_cfg()
     model = build_model(cfg)
     batches = [int(b) for b in args.batches.split(",")]
     state = random_state(cfg, max(batches))
     res: dict = {}
+    if args.prefill:
+        n = args.prefill
+        meta = BatchMeta.build([0], [n], [8192], DEV)
+        ids = torch.randint(0, 150000, (n,), device=DEV)
+        pos = torch.arange(8192, 8192 + n, device=DEV).expand(3, n).contiguous()
+        top, count, busy = kernel_table(lambda: model.forward(ids, pos, meta, state), top=30)
+        wall = cuda_time(lambda: model.forward(ids, pos, meta, state), reps=5)
+        print(
+            f"prefill {n} tokens at ctx 8192: {count} kernels, GPU busy {busy:.1f} ms, wall {wall * 1e3:.1f} ms"
+        )
+        for row in top:
+            print(f"  {row['us']:9.1f} us {row['calls']:5d}x  {row['name']}")
+        res["prefill"] = {
+            "tokens": n,
+            "kernels": count,
+            "gpu_busy_ms": busy,
+            "wall_ms": wall * 1e3,
+            "top": top,
+        }
     for batch in batches:
         meta = BatchMeta.build(list(range(batch)), [1] * batch, [args.ctx] * batch, DEV)
         ids = torch.randint(0, 150000, (batch,), device=DEV)
