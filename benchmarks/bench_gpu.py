@@ -224,7 +224,9 @@ def section_decode(
     max_batch = max(batches)
     state = random_state(cfg, max_batch)
     t0 = time.perf_counter()
-    graphs = CudaGraphRunner(model, state, max_batch=max_batch, device=DEV, compile_model=compile_model)
+    graphs = CudaGraphRunner(
+        model, state, max_batch=max_batch, device=DEV, compile_model=compile_model, sizes=batches
+    )
     capture_s = time.perf_counter() - t0
     lm_head = cfg.text.vocab_size * cfg.text.hidden_size * 2
     rows = []

@@ -53,7 +53,8 @@ def _prompts(vocab: int, lens: list[int], seed: int) -> list[torch.Tensor]:
     return [torch.randint(0, vocab, (n,), generator=g) for n in lens]
 
 
-def test_replay_equals_eager_and_padding_is_confined(gpu_model) -> None:
+@pytest.mark.parametrize("compile_model", [False, True])
+def test_replay_equals_eager_and_padding_is_confined(gpu_model, compile_model: bool) -> None:
     from serving.cuda_graph import CudaGraphRunner
 
     model = gpu_model
@@ -61,8 +62,9 @@ def test_replay_equals_eager_and_padding_is_confined(gpu_model) -> None:
     state = allocate_state(model.config.text, num_slots, torch.float32, model.dtype, DEV)
     for t in (state.recurrent, state.conv, state.key, state.value):
         t.fill_(float("nan"))  # every row poisoned: only rows the batch names may change
-    graphs = CudaGraphRunner(model, state, max_batch=8, device=DEV)
-    assert graphs.sizes == [1, 2, 4, 8]
+    sizes = [4] if compile_model else None  # compiling costs ~20 s a size
+    graphs = CudaGraphRunner(model, state, max_batch=8, device=DEV, compile_model=compile_model, sizes=sizes)
+    assert graphs.sizes == ([4] if compile_model else [1, 2, 4, 8])
     slots, lens = [5, 1, 6], [7, 30, 3]  # batch of 3 replays the graph of 4: one padded row
     _prefill(model, state, slots, _prompts(model.config.text.vocab_size, lens, 0))
     live = torch.tensor(slots)
