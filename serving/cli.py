@@ -106,6 +106,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "device": config.device,
             "dtype": str(config.torch_dtype).removeprefix("torch."),
             "state_dtype": config.state_dtype,
+            "vocab_size": stack.core.runner.model.config.text.vocab_size,
             "num_slots": stack.layout.num_slots,
             "bytes_per_slot": stack.layout.bytes_per_slot,
         },

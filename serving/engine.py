@@ -89,6 +89,9 @@ class EngineCore:
             )
         if p.n > self.pool.num_slots:
             raise RequestTooLarge(f"n={p.n} exceeds the {self.pool.num_slots} slots of this server")
+        vocab = self.runner.model.config.text.vocab_size
+        if min(req.prompt_token_ids) < 0 or max(req.prompt_token_ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in 0..{vocab - 1}")
         if req.positions.shape != (3, n):
             raise ValueError(f"positions must be [3, {n}], got {list(req.positions.shape)}")
         if req.request_id in self.requests:
@@ -252,11 +255,17 @@ class EngineCore:
         if self.metrics is not None:
             self.metrics.on_request_finished(st)
 
+    def record_gauges(self) -> None:
+        """Refresh queue and slot gauges without counting a step's tokens."""
+        self._record_tokens(0, 0)
+
     def _record_step(self, batch: Any) -> None:
+        prompt = sum(r.num_tokens for r in batch.rows if r.is_prefill)
+        self._record_tokens(prompt, sum(1 for r in batch.rows if r.is_sampled))
+
+    def _record_tokens(self, prompt: int, gen: int) -> None:
         if self.metrics is None:
             return
-        prompt = sum(r.num_tokens for r in batch.rows if r.is_prefill)
-        gen = sum(1 for r in batch.rows if r.is_sampled)
         self.metrics.on_step(
             num_running=self.scheduler.num_running,
             num_waiting=self.scheduler.num_waiting,
@@ -393,6 +402,7 @@ class AsyncEngine:
             kind, payload, emit = item
             if kind == "abort":
                 self.core.abort(payload)
+                self.core.record_gauges()  # an idle engine takes no step that would refresh them
                 continue
             with self._lock:
                 self._num_pending -= 1

@@ -315,6 +315,8 @@ def _top_k_only(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tens
     """top_k without a full sort: the k-th largest value from topk(max k); ties with it stay."""
     vocab_size = logits.shape[1]
     k = [row.params.top_k if 0 < row.params.top_k < vocab_size else 0 for row in rows]  # 0: disabled
+    if max(k) == 0:  # every k covers the whole vocabulary
+        return logits
     top_vals = logits.topk(max(k), dim=-1).values  # [R, max_k] sorted desc
     k_t = torch.tensor(k, device=logits.device).unsqueeze(1)
     kth = top_vals.gather(1, (k_t - 1).clamp_min(0))
