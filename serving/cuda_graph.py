@@ -46,10 +46,13 @@ class CudaGraphRunner:
         """Captures every size at once (default `capture_sizes(max_batch)`, or the given `sizes`).
 
         compile_model: torch.compile the forward before capture (fuses the elementwise code between
-        kernels: about 30% faster steps at the real shape, but each size compiles for ~20 s).
+        kernels; experimental: each size compiles for ~20 s and bf16 results differ from eager by
+        inductor's rounding, checked only by the noise-policy test in tests/test_gpu_graph.py).
         """
         self.model = model
-        self._forward = torch.compile(model.forward, dynamic=True) if compile_model else model.forward
+        # dynamic=False: one compile per captured size. dynamic=True gave wrong states with the in-place
+        # custom ops (torch 2.11; benchmarks/diag_compile.py), so it must not be used here.
+        self._forward = torch.compile(model.forward, dynamic=False) if compile_model else model.forward
         self.state = state
         self.device = torch.device(device)
         self.max_batch = max_batch
