@@ -48,9 +48,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_engine(config: EngineConfig, metrics: Any = None) -> EngineStack:
-    from model.processor import InfiniteVLProcessor
-
     from model.loader import load_model, resolve_model_dir
+    from model.processor import InfiniteVLProcessor
 
     config.validate()
     device = resolve_device(config.device)

@@ -102,6 +102,7 @@ class LLM:
 def token_id_prompt(ids: list[int]) -> Any:
     """A pre-tokenised text prompt: positions 0..n-1 on all three axes."""
     import torch
+
     from model.processor import ProcessedPrompt
 
     n = len(ids)
