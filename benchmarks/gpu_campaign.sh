@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One device call: the whole GPU measurement campaign (results under $OUT).
+#   1. real-shape random checkpoint   2. HTTP server end to end (1/16/64/256 clients)
+#   3. decode and prefill step times (bench_gpu.py), if time remains
+# Run on the device with the carried wheels in .whl/ (fastapi, uvicorn, sse-starlette, pydantic, av, fla).
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+COMMIT=${COMMIT:-unknown}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+t0=$(date +%s)
+python3 benchmarks/make_random_checkpoint.py --config benchmarks/configs/infinitevl-4b-config.json --out /tmp/ivl4b
+echo "checkpoint written in $(( $(date +%s) - t0 )) s"
+
+python3 -m serving serve --model /tmp/ivl4b --device cuda --port 8000 --max-num-seqs 256 \
+  --max-num-batched-tokens 8192 --log-level warning > "$OUT/server.log" 2>&1 &
+SERVER=$!
+for _ in $(seq 1 240); do
+  curl -sf localhost:8000/health >/dev/null && break
+  kill -0 $SERVER 2>/dev/null || { echo "server died"; tail -50 "$OUT/server.log"; exit 1; }
+  sleep 1
+done
+echo "server ready after $(( $(date +%s) - t0 )) s"
+for c in 1 16 64 256; do
+  n=$(( c < 4 ? 4 : c ))
+  timeout 150 python3 benchmarks/bench_http.py --url http://127.0.0.1:8000 --clients $c --requests $n \
+    --prompt-len 512 --output-len 256 --out "$OUT/http_c$c.json" 2>&1 | tail -4
+done
+curl -s localhost:8000/metrics | grep -E "^infinitevl:(slots|num_requests|generation_tokens_total|prompt_tokens_total)" > "$OUT/metrics_after.txt"
+kill -TERM $SERVER; wait $SERVER; echo "server exit code $?"
+grep -iE "state pool|slots" "$OUT/server.log" | head -5
+
+left=$(( 540 - ($(date +%s) - t0) ))
+echo "seconds left for bench_gpu: $left"
+if [ $left -gt 90 ]; then
+  timeout $(( left - 20 )) python3 benchmarks/bench_gpu.py --sections check,decode,prefill --batches 1,64,256 \
+    --out "$OUT" --commit "$COMMIT" 2>&1 | tail -40
+fi
+ls -la "$OUT"
