@@ -77,6 +77,17 @@ class InfiniteVLForCausalLM(nn.Module):
     def device(self) -> torch.device:
         return self.model.embed_tokens.weight.device
 
+    def fuse_projections(self) -> None:
+        """Fuse each decoder block's input projections into one GEMM (see `model.layers`).
+
+        Call once the weights are in place on their final device and dtype (load_model does);
+        idempotent. Parameter names, shapes and the state dict are unchanged: the checkpoint-named
+        Linears view the fused tensors, so no weight memory is duplicated.
+        """
+        for layer in self.model.layers:
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings [N, hidden] in the model dtype."""
         return self.model.embed_tokens(input_ids)

@@ -3,6 +3,15 @@
 Module and parameter names follow the checkpoint (`self_attn.q_proj`, `o_norm`, `A_log`, ...), so a
 decoder layer's state dict maps one-to-one onto `model.layers.{i}.*`. The stateful parts (short conv,
 delta-rule recurrence, windowed attention over the slot ring) are delegated to a `Backend`.
+
+Projection fusion: after the weights are in place, `fuse_projections()` concatenates the input
+projections of a block (GDN q|k|v|a|b|g, SWA q|k|v with biases, MLP gate|up) into one tensor and
+re-points each checkpoint-named Linear's `.weight`/`.bias` at its slice of it (a view: no second
+copy), so one GEMM replaces several and the state dict keeps its names and shapes. The fused
+tensors are non-persistent buffers. Invariants: call it again after `.to()` (moving re-allocates
+parameters and buffers separately, breaking the views) and after changing `A_log`, `dt_bias` or
+`o_norm.weight` in place (their fp32 derivatives are cached); in-place writes to the projection
+weights go through the views and need nothing. Forward works unfused too (separate GEMMs).
 """
 
 from __future__ import annotations
@@ -25,9 +34,48 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # rms_norm without a weight normalises in fp32 and returns x's dtype (the cast happens
+        # before the weight multiply, as the spec requires); one fused kernel on CUDA
+        return F.rms_norm(x, (x.shape[-1],), None, self.eps) * self.weight
+
+
+@torch.no_grad()
+def _fuse_rows(owners: list[nn.Module], attr: str, fused: torch.Tensor | None) -> torch.Tensor:
+    """Concatenate `owner.<attr>` of every owner along dim 0 and re-point each at its row slice.
+
+    Returns `fused` unchanged when the parameters already are its slices, in order (idempotent).
+    """
+    params = [getattr(m, attr) for m in owners]
+    if fused is not None and _are_slices_of(params, fused):
+        return fused
+    fused = torch.cat([p.detach() for p in params], dim=0)
+    start = 0
+    for owner, p in zip(owners, params, strict=True):
+        rows = p.shape[0]
+        setattr(owner, attr, nn.Parameter(fused[start : start + rows], requires_grad=p.requires_grad))
+        start += rows
+    return fused
+
+
+def _are_slices_of(params: list[torch.Tensor], fused: torch.Tensor) -> bool:
+    if fused.device.type == "meta" or any(p.device != fused.device for p in params):
+        return False
+    base, row_bytes = fused.data_ptr(), fused[0].numel() * fused.element_size()
+    offset = 0
+    for p in params:
+        if p.data_ptr() != base + offset * row_bytes or p.dtype != fused.dtype:
+            return False
+        offset += p.shape[0]
+    return offset == fused.shape[0]
+
+
+def _project(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, parts: list[nn.Linear]
+) -> torch.Tensor:
+    """x through the concatenated Linears `parts`: one GEMM when fused, else one per part."""
+    if weight is not None:
+        return F.linear(x, weight, bias)
+    return torch.cat([p(x) for p in parts], dim=-1)
 
 
 class MLP(nn.Module):
@@ -38,9 +86,15 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.register_buffer("gate_up_weight", None, persistent=False)  # [2 * inter, hidden] once fused
+
+    def fuse_projections(self) -> None:
+        """gate_proj|up_proj into one weight that the two Linears view (see module docstring)."""
+        self.gate_up_weight = _fuse_rows([self.gate_proj, self.up_proj], "weight", self.gate_up_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = _project(x, self.gate_up_weight, None, [self.gate_proj, self.up_proj]).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -99,6 +153,16 @@ class SlidingWindowAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, kv_dim, bias=True)
         self.o_proj = nn.Linear(q_dim, cfg.hidden_size, bias=False)
         self.scale = self.head_dim**-0.5
+        self.register_buffer("qkv_weight", None, persistent=False)  # [q_dim + 2 kv_dim, hidden] once fused
+        self.register_buffer("qkv_bias", None, persistent=False)
+
+    def _parts(self) -> list[nn.Linear]:
+        return [self.q_proj, self.k_proj, self.v_proj]
+
+    def fuse_projections(self) -> None:
+        """q|k|v weights and biases into one GEMM's operands that the Linears view."""
+        self.qkv_weight = _fuse_rows(self._parts(), "weight", self.qkv_weight)
+        self.qkv_bias = _fuse_rows(self._parts(), "bias", self.qkv_bias)
 
     def forward(
         self,
@@ -109,12 +173,13 @@ class SlidingWindowAttention(nn.Module):
         value_cache: torch.Tensor,
         backend: Backend,
     ) -> torch.Tensor:
-        n = x.shape[0]
-        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)
-        cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        n, hq, d = x.shape[0], self.num_heads, self.head_dim
+        qkv = _project(x, self.qkv_weight, self.qkv_bias, self._parts())  # [N, (Hq + 2 Hkv) * D]
+        qk_dim = (hq + self.num_kv_heads) * d
+        # rotate q and k heads together (one set of elementwise kernels); rows keep stride qkv.shape[1]
+        qk = apply_rope(qkv[:, :qk_dim].view(n, hq + self.num_kv_heads, d), *rope)
+        q, k = qk[:, :hq], qk[:, hq:]  # head-strided views, unit stride on D
+        v = qkv[:, qk_dim:].view(n, self.num_kv_heads, d)
         out = backend.sliding_window_attention(q, k, v, meta, key_cache, value_cache, self.scale)
         return self.o_proj(out.reshape(n, -1))
 
@@ -153,25 +218,59 @@ class GatedDeltaNet(nn.Module):
         self.g_proj = nn.Linear(hidden, value_dim, bias=False)
         self.o_norm = RMSNorm(self.head_v_dim, eps=cfg.norm_eps)
         self.o_proj = nn.Linear(value_dim, hidden, bias=False)
+        # once fused: [2 key_dim + 2 value_dim + 2 H, hidden] (q|k|v|a|b|g rows) and [conv_dim, 1, K]
+        self.register_buffer("in_proj_weight", None, persistent=False)
+        self.register_buffer("conv_weight_fused", None, persistent=False)
+        # once fused: -exp(A_log), dt_bias and o_norm.weight in fp32 [H], [H], [d_v] (cached copies)
+        self.register_buffer("neg_exp_a", None, persistent=False)
+        self.register_buffer("dt_bias_f32", None, persistent=False)
+        self.register_buffer("o_norm_weight_f32", None, persistent=False)
+        # column widths of the projected stream: conv stream q|k|v, a, b, z
+        self.split_sizes = [2 * key_dim + value_dim, self.num_heads, self.num_heads, value_dim]
+
+    def _parts(self) -> list[nn.Linear]:
+        return [self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj, self.g_proj]
+
+    def fuse_projections(self) -> None:
+        """One weight for q|k|v|a|b|g and one for the three conv kernels, viewed by the modules;
+        fp32 copies of the gate and norm constants."""
+        self.in_proj_weight = _fuse_rows(self._parts(), "weight", self.in_proj_weight)
+        convs = [self.q_conv1d, self.k_conv1d, self.v_conv1d]
+        self.conv_weight_fused = _fuse_rows(convs, "weight", self.conv_weight_fused)
+        with torch.no_grad():
+            self.neg_exp_a = -torch.exp(self.A_log.float())
+            self.dt_bias_f32 = self.dt_bias.float().clone()
+            self.o_norm_weight_f32 = self.o_norm.weight.float().clone()
 
     def conv_weight(self) -> torch.Tensor:
         """The q|k|v depthwise kernels concatenated: [conv_dim, K]; column K-1 multiplies the newest token."""
+        if self.conv_weight_fused is not None:
+            return self.conv_weight_fused.squeeze(1)
         parts = (self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight)
         return torch.cat([w.squeeze(1) for w in parts], dim=0)
 
     def gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """g [N, H] fp32 log-decay (-exp(A_log) * softplus(a + dt_bias)) and beta [N, H] model dtype."""
-        a = self.a_proj(x).float()
-        g = -torch.exp(self.A_log.float()) * F.softplus(a + self.dt_bias.float())
-        beta = torch.sigmoid(self.b_proj(x))
-        return g, beta
+        return self.gates_from(self.a_proj(x), self.b_proj(x))
+
+    def gates_from(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`gates` from the projections a, b [N, H] (model dtype, any row stride)."""
+        if self.neg_exp_a is not None:
+            # bf16 a + fp32 dt_bias promotes exactly to the fp32 sum: one kernel instead of cast + add
+            g = F.softplus(a + self.dt_bias_f32) * self.neg_exp_a
+        else:
+            g = F.softplus(a.float() + self.dt_bias.float()) * -torch.exp(self.A_log.float())
+        return g, torch.sigmoid(b)
 
     def gated_norm(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Per-head RMSNorm of o [N, H, d_v] times weight and silu(z); fp32 inside, model dtype out."""
-        o32 = o.float()
-        o32 = o32 * torch.rsqrt(o32.pow(2).mean(-1, keepdim=True) + self.norm_eps)
-        y = o32 * self.o_norm.weight.float() * F.silu(z.float())
-        return y.to(o.dtype)
+        w = self.o_norm_weight_f32 if self.o_norm_weight_f32 is not None else self.o_norm.weight.float()
+        y = F.rms_norm(o.float(), (self.head_v_dim,), w, self.norm_eps)  # (o * rsqrt) * w in fp32
+        gate = F.silu(z.float())
+        if o.dtype == y.dtype:
+            return y * gate
+        out = torch.empty(o.shape, dtype=o.dtype, device=o.device)
+        return torch.mul(y, gate, out=out)  # fp32 product rounded once to the model dtype on store
 
     def forward(
         self,
@@ -182,13 +281,15 @@ class GatedDeltaNet(nn.Module):
         backend: Backend,
     ) -> torch.Tensor:
         n = x.shape[0]
-        stream = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)  # [N, conv_dim]
-        mixed = backend.short_conv(stream, self.conv_weight(), meta, conv_state)
+        proj = _project(x, self.in_proj_weight, None, self._parts())  # [N, sum(split_sizes)]
+        # column slices: rows keep stride proj.shape[1], unit stride on channels
+        stream, a, b, z = proj.split(self.split_sizes, dim=-1)
+        mixed = backend.short_conv(stream, self.conv_weight(), meta, conv_state)  # [N, conv_dim]
         key_dim = self.num_heads * self.head_k_dim
         q = mixed[:, :key_dim].reshape(n, self.num_heads, self.head_k_dim)
         k = mixed[:, key_dim : 2 * key_dim].reshape(n, self.num_heads, self.head_k_dim)
         v = mixed[:, 2 * key_dim :].reshape(n, self.num_heads, self.head_v_dim)
-        g, beta = self.gates(x)
+        g, beta = self.gates_from(a, b)
         o = backend.gated_delta_rule(q, k, v, g, beta, meta, recurrent_state)
-        z = self.g_proj(x).view(n, self.num_heads, self.head_v_dim)
+        z = z.view(n, self.num_heads, self.head_v_dim)
         return self.o_proj(self.gated_norm(o, z).reshape(n, -1))

@@ -170,5 +170,6 @@ def load_model(
         model = InfiniteVLForCausalLM(config, kernels)
     model = model.to(dtype=resolve_dtype(dtype, device)).to_empty(device=device)
     load_weights(model, model_dir)
+    model.fuse_projections()  # after loading: the checkpoint-named Linears become views of fused GEMMs
     model.visual.reset_buffers()
     return model.eval().requires_grad_(False)
