@@ -81,6 +81,7 @@ def build_model(cfg: ModelConfig) -> InfiniteVLForCausalLM:
             fan_in = p[0].numel()
             p.normal_(0.0, 1.0 / math.sqrt(fan_in), generator=gen)
     model.visual.reset_buffers()
+    model.fuse_projections()  # as load_model does: one GEMM per projection group
     return model.eval().requires_grad_(False)
 
 
