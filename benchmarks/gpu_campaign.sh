@@ -11,7 +11,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 t0=$(date +%s)
-python3 benchmarks/make_random_checkpoint.py --config benchmarks/configs/infinitevl-4b-config.json --out /tmp/ivl4b
+[ -f /tmp/ivl4b/model.safetensors.index.json ] || \
+  python3 benchmarks/make_random_checkpoint.py --config benchmarks/configs/infinitevl-4b-config.json --out /tmp/ivl4b
 echo "checkpoint written in $(( $(date +%s) - t0 )) s"
 
 python3 -m serving serve --model /tmp/ivl4b --device cuda --port 8000 --max-num-seqs 256 \
