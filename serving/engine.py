@@ -9,6 +9,7 @@ thread and offers the asyncio front the API uses (`generate()` -> async iterator
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -294,6 +295,11 @@ class EngineCore:
 _STOP = object()
 
 
+def _deliver(items: list[tuple[asyncio.Queue, Delta | BaseException]]) -> None:
+    for out, item in items:
+        out.put_nowait(item)
+
+
 class AsyncEngine:
     """Thread-backed engine with the asyncio interface of `serving.types.EngineClient`."""
 
@@ -307,6 +313,7 @@ class AsyncEngine:
         self._dead_reason = ""
         self._lock = threading.Lock()
         self._num_pending = 0  # submitted, not yet admitted into the scheduler's waiting queue or beyond
+        self._outbox: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, Delta | BaseException]] = []
 
     # -- lifecycle --------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -342,8 +349,8 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         out: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
 
-        def emit(item: Delta | BaseException) -> None:
-            loop.call_soon_threadsafe(out.put_nowait, item)
+        def emit(item: Delta | BaseException) -> None:  # engine thread only; delivered by _flush()
+            self._outbox.append((loop, out, item))
 
         self._inbox.put(("add", request, emit))
         self._wake.set()
@@ -374,10 +381,13 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while True:
-                if not self._drain_inbox():
+                running = self._drain_inbox()
+                self._flush()
+                if not running:
                     return
                 if self.core.scheduler.has_work():
                     self.core.step()
+                    self._flush()
                 else:
                     self._wake.wait(0.5)
                     self._wake.clear()
@@ -389,6 +399,19 @@ class AsyncEngine:
             for er in list(self.core.requests.values()):
                 er.emit(dead)
             self._fail_inbox(dead)
+            self._flush()
+
+    def _flush(self) -> None:
+        """Hand this step's deltas to their event loops: one wake-up per loop per step, not per delta."""
+        if not self._outbox:
+            return
+        batch, self._outbox = self._outbox, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Delta | BaseException]]] = {}
+        for loop, out, item in batch:
+            by_loop.setdefault(loop, []).append((out, item))
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is listening any more
+                loop.call_soon_threadsafe(_deliver, items)
 
     def _drain_inbox(self) -> bool:
         while True:
