@@ -240,7 +240,39 @@ def create_app(
     _add_generation_routes(app, engine, processor, settings)
     _add_info_routes(app, engine, settings, metrics)
     _add_tokenizer_routes(app, engine, processor, settings)
+    _declare_request_bodies(app)
     return app
+
+
+# POST routes read raw JSON (to answer OpenAI-style 400s, never FastAPI's 422s), so FastAPI cannot see
+# their bodies; they are declared here from the pydantic models the routes validate against.
+REQUEST_BODIES = {
+    "/v1/chat/completions": ChatCompletionRequest,
+    "/v1/completions": CompletionRequest,
+    "/tokenize": TokenizeRequest,
+    "/detokenize": DetokenizeRequest,
+}
+
+
+def _declare_request_bodies(app: FastAPI) -> None:
+    from fastapi.openapi.utils import get_openapi
+    from pydantic.json_schema import models_json_schema
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            models = [(m, "validation") for m in REQUEST_BODIES.values()]
+            refs, defs = models_json_schema(models, ref_template="#/components/schemas/{model}")
+            doc.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+            for path, model in REQUEST_BODIES.items():
+                doc["paths"][path]["post"]["requestBody"] = {
+                    "required": True,
+                    "content": {"application/json": {"schema": refs[(model, "validation")]}},
+                }
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _install_auth(app: FastAPI, settings: ServerSettings) -> None:

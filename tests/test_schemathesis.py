@@ -1,10 +1,9 @@
 """Property-based fuzzing with schemathesis against the real stack (tiny checkpoint, CPU, in-process server).
 
-The app's own `/openapi.json` describes routes and path parameters but no request bodies: the routes read
-raw JSON (to answer OpenAI-style 400s instead of FastAPI's 422s). So the test loads that document and
-fills in each POST route's body from the pydantic model the route validates against, then lets schemathesis
-generate bounded numbers of valid and invalid bodies. Checked: no 5xx, and every error in the OpenAI
-envelope; afterwards all slots are free and the server is healthy.
+The app's own `/openapi.json` declares every POST route's JSON body from the pydantic model the route
+validates against (the routes read raw JSON to answer OpenAI-style 400s instead of FastAPI's 422s).
+schemathesis generates bounded numbers of valid and invalid requests from that document. Checked: no 5xx,
+and every error in the OpenAI envelope; afterwards all slots are free and the server is healthy.
 """
 
 from __future__ import annotations
@@ -57,29 +56,12 @@ def server(tiny_ckpt_dir) -> Iterator[tuple[str, Any]]:
         engine.shutdown()
 
 
-def with_request_bodies(doc: dict[str, Any]) -> dict[str, Any]:
-    """The app's OpenAPI document plus a JSON request body per POST route, from the route's pydantic model."""
-    from pydantic.json_schema import models_json_schema
-
-    template = "#/components/schemas/{model}"
-    refs, defs = models_json_schema(
-        [(model, "validation") for model in BODIES.values()], ref_template=template
-    )
-    doc.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
-    for path, model in BODIES.items():
-        op = doc["paths"][path]["post"]
-        op["requestBody"] = {
-            "required": True,
-            "content": {"application/json": {"schema": refs[(model, "validation")]}},
-        }
-    return doc
-
-
-def test_openapi_document_lacks_request_bodies(server) -> None:
-    """Documents the gap this test works around (fails once the app declares its bodies itself)."""
+def test_openapi_document_declares_request_bodies(server) -> None:
     doc = httpx.get(server[0] + "/openapi.json", timeout=10).json()
-    assert set(BODIES) <= set(doc["paths"])
-    assert all("requestBody" not in doc["paths"][p]["post"] for p in BODIES)
+    for path, model in BODIES.items():
+        body = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert body == {"$ref": f"#/components/schemas/{model.__name__}"}
+        assert model.__name__ in doc["components"]["schemas"]
 
 
 def fuzz_operation(operation: Any, base_url: str, failures: list[str], calls: list[int]) -> None:
@@ -111,8 +93,7 @@ def fuzz_operation(operation: Any, base_url: str, failures: list[str], calls: li
 
 def test_fuzz_api(server) -> None:
     base_url, core = server
-    doc = with_request_bodies(httpx.get(base_url + "/openapi.json", timeout=10).json())
-    schema = schemathesis.openapi.from_dict(doc)
+    schema = schemathesis.openapi.from_url(base_url + "/openapi.json")
     failures: list[str] = []
     calls = [0]
 
