@@ -14,9 +14,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-import struct
 import threading
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -24,6 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
+from media_helpers import png_declaring
 from PIL import Image
 
 from tests.server_proc import ServerProcess, require_cli, start_server
@@ -99,22 +98,6 @@ def jpeg_bytes(size: tuple[int, int] = (64, 64)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, (10, 200, 30)).save(buf, format="JPEG")
     return buf.getvalue()
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A few hundred bytes claiming width x height pixels (a decompression bomb's header)."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * 1024)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _png_chunk(b"IHDR", ihdr)
-        + _png_chunk(b"IDAT", idat)
-        + _png_chunk(b"IEND", b"")
-    )
 
 
 def data_url(data: bytes, mime: str = "image/png") -> str:

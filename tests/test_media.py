@@ -6,11 +6,10 @@ import argparse
 import asyncio
 import base64
 import io
-import struct
 import urllib.parse
-import zlib
 
 import pytest
+from media_helpers import png_declaring
 from PIL import Image
 
 from api.media import (
@@ -40,22 +39,6 @@ def _gradient(width: int = 32, height: int = 24) -> Image.Image:
 
 def _data_url(data: bytes, mime: str = "image/png") -> str:
     return f"data:{mime};base64," + base64.b64encode(data).decode()
-
-
-def _png_chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG that declares width x height RGB pixels but carries one tiny IDAT (a decompression bomb shape)."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * 64)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _png_chunk(b"IHDR", ihdr)
-        + _png_chunk(b"IDAT", idat)
-        + _png_chunk(b"IEND", b"")
-    )
 
 
 def _fetch(url: str, limits: MediaLimits = LIMITS, **kw) -> Image.Image:
@@ -164,13 +147,13 @@ def test_pixel_bomb_rejected_before_decoding(monkeypatch):
 
     monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", fail_load)
     with pytest.raises(MediaError) as err:
-        decode_image(_png_header_only(5000, 5000), LIMITS)
+        decode_image(png_declaring(5000, 5000), LIMITS)
     assert err.value.status_code == 413 and "too large" in err.value.message
 
 
 def test_huge_declared_png_is_413():
     with pytest.raises(MediaError) as err:
-        decode_image(_png_header_only(20000, 20000), LIMITS)
+        decode_image(png_declaring(20000, 20000), LIMITS)
     assert err.value.status_code == 413
 
 
