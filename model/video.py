@@ -121,27 +121,3 @@ def preprocess_video(
         rows = patchify(stacked, patch_size, temporal_patch_size, merge_size)
         pixel_values[g * rows_per_group : (g + 1) * rows_per_group] = torch.from_numpy(rows)
     return pixel_values, grid_thw, temporal_patch_size / fps
-
-
-def sample_frame_indices(num_frames: int, native_fps: float, target_fps: float, max_frames: int) -> list[int]:
-    """Indices of frames to keep: uniform at `target_fps`, at most `max_frames`, an even count >= 2.
-
-    When the cap binds, the kept frames spread uniformly over the whole clip. A one-frame clip yields
-    [0, 0]. Use `sampled_fps` for the rate of the result.
-    """
-    if num_frames < 1:
-        raise ValueError("a video needs at least one frame")
-    if native_fps <= 0 or target_fps <= 0:
-        raise ValueError("frame rates must be positive")
-    if max_frames < 2:
-        raise ValueError("max_frames must be at least 2")
-    wanted = math.floor(num_frames / native_fps * target_fps + 1e-9)
-    count = max(2, min(wanted, max_frames, num_frames))
-    count -= count % 2
-    step = num_frames / count
-    return [min(num_frames - 1, int(i * step)) for i in range(count)]
-
-
-def sampled_fps(num_frames: int, native_fps: float, num_samples: int) -> float:
-    """Frame rate of `num_samples` frames spread over a clip of `num_frames` frames at `native_fps`."""
-    return num_samples * native_fps / num_frames

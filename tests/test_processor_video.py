@@ -9,7 +9,7 @@ import torch
 from transformers import Qwen2VLImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
-from model.video import patchify, preprocess_video, sample_frame_indices, sampled_fps, smart_resize
+from model.video import patchify, preprocess_video, smart_resize
 
 IMAGE_MAX = 28 * 28 * 16384
 
@@ -97,16 +97,3 @@ def test_default_video_bounds():
     assert second == 1.0
     h, w = grid[1] * 14, grid[2] * 14
     assert 100352 <= h * w <= 602112 and h % 28 == 0 and w % 28 == 0
-
-
-def test_sample_frame_indices():
-    # 10 s at 30 fps sampled at 2 fps -> 20 frames, every 15th
-    assert sample_frame_indices(300, 30.0, 2.0, 768) == list(range(0, 300, 15))
-    # capped: spread over the whole clip, even count
-    idx = sample_frame_indices(300, 30.0, 2.0, 7)
-    assert len(idx) == 6 and idx[0] == 0 and idx[-1] >= 200 and idx == sorted(idx)
-    assert sampled_fps(300, 30.0, len(idx)) == pytest.approx(0.6)
-    # short clips still give an even count of at least two
-    assert sample_frame_indices(1, 30.0, 2.0, 768) == [0, 0]
-    assert sample_frame_indices(5, 30.0, 2.0, 768) == [0, 2]
-    assert all(len(sample_frame_indices(n, 25.0, 2.0, 768)) % 2 == 0 for n in range(1, 200))
