@@ -28,7 +28,8 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        """The model dtype; `auto` resolves by device (CPU bf16 matmuls are slow on most hosts)."""
+        """The model dtype; `auto` resolves by device: bf16 on GPU, fp32 on CPU (the exact, batch-invariant
+        reference path; pass --dtype bfloat16 to halve weight memory on CPU)."""
         if self.dtype == "auto":
             return (
                 torch.float32
