@@ -83,23 +83,32 @@ def build_engine(config: EngineConfig, metrics: Any = None) -> EngineStack:
     )
     if metrics is not None:
         metrics.set_cache_info(slots_total=layout.num_slots, bytes_per_slot=layout.bytes_per_slot)
-    logger.info("%s", layout.describe())
     return EngineStack(core, processor, layout, Path(model_dir), backend_name)
 
 
 def _warm_up(model: Any, config: EngineConfig, device: torch.device) -> None:
-    """One prefill of a full token budget on a throw-away one-slot state, so that the activation workspace
-    (and kernel autotuning) is counted before the pool is sized from what memory remains."""
+    """Forward passes on a throw-away three-slot state before the pool is sized: a full token budget (its
+    activation workspace is counted in the peak the pool budget subtracts), then the shapes serving meets
+    first — a mixed batch of a fresh prompt, a continued chunk and a decode row, and a pure decode batch —
+    so that kernel JIT compilation and autotuning do not land on the first requests."""
     from model.batch import BatchMeta
     from model.state import allocate_state
 
-    state = allocate_state(model.config.text, 1, config.torch_state_dtype, config.torch_dtype, device)
     n = config.max_num_batched_tokens
-    ids = torch.zeros(n, dtype=torch.int64, device=device)
-    pos = torch.arange(n, device=device).expand(3, n).contiguous()
-    meta = BatchMeta.build([0], [n], [0], device=device)
+    state = allocate_state(model.config.text, 3, config.torch_state_dtype, config.torch_dtype, device)
+    fresh = min(n, 512)
+    passes = [
+        ([0], [n], [0]),
+        ([0, 1, 2], [fresh, 64, 1], [0, n, n + 64]),
+        ([0, 1, 2], [1, 1, 1], [n + 64, n + 64, n + 64]),
+    ]
     with torch.inference_mode():
-        hidden = model.forward(ids, pos, meta, state)
-        model.compute_logits(hidden[-1:])
+        for slots, lens, ctx in passes:
+            total = sum(lens)
+            ids = torch.zeros(total, dtype=torch.int64, device=device)
+            pos = torch.cat([torch.arange(c, c + t) for c, t in zip(ctx, lens, strict=True)]).to(device)
+            meta = BatchMeta.build(slots, lens, ctx, device=device)
+            hidden = model.forward(ids, pos.expand(3, total).contiguous(), meta, state)
+            model.compute_logits(hidden[meta.logits_indices])
     del state
     torch.cuda.synchronize(device)
