@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from cache.pool import StatePool
-from scheduler import QueueFull, SchedRequest, Scheduler, SchedulerConfig
+from scheduler import QueueFull, SchedRequest, ScheduledBatch, Scheduler, SchedulerConfig
 from serving.config import EngineConfig
 from serving.detokenizer import logprob_entry
 from serving.errors import EngineDead, EngineOverloaded, RequestTooLarge
@@ -167,9 +167,10 @@ class EngineCore:
         self._record_step(batch)
         return batch.num_tokens
 
-    def _fail_rows_of(self, batch: Any, request_ids: set[str], cause: BaseException) -> int:
-        """Fail the given requests; give the tokens other rows had scheduled back by aborting nothing else.
-        Rows of other requests in a batch that did not run are rescheduled by rolling their counters back."""
+    def _fail_rows_of(self, batch: ScheduledBatch, request_ids: set[str], cause: BaseException) -> int:
+        """Fail `request_ids`. Every other row of the batch did not run (a per-request fault is raised before
+        the forward; a failed forward fails the whole batch), so its scheduled counters are rolled back and
+        it is scheduled again by the next step."""
         logger.error("request(s) %s failed: %r", sorted(request_ids), cause)
         for row in batch.rows:
             if row.request_id in request_ids:
@@ -260,7 +261,7 @@ class EngineCore:
         """Refresh queue and slot gauges without counting a step's tokens."""
         self._record_tokens(0, 0)
 
-    def _record_step(self, batch: Any) -> None:
+    def _record_step(self, batch: ScheduledBatch) -> None:
         prompt = sum(r.num_tokens for r in batch.rows if r.is_prefill)
         self._record_tokens(prompt, sum(1 for r in batch.rows if r.is_sampled))
 
