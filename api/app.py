@@ -96,10 +96,16 @@ class Gate:
             return
         t0 = time.monotonic()
         status = [500]
+        recorded = [False]
 
         async def send_recording(message: dict[str, Any]) -> None:
+            # metrics are recorded before the client can see the answer (a scrape that follows it sees them)
             if message["type"] == "http.response.start":
                 status[0] = int(message["status"])
+                self._record_rejection(scope["method"], status[0])
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                recorded[0] = True
+                self._record(scope, status[0], time.monotonic() - t0)
             await send(message)
 
         self.state.in_flight += 1
@@ -111,7 +117,8 @@ class Gate:
                 await self.app(scope, self._counting(receive), send_recording)
         finally:
             self.state.in_flight -= 1
-            self._record(scope, status[0], time.monotonic() - t0)
+            if not recorded[0]:  # the response never completed (client gone, or an error)
+                self._record(scope, status[0], time.monotonic() - t0)
 
     def _early_rejection(self, scope: dict[str, Any]) -> Response | None:
         if scope["method"] == "POST" and getattr(self.state, "draining", False):
@@ -141,8 +148,11 @@ class Gate:
         path = getattr(route, "path", None) or "unmatched"
         with contextlib.suppress(Exception):  # metrics must never fail a request
             self.metrics.on_http(path, scope["method"], status, seconds)
-            reason = self._reject_reason(scope["method"], status)
-            if reason is not None:
+
+    def _record_rejection(self, method: str, status: int) -> None:
+        reason = self._reject_reason(method, status)
+        if self.metrics is not None and reason is not None:
+            with contextlib.suppress(Exception):
                 self.metrics.on_request_rejected(reason)
 
     def _reject_reason(self, method: str, status: int) -> str | None:
