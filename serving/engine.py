@@ -15,6 +15,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -296,6 +297,32 @@ class EngineCore:
 _STOP = object()
 
 
+def coalesce(items: list[Delta | BaseException]) -> list[Delta | BaseException]:
+    """Merge consecutive deltas of the same choice (text, token ids and logprobs concatenated; the later
+    one's finish fields win). Order is kept; an exception is never merged."""
+    merged: list[Delta | BaseException] = []
+    for item in items:
+        last = merged[-1] if merged else None
+        if (
+            isinstance(item, Delta)
+            and isinstance(last, Delta)
+            and last.index == item.index
+            and last.finish_reason is None
+        ):
+            logprobs = None
+            if last.logprobs is not None or item.logprobs is not None:
+                logprobs = (last.logprobs or ()) + (item.logprobs or ())
+            merged[-1] = replace(
+                item,
+                text=last.text + item.text,
+                token_ids=last.token_ids + item.token_ids,
+                logprobs=logprobs,
+            )
+        else:
+            merged.append(item)
+    return merged
+
+
 def _deliver(items: list[tuple[asyncio.Queue, Delta | BaseException]]) -> None:
     for out, item in items:
         out.put_nowait(item)
@@ -361,12 +388,17 @@ class AsyncEngine:
         remaining = request.sampling.n
         try:
             while remaining:
-                item = await out.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item.finish_reason is not None:
-                    remaining -= 1
-                yield item
+                items = [await out.get()]
+                while (
+                    not out.empty()
+                ):  # a consumer that fell behind gets one delta per choice, not one per token
+                    items.append(out.get_nowait())
+                for item in coalesce(items):
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item.finish_reason is not None:
+                        remaining -= 1
+                    yield item
         finally:
             if remaining:  # the consumer went away (client disconnect): free the slot
                 self._post_abort(request.request_id)

@@ -274,3 +274,53 @@ def test_generate_request_positions_shape_checked(llm):
     bad = GenerateRequest("x", req.prompt_token_ids, torch.zeros(3, 1, dtype=torch.int64), 0, req.sampling)
     with pytest.raises(ValueError, match="positions"):
         llm.core.validate(bad)
+
+
+def test_coalesce_merges_a_choices_backlog_in_order():
+    from serving.engine import coalesce
+    from serving.types import Delta, LogprobEntry, TokenLogprob, Usage
+
+    def lp(t: int) -> tuple[LogprobEntry, ...]:
+        return (LogprobEntry(TokenLogprob(t, str(t), -1.0), ()),)
+
+    err = RuntimeError("boom")
+    items = [
+        Delta("r", 0, "a", (1,), lp(1)),
+        Delta("r", 1, "x", (7,), lp(7)),
+        Delta("r", 0, "b", (2,), lp(2)),
+        Delta("r", 0, "c", (3,), lp(3), finish_reason="stop", usage=Usage(5, 3)),
+        Delta("r", 0, "late", (4,)),  # never merged into a finished delta
+        err,
+        Delta("r", 1, "y", (8,), lp(8)),
+    ]
+    out = coalesce(items)
+    assert [getattr(d, "text", None) for d in out] == ["a", "x", "bc", "late", None, "y"]
+    merged = out[2]
+    assert merged.token_ids == (2, 3) and merged.finish_reason == "stop" and merged.usage == Usage(5, 3)
+    assert [e.chosen.token_id for e in merged.logprobs] == [2, 3]
+    assert out[4] is err
+
+
+def test_slow_consumer_gets_whole_text(llm):
+    core = llm.core
+    eng = AsyncEngine(core)
+    eng.start()
+
+    async def main():
+        req = llm.make_request("a slow reader", greedy(12))
+        alone = llm.make_request("a slow reader", greedy(12))
+        deltas = []
+        async for d in eng.generate(req):
+            deltas.append(d)
+            await asyncio.sleep(0.2)  # fall behind the engine: the backlog arrives merged
+        return deltas, alone
+
+    try:
+        deltas, alone = asyncio.run(main())
+    finally:
+        eng.shutdown()
+    expected = llm.run_requests([alone])[0].choices[0]
+    assert [t for d in deltas for t in d.token_ids] == expected.token_ids
+    assert "".join(d.text for d in deltas) == expected.text
+    assert deltas[-1].finish_reason == "length"
+    assert len(deltas) < 12, "a lagging consumer receives merged deltas"
