@@ -96,10 +96,11 @@ class EngineCore:
             raise ValueError(f"prompt token ids must be in 0..{vocab - 1}")
         if req.positions.shape != (3, n):
             raise ValueError(f"positions must be [3, {n}], got {list(req.positions.shape)}")
-        if req.request_id in self.requests:
-            raise ValueError(f"duplicate request id {req.request_id}")
 
     def add(self, req: GenerateRequest, emit: Callable[[Delta], None]) -> None:
+        """Queue a request that passed `validate()`; raises QueueFull, or ValueError for a live duplicate id."""
+        if req.request_id in self.requests:
+            raise ValueError(f"duplicate request id {req.request_id}")
         p = req.sampling
         device = self.runner.device
         rows = [
@@ -462,8 +463,7 @@ class AsyncEngine:
                 continue
             with self._lock:
                 self._num_pending -= 1
-            try:
-                self.core.validate(payload)
+            try:  # generate() validated it on the event loop; add() checks what only this thread knows
                 self.core.add(payload, emit)
             except QueueFull as e:
                 emit(EngineOverloaded(str(e)))
