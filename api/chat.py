@@ -24,6 +24,7 @@ from typing import Any
 from api.errors import APIError, invalid_request, model_not_found, not_supported
 from api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, ImagePart, VideoPart, VideoURL
 from api.settings import ServerSettings
+from model.positions import continuation_positions
 from serving.types import GenerateRequest, SamplingParams
 
 
@@ -272,12 +273,6 @@ async def prepare_chat(
         raise invalid_request(f"could not process the prompt: {e}", "messages") from e
 
 
-def _text_positions(n: int) -> Any:
-    import torch
-
-    return torch.arange(n, dtype=torch.int64).unsqueeze(0).expand(3, n).contiguous()
-
-
 async def prepare_completion(
     prompt: str | list[str] | list[int], processor: Any, vocab_size: int | None = None
 ) -> PreparedPrompt:
@@ -291,7 +286,7 @@ async def prepare_completion(
                     raise invalid_request(
                         f"token id {t} is outside the vocabulary (0..{vocab_size - 1})", f"prompt.{i}"
                     )
-        return PreparedPrompt(ids, await asyncio.to_thread(_text_positions, len(ids)), 0)
+        return PreparedPrompt(ids, continuation_positions(0, len(ids), 0), 0)
     text = prompt[0] if isinstance(prompt, list) else prompt
     if not text:
         raise invalid_request("prompt must not be empty", "prompt")

@@ -101,12 +101,10 @@ class LLM:
 
 def token_id_prompt(ids: list[int]) -> Any:
     """A pre-tokenised text prompt: positions 0..n-1 on all three axes."""
-    import torch
-
+    from model.positions import continuation_positions
     from model.processor import ProcessedPrompt
 
-    n = len(ids)
-    return ProcessedPrompt(list(ids), torch.arange(n).expand(3, n).clone(), 0, None)
+    return ProcessedPrompt(list(ids), continuation_positions(0, len(ids), 0), 0, None)
 
 
 def _collect(out: RequestOutput, d: Delta) -> None:
