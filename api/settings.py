@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 from dataclasses import dataclass, field
 
 from api import media
+from api.auth import API_KEY_ENV, api_keys_from_env_and_args
 from api.media import MediaLimits
-
-API_KEY_ENV = "INFINITEVL_API_KEY"  # comma-separated keys, added to every --api-key
 
 
 @dataclass(frozen=True)
@@ -98,9 +96,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _api_keys(args: argparse.Namespace) -> tuple[str, ...]:
-    keys = list(getattr(args, "api_key", None) or [])
-    keys += [k.strip() for k in os.environ.get(API_KEY_ENV, "").split(",")]
-    return tuple(dict.fromkeys(k for k in keys if k))
+    return tuple(api_keys_from_env_and_args(getattr(args, "api_key", None)))
 
 
 def _media_limits(args: argparse.Namespace) -> MediaLimits:

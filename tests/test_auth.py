@@ -110,3 +110,17 @@ def test_keys_from_args_and_env(monkeypatch):
     monkeypatch.delenv(API_KEY_ENV)
     assert api_keys_from_env_and_args(None) == []
     assert api_keys_from_env_and_args(["", "  "]) == []
+
+
+def test_server_settings_take_keys_from_flags_and_env(monkeypatch):
+    """`--api-key` is repeatable and comma-separated (docs/security.md), plus INFINITEVL_API_KEY."""
+    import argparse
+
+    from api.settings import add_server_args, settings_from_args
+
+    monkeypatch.setenv("INFINITEVL_API_KEY", " env-key , k1 ")
+    parser = argparse.ArgumentParser()
+    add_server_args(parser)
+    args = parser.parse_args(["--api-key", "k1,k2", "--api-key", "k3"])
+    settings = settings_from_args(args, model_path="m")
+    assert settings.api_keys == ("k1", "k2", "k3", "env-key")
