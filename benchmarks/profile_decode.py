@@ -41,6 +41,19 @@ def kernel_table(step, top: int = 25) -> tuple[list[dict], int, float]:
     return rows[:top], count, total / 1e3
 
 
+def plain_pointwise(model, step) -> float:
+    """Graph step time (ms) with the backend's fused pointwise ops off (the model's own torch code)."""
+    ops, model.backend.pointwise = model.backend.pointwise, None
+    try:
+        step()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        return cuda_time(graph.replay, reps=20) * 1e3
+    finally:
+        model.backend.pointwise = ops
+
+
 @torch.inference_mode()
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -64,6 +77,10 @@ def main() -> None:
         pos = torch.arange(8192, 8192 + n, device=DEV).expand(3, n).contiguous()
         top, count, busy = kernel_table(lambda: model.forward(ids, pos, meta, state), top=30)
         wall = cuda_time(lambda: model.forward(ids, pos, meta, state), reps=5)
+        ops, model.backend.pointwise = model.backend.pointwise, None
+        wall_plain = cuda_time(lambda: model.forward(ids, pos, meta, state), reps=5)
+        model.backend.pointwise = ops
+        print(f"prefill wall without the fused pointwise ops: {wall_plain * 1e3:.1f} ms")
         print(
             f"prefill {n} tokens at ctx 8192: {count} kernels, GPU busy {busy:.1f} ms, wall {wall * 1e3:.1f} ms"
         )
@@ -74,6 +91,7 @@ def main() -> None:
             "kernels": count,
             "gpu_busy_ms": busy,
             "wall_ms": wall * 1e3,
+            "wall_ms_plain_pointwise": wall_plain * 1e3,
             "top": top,
         }
     for batch in batches:
@@ -101,6 +119,8 @@ def main() -> None:
             step()
         r["graph_ms"] = cuda_time(graph.replay, reps=20) * 1e3
         print(f"  graph step {r['graph_ms']:.2f} ms")
+        r["graph_ms_plain_pointwise"] = plain_pointwise(model, step)
+        print(f"  graph step without the fused pointwise ops {r['graph_ms_plain_pointwise']:.2f} ms")
         if args.compile:
             try:
                 t0 = time.perf_counter()

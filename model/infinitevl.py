@@ -33,20 +33,24 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self,
-        h: torch.Tensor,
+        h: torch.Tensor,  # [N, hidden] output of the previous block (or the embeddings)
+        residual: torch.Tensor | None,  # [N, hidden] residual stream before h is added; None at layer 0
         rope: tuple[torch.Tensor, torch.Tensor],
         meta: BatchMeta,
         state: StateTensors,
         backend: Backend,
-    ) -> torch.Tensor:
-        x = self.input_layernorm(h)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mlp output, residual stream before it is added): the sum is this block's output. Deferring
+        each residual add into the next norm lets a backend fuse the two (same roundings)."""
+        ops = backend.pointwise
+        x, residual = self.input_layernorm.add_forward(h, residual, ops)
         i = self.state_index
         if self.is_linear:
             x = self.self_attn(x, meta, state.conv[i], state.recurrent[i], backend)
         else:
             x = self.self_attn(x, rope, meta, state.key[i], state.value[i], backend)
-        h = h + x
-        return h + self.mlp(self.post_attention_layernorm(h))
+        x, residual = self.post_attention_layernorm.add_forward(x, residual, ops)
+        return self.mlp(x, ops), residual
 
 
 class TextModel(nn.Module):
@@ -131,9 +135,10 @@ class InfiniteVLForCausalLM(nn.Module):
         cfg = self.config.text
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.to(self.dtype)
         rope = mrope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, h.dtype)
+        residual = None
         for layer in self.model.layers:
-            h = layer(h, rope, meta, state, self.backend)
-        return self.model.norm(h)
+            h, residual = layer(h, residual, rope, meta, state, self.backend)
+        return self.model.norm.add_forward(h, residual, self.backend.pointwise)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [..., vocab] fp32 from final-norm hidden states (tied to the embedding)."""

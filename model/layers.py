@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.backends.base import Backend
+from model.backends.base import Backend, PointwiseOps
 from model.batch import BatchMeta
 from model.config import TextConfig
 
@@ -37,6 +37,16 @@ class RMSNorm(nn.Module):
         # rms_norm without a weight normalises in fp32 and returns x's dtype (the cast happens
         # before the weight multiply, as the spec requires); one fused kernel on CUDA
         return F.rms_norm(x, (x.shape[-1],), None, self.eps) * self.weight
+
+    def add_forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, ops: PointwiseOps | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(s), s) with s = residual + x, the residual stream in x's dtype (s = x when residual
+        is None); one fused kernel when the backend has pointwise ops."""
+        if ops is not None:
+            return ops.rms_norm(x, self.weight, self.eps, residual)
+        s = x if residual is None else residual + x
+        return self(s), s
 
 
 @torch.no_grad()
@@ -92,8 +102,11 @@ class MLP(nn.Module):
         """gate_proj|up_proj into one weight that the two Linears view (see module docstring)."""
         self.gate_up_weight = _fuse_rows([self.gate_proj, self.up_proj], "weight", self.gate_up_weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = _project(x, self.gate_up_weight, None, [self.gate_proj, self.up_proj]).chunk(2, dim=-1)
+    def forward(self, x: torch.Tensor, ops: PointwiseOps | None = None) -> torch.Tensor:
+        gate_up = _project(x, self.gate_up_weight, None, [self.gate_proj, self.up_proj])  # [N, 2 I]
+        if ops is not None:
+            return self.down_proj(ops.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -177,7 +190,8 @@ class SlidingWindowAttention(nn.Module):
         qkv = _project(x, self.qkv_weight, self.qkv_bias, self._parts())  # [N, (Hq + 2 Hkv) * D]
         qk_dim = (hq + self.num_kv_heads) * d
         # rotate q and k heads together (one set of elementwise kernels); rows keep stride qkv.shape[1]
-        qk = apply_rope(qkv[:, :qk_dim].view(n, hq + self.num_kv_heads, d), *rope)
+        qk = qkv[:, :qk_dim].view(n, hq + self.num_kv_heads, d)
+        qk = apply_rope(qk, *rope) if backend.pointwise is None else backend.pointwise.rope(qk, *rope)
         q, k = qk[:, :hq], qk[:, hq:]  # head-strided views, unit stride on D
         v = qkv[:, qk_dim:].view(n, self.num_kv_heads, d)
         out = backend.sliding_window_attention(q, k, v, meta, key_cache, value_cache, self.scale)
@@ -289,6 +303,11 @@ class GatedDeltaNet(nn.Module):
         q = mixed[:, :key_dim].reshape(n, self.num_heads, self.head_k_dim)
         k = mixed[:, key_dim : 2 * key_dim].reshape(n, self.num_heads, self.head_k_dim)
         v = mixed[:, 2 * key_dim :].reshape(n, self.num_heads, self.head_v_dim)
+        ops = backend.pointwise if self.neg_exp_a is not None else None  # fused ops need the fp32 constants
+        if ops is not None:
+            g, beta = ops.gdn_gates(a, b, self.neg_exp_a, self.dt_bias_f32)
+            o = backend.gated_delta_rule(q, k, v, g, beta, meta, recurrent_state)
+            return self.o_proj(ops.gated_rms_norm(o, z, self.o_norm_weight_f32, self.norm_eps))
         g, beta = self.gates_from(a, b)
         o = backend.gated_delta_rule(q, k, v, g, beta, meta, recurrent_state)
         z = z.view(n, self.num_heads, self.head_v_dim)

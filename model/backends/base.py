@@ -15,8 +15,45 @@ import torch
 from model.batch import BatchMeta
 
 
+class PointwiseOps(Protocol):
+    """Fused elementwise steps of the decoder block; each equals the model's plain-PyTorch code for the
+    same step (model.layers) up to reduction order. A backend without them leaves `pointwise` None."""
+
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (rmsnorm(s) * weight, s), s = residual + x (or x)
+        ...
+
+    def gated_rms_norm(
+        self,
+        o: torch.Tensor,  # [N, H, d_v] delta-rule output
+        z: torch.Tensor,  # [N, H * d_v] output gate (any row stride)
+        weight: torch.Tensor,  # [d_v] fp32
+        eps: float,
+    ) -> torch.Tensor:  # [N, H * d_v] o's dtype: rmsnorm(o) * weight * silu(z), fp32 inside
+        ...
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:  # [N, 2 I] -> silu(gate) * up [N, I]
+        ...
+
+    def gdn_gates(
+        self,
+        a: torch.Tensor,  # [N, H] (any row stride)
+        b: torch.Tensor,  # [N, H]
+        neg_exp_a: torch.Tensor,  # [H] fp32, -exp(A_log)
+        dt_bias: torch.Tensor,  # [H] fp32
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # g [N, H] fp32 log-decay, beta [N, H] b's dtype
+        ...
+
+    def rope(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:  # x [N, heads, D] rotated; may be x itself, overwritten
+        ...
+
+
 class Backend(Protocol):
     name: str
+    pointwise: PointwiseOps | None  # fused elementwise ops, or None for the model's own code
 
     def short_conv(
         self,

@@ -35,6 +35,7 @@ class TorchBackend:
     """Backend protocol implementation in plain PyTorch (see model/backends/base.py)."""
 
     name = "torch"
+    pointwise = None  # the model's own plain-PyTorch elementwise code is the reference
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)

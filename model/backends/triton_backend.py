@@ -14,11 +14,14 @@ import torch
 from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
 from model.backends.triton_kernels.conv import conv_prefill
-from model.backends.triton_kernels.ops import conv_decode_op, gdn_decode_op, swa_decode_op
+from model.backends.triton_kernels.ops import TritonPointwise, conv_decode_op, gdn_decode_op, swa_decode_op
 from model.backends.triton_kernels.swa import swa_prefill
 from model.batch import BatchMeta
 
-SWA_BLOCK_M = 64  # queries per prefill attention program
+# prefill launch parameters (H100 sweep: benchmarks/sweep_prefill_kernels.py, docs/benchmarks.md)
+SWA_BLOCK_M = 64  # queries per prefill attention program (the host tables are built for it)
+SWA_PREFILL_LAUNCH = {"block_n": 64, "num_warps": 4, "num_stages": 2}
+CONV_PREFILL_LAUNCH = {"block_t": 32, "block_c": 128}
 
 
 class TritonBackend:
@@ -35,6 +38,8 @@ class TritonBackend:
         else:
             raise ValueError(f"TritonBackend needs a CUDA device, got {self.device}")
         self._host_cache: dict[tuple, dict[str, torch.Tensor]] = {}
+        # fused norms/gates/activations/RoPE; set to None to run the model's plain-PyTorch code instead
+        self.pointwise: TritonPointwise | None = TritonPointwise()
 
     # --- host-built index tables for prefill (cached for the meta of the current call) ---
 
@@ -59,8 +64,9 @@ class TritonBackend:
             return conv_decode_op(x, weight, conv_state, meta.slot_ids, meta.context_lens)
         t = self._tables(meta)
         return conv_prefill(
-            x, weight, conv_state, t["tok_seq"], meta.cu_seqlens, meta.slot_ids, meta.context_lens
-        )
+            x, weight, conv_state, t["tok_seq"], meta.cu_seqlens, meta.slot_ids, meta.context_lens,
+            **CONV_PREFILL_LAUNCH,
+        )  # fmt: skip
 
     def gated_delta_rule(
         self,
@@ -128,7 +134,7 @@ class TritonBackend:
         t = self._tables(meta, window)
         out = swa_prefill(
             q, k, v, key_cache, value_cache, t["blk_seq"], t["blk_start"], meta.cu_seqlens,
-            meta.slot_ids, meta.context_lens, scale, SWA_BLOCK_M,
+            meta.slot_ids, meta.context_lens, scale, SWA_BLOCK_M, **SWA_PREFILL_LAUNCH,
         )  # fmt: skip
         # ring write after the attention read the old ring: the last min(T, W) keys of each sequence
         flat_k = key_cache.view(-1, *key_cache.shape[2:])
@@ -138,8 +144,11 @@ class TritonBackend:
         return out
 
 
-def _prefill_tables(meta: BatchMeta, window: int | None, device: torch.device) -> dict[str, torch.Tensor]:
-    """Small per-call index tables built on the host from the *_cpu mirrors (prefill only)."""
+def _prefill_tables(
+    meta: BatchMeta, window: int | None, device: torch.device, block_m: int = SWA_BLOCK_M
+) -> dict[str, torch.Tensor]:
+    """Small per-call index tables built on the host from the *_cpu mirrors (prefill only); the
+    attention query blocks are `block_m` rows."""
     seq_lens = torch.tensor(meta.seq_lens_cpu, dtype=torch.int64)
     ctx_lens = torch.tensor(meta.context_lens_cpu, dtype=torch.int64)
     slots = torch.tensor(meta.slot_ids_cpu, dtype=torch.int64)
@@ -154,10 +163,10 @@ def _prefill_tables(meta: BatchMeta, window: int | None, device: torch.device) -
         "cu_long": cu,
     }
     if window is not None:
-        blocks = (seq_lens + SWA_BLOCK_M - 1) // SWA_BLOCK_M
+        blocks = (seq_lens + block_m - 1) // block_m
         blk_seq = torch.repeat_interleave(seq_idx, blocks)
         first_blk = torch.cumsum(blocks, 0) - blocks
-        blk_start = cu[blk_seq] + (torch.arange(blk_seq.shape[0]) - first_blk[blk_seq]) * SWA_BLOCK_M
+        blk_start = cu[blk_seq] + (torch.arange(blk_seq.shape[0]) - first_blk[blk_seq]) * block_m
         local = torch.arange(tok_seq.shape[0]) - cu[tok_seq]  # token index inside its sequence
         keep = local >= seq_lens[tok_seq] - window  # the last min(T, W) tokens reach the ring
         src = torch.nonzero(keep).flatten()

@@ -137,15 +137,18 @@ def conv_prefill(
     cu_seqlens: torch.Tensor,
     slot_ids: torch.Tensor,
     context_lens: torch.Tensor,
+    block_t: int = 32,
+    block_c: int = 128,
 ) -> torch.Tensor:
     """Packed varlen prefill: returns silu(conv(x)) [N, C] and writes each slot's last K inputs.
 
-    tok_seq: [N] int32, the sequence of each packed token.
+    tok_seq: [N] int32, the sequence of each packed token. block_t x block_c: tokens x channels per
+    program (launch parameters only).
     """
     k = _check(x, weight, conv_state)
     num_tok, num_ch = x.shape
     out = torch.empty_like(x)
-    bt, bc = 32, 128
+    bt, bc = block_t, block_c
     grid = (triton.cdiv(num_tok, bt), triton.cdiv(num_ch, bc))
     _conv_prefill_out_kernel[grid](
         x, weight, conv_state, out, tok_seq, cu_seqlens, slot_ids, context_lens,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from model.backends.triton_kernels import pointwise
 from model.backends.triton_kernels.conv import conv_decode
 from model.backends.triton_kernels.gdn import gdn_decode
 from model.backends.triton_kernels.swa import swa_decode
@@ -67,3 +68,104 @@ def swa_decode_op(
 @swa_decode_op.register_fake
 def _(q, k, v, key_cache, value_cache, slot_ids, context_lens, scale, num_sms):
     return torch.empty_like(q)
+
+
+# --- fused elementwise ops of the decoder block (pointwise.py) ---
+
+
+@torch.library.custom_op("infinitevl::rms_norm", mutates_args=())
+def rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """See pointwise.rms_norm (no residual)."""
+    return pointwise.rms_norm(x, weight, eps)[0]
+
+
+@rms_norm_op.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("infinitevl::add_rms_norm", mutates_args=())
+def add_rms_norm_op(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """See pointwise.rms_norm (with residual): (normalised, new residual)."""
+    return pointwise.rms_norm(x, weight, eps, residual)
+
+
+@add_rms_norm_op.register_fake
+def _(x, residual, weight, eps):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+@torch.library.custom_op("infinitevl::gated_rms_norm", mutates_args=())
+def gated_rms_norm_op(o: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """See pointwise.gated_rms_norm."""
+    return pointwise.gated_rms_norm(o, z, weight, eps)
+
+
+@gated_rms_norm_op.register_fake
+def _(o, z, weight, eps):
+    return o.new_empty((o.shape[0], o.shape[1] * o.shape[2]))
+
+
+@torch.library.custom_op("infinitevl::silu_mul", mutates_args=())
+def silu_mul_op(gate_up: torch.Tensor) -> torch.Tensor:
+    """See pointwise.silu_mul."""
+    return pointwise.silu_mul(gate_up)
+
+
+@silu_mul_op.register_fake
+def _(gate_up):
+    return gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))
+
+
+@torch.library.custom_op("infinitevl::gdn_gates", mutates_args=())
+def gdn_gates_op(
+    a: torch.Tensor, b: torch.Tensor, neg_exp_a: torch.Tensor, dt_bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """See pointwise.gdn_gates."""
+    return pointwise.gdn_gates(a, b, neg_exp_a, dt_bias)
+
+
+@gdn_gates_op.register_fake
+def _(a, b, neg_exp_a, dt_bias):
+    return a.new_empty(a.shape, dtype=torch.float32), b.new_empty(b.shape)
+
+
+@torch.library.custom_op("infinitevl::rope_", mutates_args=("x",))
+def rope_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """See pointwise.rope_ (in place)."""
+    pointwise.rope_(x, cos, sin)
+
+
+@rope_op.register_fake
+def _(x, cos, sin):
+    return None
+
+
+class TritonPointwise:
+    """The `PointwiseOps` of the Triton backend (see model.backends.base)."""
+
+    def rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return rms_norm_op(x, weight, eps), x
+        return add_rms_norm_op(x, residual, weight, eps)
+
+    def gated_rms_norm(
+        self, o: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> torch.Tensor:
+        return gated_rms_norm_op(o, z, weight, eps)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        return silu_mul_op(gate_up)
+
+    def gdn_gates(
+        self, a: torch.Tensor, b: torch.Tensor, neg_exp_a: torch.Tensor, dt_bias: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return gdn_gates_op(a, b, neg_exp_a, dt_bias)
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        rope_op(x, cos, sin)
+        return x

@@ -244,8 +244,14 @@ def swa_prefill(
     context_lens: torch.Tensor,
     scale: float,
     block_m: int,
+    block_n: int = 64,
+    num_warps: int | None = None,
+    num_stages: int = 2,
 ) -> torch.Tensor:
-    """Attention of packed queries over ring + chunk keys; does not write the ring (see ring_write)."""
+    """Attention of packed queries over ring + chunk keys; does not write the ring (see ring_write).
+
+    Query blocks of `block_m` rows are described by blk_seq/blk_start (built for that block size);
+    block_n, num_warps and num_stages are launch parameters only (benchmarks/sweep_prefill_kernels.py)."""
     num_tok, num_q_heads, dim = q.shape
     _, window, num_kv_heads, _ = key_cache.shape
     out = torch.empty_like(q)
@@ -255,6 +261,6 @@ def swa_prefill(
         window, num_q_heads // num_kv_heads,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), scale * LOG2E,
-        D=dim, BM=block_m, BN=64, num_warps=4 if block_m <= 64 else 8, num_stages=2,
+        D=dim, BM=block_m, BN=block_n, num_warps=num_warps or (4 if block_m <= 64 else 8), num_stages=num_stages,
     )  # fmt: skip
     return out

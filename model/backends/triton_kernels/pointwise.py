@@ -1,0 +1,203 @@
+"""Fused elementwise kernels of the decoder block: one launch where the plain-PyTorch code needs several.
+
+Each kernel reproduces the torch backend's roundings (spec 4.2-4.7): where the reference rounds an
+intermediate to the model dtype, the kernel rounds it too, so the two agree to the last bit up to the
+order of a reduction. Rows may be strided (column slices of a fused projection); the last dimension
+must have unit stride.
+
+- `rms_norm`: optional residual add (rounded to the model dtype: the new residual stream), RMS over the
+  row in fp32, cast to the model dtype, times the weight.
+- `gated_rms_norm`: per-head RMSNorm of the delta-rule output times an fp32 weight and silu(z), all in
+  fp32, rounded once.
+- `silu_mul`: silu(gate) rounded, times up, for the MLP's [N, 2 I] gate|up projection.
+- `gdn_gates`: g = -exp(A_log) softplus(a + dt_bias) (fp32) and beta = sigmoid(b), from the a and b
+  columns of the GDN projection.
+- `rope_`: half-split rotary embedding applied in place to the q|k heads of the SWA projection.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr, D, stride_x, stride_res, stride_y, stride_ro, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_D)
+    mask = offs < D
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * stride_res + offs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)  # the residual stream
+        tl.store(res_out_ptr + row * stride_ro + offs, x, mask=mask)
+    xf = x.to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(xf * xf) / D + eps)
+    normed = (xf * inv).to(x_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_y + offs, (normed * w).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rmsnorm(s) * weight, s) with s = x + residual (or x): x, residual [N, D] model dtype."""
+    n, d = x.shape
+    _check_unit_stride(x, residual)
+    y = torch.empty((n, d), dtype=x.dtype, device=x.device)
+    res_out = torch.empty((n, d), dtype=x.dtype, device=x.device) if residual is not None else x
+    res = residual if residual is not None else x
+    if n:
+        _rms_norm_kernel[(n,)](
+            x, res, weight, y, res_out, d, x.stride(0), res.stride(0), y.stride(0), res_out.stride(0), eps,
+            HAS_RESIDUAL=residual is not None, BLOCK_D=triton.next_power_of_2(d), num_warps=_warps(d),
+        )  # fmt: skip
+    return y, res_out
+
+
+@triton.jit
+def _gated_rms_norm_kernel(
+    o_ptr, z_ptr, w_ptr, y_ptr, H, DV, stride_o, stride_oh, stride_z, stride_y, eps,
+    BLOCK_H: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_v = tl.arange(0, BLOCK_V)
+    mask = (offs_h[:, None] < H) & (offs_v[None, :] < DV)
+    o = tl.load(o_ptr + row * stride_o + offs_h[:, None] * stride_oh + offs_v[None, :], mask=mask, other=0.0)
+    col = offs_h[:, None] * DV + offs_v[None, :]  # z and y are [N, H * DV] rows
+    z = tl.load(z_ptr + row * stride_z + col, mask=mask, other=0.0).to(tl.float32)
+    of = o.to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(of * of, axis=1) / DV + eps)  # [BLOCK_H]
+    w = tl.load(w_ptr + offs_v, mask=offs_v < DV, other=0.0).to(tl.float32)
+    gate = z / (1.0 + tl.exp(-z))
+    y = of * inv[:, None] * w[None, :] * gate
+    tl.store(y_ptr + row * stride_y + col, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def gated_rms_norm(o: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """rmsnorm(o) * weight * silu(z) per head: o [N, H, d_v], z [N, H * d_v], weight [d_v] fp32.
+    Returns [N, H * d_v] in o's dtype."""
+    n, h, dv = o.shape
+    if o.stride(2) != 1 or z.stride(1) != 1:
+        raise ValueError("gated_rms_norm expects unit stride on the value dim")
+    y = torch.empty((n, h * dv), dtype=o.dtype, device=o.device)
+    if n:
+        _gated_rms_norm_kernel[(n,)](
+            o, z, weight, y, h, dv, o.stride(0), o.stride(1), z.stride(0), y.stride(0), eps,
+            BLOCK_H=triton.next_power_of_2(h), BLOCK_V=triton.next_power_of_2(dv), num_warps=_warps(h * dv),
+        )  # fmt: skip
+    return y
+
+
+@triton.jit
+def _silu_mul_kernel(x_ptr, y_ptr, INTER, stride_x, stride_y, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < INTER
+    gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_x + INTER + offs, mask=mask, other=0.0).to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate))).to(y_ptr.dtype.element_ty).to(tl.float32)  # silu rounded first
+    tl.store(y_ptr + row * stride_y + offs, (act * up).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up [N, 2 I] (gate columns first); returns [N, I]."""
+    n, two_i = gate_up.shape
+    inter = two_i // 2
+    _check_unit_stride(gate_up, None)
+    y = torch.empty((n, inter), dtype=gate_up.dtype, device=gate_up.device)
+    block = min(1024, triton.next_power_of_2(inter))
+    if n:
+        grid = (n, triton.cdiv(inter, block))
+        _silu_mul_kernel[grid](gate_up, y, inter, gate_up.stride(0), y.stride(0), BLOCK=block, num_warps=4)
+    return y
+
+
+@triton.jit
+def _gdn_gates_kernel(
+    a_ptr, b_ptr, neg_exp_a_ptr, dt_bias_ptr, g_ptr, beta_ptr, N, H, stride_a, stride_b,
+    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_h = tl.arange(0, BLOCK_H)
+    mask = (rows[:, None] < N) & (offs_h[None, :] < H)
+    rows64 = rows.to(tl.int64)
+    a = tl.load(a_ptr + rows64[:, None] * stride_a + offs_h[None, :], mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + rows64[:, None] * stride_b + offs_h[None, :], mask=mask, other=0.0).to(tl.float32)
+    dt = tl.load(dt_bias_ptr + offs_h, mask=offs_h < H, other=0.0)
+    nea = tl.load(neg_exp_a_ptr + offs_h, mask=offs_h < H, other=0.0)
+    x = a + dt[None, :]
+    softplus = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))  # torch's threshold
+    out = rows64[:, None] * H + offs_h[None, :]
+    tl.store(g_ptr + out, softplus * nea[None, :], mask=mask)
+    tl.store(beta_ptr + out, (1.0 / (1.0 + tl.exp(-b))).to(beta_ptr.dtype.element_ty), mask=mask)
+
+
+def gdn_gates(
+    a: torch.Tensor, b: torch.Tensor, neg_exp_a: torch.Tensor, dt_bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g [N, H] fp32, beta [N, H] b's dtype) from a, b [N, H] (any row stride); constants fp32 [H]."""
+    n, h = a.shape
+    _check_unit_stride(a, b)
+    g = torch.empty((n, h), dtype=torch.float32, device=a.device)
+    beta = torch.empty((n, h), dtype=b.dtype, device=b.device)
+    block_h = triton.next_power_of_2(h)
+    block_n = max(1, 1024 // block_h)
+    if n:
+        _gdn_gates_kernel[(triton.cdiv(n, block_n),)](
+            a, b, neg_exp_a, dt_bias, g, beta, n, h, a.stride(0), b.stride(0),
+            BLOCK_N=block_n, BLOCK_H=block_h, num_warps=4,
+        )  # fmt: skip
+    return g, beta
+
+
+@triton.jit
+def _rope_kernel(
+    x_ptr, cos_ptr, sin_ptr, NH, stride_x, stride_xh, stride_c, stride_s,
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, HALF)
+    mask = offs_h[:, None] < NH
+    p1 = x_ptr + row * stride_x + offs_h[:, None] * stride_xh + offs_d[None, :]
+    x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(p1 + HALF, mask=mask, other=0.0).to(tl.float32)
+    dt = x_ptr.dtype.element_ty
+    # cos/sin rows hold the same angles in both halves (rotate_half pairs d with d + HALF)
+    c1 = tl.load(cos_ptr + row * stride_c + offs_d).to(tl.float32)[None, :]
+    c2 = tl.load(cos_ptr + row * stride_c + HALF + offs_d).to(tl.float32)[None, :]
+    s1 = tl.load(sin_ptr + row * stride_s + offs_d).to(tl.float32)[None, :]
+    s2 = tl.load(sin_ptr + row * stride_s + HALF + offs_d).to(tl.float32)[None, :]
+    # x * cos + rotate_half(x) * sin, each product rounded to the model dtype as the reference does
+    y1 = (x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)
+    y2 = (x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)
+    tl.store(p1, y1.to(dt), mask=mask)
+    tl.store(p1 + HALF, y2.to(dt), mask=mask)
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [N, heads, D] (unit stride on D) in place with cos/sin [N, D]; returns x."""
+    n, nh, d = x.shape
+    if x.stride(2) != 1 or cos.stride(1) != 1 or sin.stride(1) != 1 or d & (d - 1):
+        raise ValueError("rope_ expects unit stride on D and a power-of-two head dim")
+    if n:
+        _rope_kernel[(n,)](
+            x, cos, sin, nh, x.stride(0), x.stride(1), cos.stride(0), sin.stride(0),
+            HALF=d // 2, BLOCK_H=triton.next_power_of_2(nh), num_warps=4,
+        )  # fmt: skip
+    return x
+
+
+def _check_unit_stride(x: torch.Tensor, other: torch.Tensor | None) -> None:
+    if x.stride(-1) != 1 or (other is not None and other.stride(-1) != 1):
+        raise ValueError("expected unit stride on the last dim")
+
+
+def _warps(num_elements: int) -> int:
+    return 8 if num_elements >= 4096 else 4 if num_elements >= 1024 else 2
