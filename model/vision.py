@@ -3,18 +3,39 @@
 The tower is class-for-class identical to `Qwen2_5_VisionTransformerPretrainedModel`, so we subclass it
 (parameter names stay `patch_embed.*`, `blocks.{i}.*`, `merger.*` under the `visual.` prefix) and add
 `encode`, which returns the merged tokens.
+
+Two things differ from the stock forward, both for speed on the GPU, neither in the result:
+- every block's attention is a `SegmentAttention`: transformers' SDPA path runs one SDPA call per window
+  (16 windows x 28 windowed layers per 448x448 frame) and reads `cu_seqlens` back to the host in every
+  layer; ours runs one batched SDPA call per distinct segment length (one call in the common case of
+  equal windows) from segment lengths known on the host.
+- `encode` derives everything the forward needs from `grid_thw` on the host (rotary positions, window
+  order, `cu_seqlens`, the segment groups), caches it per grid, and hands it to the forward through
+  transformers' precomputed-kwargs mechanism, so that the forward never reads the device.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VisionTransformerPretrainedModel,
+    Qwen2_5_VLVisionAttention,
     Qwen2_5_VLVisionRotaryEmbedding,
+    apply_rotary_pos_emb_vision,
 )
+from transformers.utils.generic import is_flash_attention_requested
+from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
 from model.config import VisionConfig
+
+MAX_CACHED_LAYOUTS = 32  # distinct grids whose layouts `encode` keeps on the device
 
 
 def hf_vision_config(cfg: VisionConfig, attn_implementation: str = "sdpa") -> Qwen2_5_VLVisionConfig:
@@ -24,12 +45,181 @@ def hf_vision_config(cfg: VisionConfig, attn_implementation: str = "sdpa") -> Qw
     return hf
 
 
+@dataclass(frozen=True)
+class SegmentGroup:
+    """The attention segments of one length: `num_segments` runs of `seq_len` consecutive rows."""
+
+    seq_len: int
+    num_segments: int
+    rows: Tensor | None  # [num_segments * seq_len] int64 row indices, segment-major; None: all rows in order
+
+
+def _upload(x: Tensor, device: torch.device) -> Tensor:
+    """Host tensor -> `device` without waiting for the device's stream (pinned, non-blocking on CUDA)."""
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
+def segment_groups(seq_lens: list[int], device: torch.device) -> tuple[SegmentGroup, ...]:
+    """Segments (given by their lengths, in row order) grouped by length, groups in first-seen order."""
+    starts: dict[int, list[int]] = {}  # length -> first rows of its segments
+    start = 0
+    for seq_len in seq_lens:
+        if seq_len > 0:
+            starts.setdefault(seq_len, []).append(start)
+        start += seq_len
+    if len(starts) == 1:
+        ((seq_len, firsts),) = starts.items()
+        return (SegmentGroup(seq_len, len(firsts), None),)
+    groups = []
+    for seq_len, firsts in starts.items():
+        rows = (torch.tensor(firsts)[:, None] + torch.arange(seq_len)).reshape(-1)
+        groups.append(SegmentGroup(seq_len, len(firsts), _upload(rows, device)))
+    return tuple(groups)
+
+
+def _seq_lens(cu_seqlens: Tensor) -> list[int]:
+    """Segment lengths of a host `cu_seqlens`."""
+    return torch.diff(cu_seqlens.to(torch.int64)).tolist()
+
+
+@dataclass(frozen=True)
+class VisionLayout:
+    """What the tower's forward derives from `grid_thw`, computed on the host once per grid.
+
+    Tensors live on the tower's device. The two `cu_seqlens` tensors identify which segment groups an
+    attention call uses: the tower only ever passes these two objects to its blocks.
+    """
+
+    position_ids: Tensor  # [num_patches, 2] int64 (h, w) rotary positions in processor row order
+    window_index: Tensor  # [num_patches / merge**2] int64 merge units in window order
+    cu_seqlens: Tensor  # [num_temporal_patches + 1] int32 full attention: one segment per temporal patch
+    cu_window_seqlens: Tensor  # [num_windows + 1] int32 window attention, in window order
+    max_seqlen: int
+    max_window_seqlen: int
+    full_groups: tuple[SegmentGroup, ...]
+    window_groups: tuple[SegmentGroup, ...]
+
+    @classmethod
+    def build(
+        cls, grid: Tensor, merge: int, window_size: int, patch_size: int, device: torch.device
+    ) -> VisionLayout:
+        """The layout of host `grid` [k, 3] (t, h, w), computed by transformers' own helpers."""
+        position_ids = get_vision_position_ids(grid, merge)
+        cu_seqlens = get_vision_cu_seqlens(grid)
+        window_index, cu_window_seqlens = get_vision_window_index(
+            grid, spatial_merge_size=merge, window_size=window_size, patch_size=patch_size
+        )
+        full_lens, window_lens = _seq_lens(cu_seqlens), _seq_lens(cu_window_seqlens)
+        return cls(
+            position_ids=_upload(position_ids, device),
+            window_index=_upload(window_index, device),
+            cu_seqlens=_upload(cu_seqlens, device),
+            cu_window_seqlens=_upload(cu_window_seqlens, device),
+            max_seqlen=max(full_lens),
+            max_window_seqlen=max(window_lens),
+            full_groups=segment_groups(full_lens, device),
+            window_groups=segment_groups(window_lens, device),
+        )
+
+    def groups_for(self, cu_seqlens: Tensor) -> tuple[SegmentGroup, ...] | None:
+        """The segment groups of one of this layout's `cu_seqlens` objects; None for any other tensor."""
+        if cu_seqlens is self.cu_seqlens:
+            return self.full_groups
+        if cu_seqlens is self.cu_window_seqlens:
+            return self.window_groups
+        return None
+
+    def forward_kwargs(self) -> dict[str, Any]:
+        """Precomputed values under the keys the stock forward pops instead of computing them."""
+        return {
+            "position_ids": self.position_ids,
+            "window_index": self.window_index,
+            "cu_window_seqlens": self.cu_window_seqlens,
+            "cu_seqlens": self.cu_seqlens,
+            "max_seqlen": self.max_seqlen,
+            "max_window_seqlen": self.max_window_seqlen,
+        }
+
+
+class ActiveLayout:
+    """The layout of the `encode` call in progress (None outside one), shared by the tower and its blocks."""
+
+    def __init__(self) -> None:
+        self.layout: VisionLayout | None = None
+
+
+def segment_attention(
+    q: Tensor, k: Tensor, v: Tensor, groups: tuple[SegmentGroup, ...], scale: float, dropout_p: float = 0.0
+) -> Tensor:
+    """Bidirectional attention within each segment: one SDPA call per group. q, k, v, out: [N, heads, dim]."""
+
+    def run(qs: Tensor, ks: Tensor, vs: Tensor, g: SegmentGroup) -> Tensor:
+        heads, dim = qs.shape[1:]
+        qs, ks, vs = (x.view(g.num_segments, g.seq_len, heads, dim).transpose(1, 2) for x in (qs, ks, vs))
+        out = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout_p, scale=scale)
+        return out.transpose(1, 2).reshape(g.num_segments * g.seq_len, heads, dim)
+
+    if len(groups) == 1 and groups[0].rows is None:
+        return run(q, k, v, groups[0])
+    out = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
+    for g in groups:
+        out.index_copy_(0, g.rows, run(q[g.rows], k[g.rows], v[g.rows], g))
+    return out
+
+
+class SegmentAttention(Qwen2_5_VLVisionAttention):
+    """Qwen2.5-VL vision attention (same `qkv` and `proj` parameters) with one SDPA call per segment length.
+
+    Segment lengths come from the active `encode` layout when `cu_seqlens` is one of its tensors, else
+    from reading `cu_seqlens` back (a device sync; only direct calls of the tower's forward take it).
+    Flash attention implementations keep the stock varlen path.
+    """
+
+    def __init__(self, config: Qwen2_5_VLVisionConfig, active: ActiveLayout) -> None:
+        super().__init__(config)
+        self.active = active
+
+    def segment_groups(self, cu_seqlens: Tensor) -> tuple[SegmentGroup, ...]:
+        layout = self.active.layout
+        groups = None if layout is None else layout.groups_for(cu_seqlens)
+        if groups is None:
+            groups = segment_groups(_seq_lens(cu_seqlens.cpu()), cu_seqlens.device)
+        return groups
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        cu_seqlens: Tensor,
+        position_embeddings: tuple[Tensor, Tensor] | None = None,
+        max_seqlen: int | None = None,
+        **kwargs: Any,
+    ) -> Tensor:
+        if is_flash_attention_requested(self.config):
+            return super().forward(hidden_states, cu_seqlens, position_embeddings, max_seqlen, **kwargs)
+        seq_len = hidden_states.shape[0]
+        q, k, v = self.qkv(hidden_states).reshape(seq_len, 3, self.num_heads, -1).unbind(1)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+        dropout_p = self.attention_dropout if self.training else 0.0
+        out = segment_attention(q, k, v, self.segment_groups(cu_seqlens), self.scaling, dropout_p)
+        return self.proj(out.reshape(seq_len, -1))
+
+
 class VisionTower(Qwen2_5_VisionTransformerPretrainedModel):
     """Qwen2.5-VL ViT + patch merger; `encode` gives [num_merged_tokens, out_hidden_size]."""
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__(hf_vision_config(cfg))
         self.vision_config = cfg
+        self.active = ActiveLayout()
+        # grid rows (t, h, w) -> layout on the tower's device, least recently used first
+        self.layouts: OrderedDict[tuple[tuple[int, int, int], ...], VisionLayout] = OrderedDict()
+        for block in self.blocks:
+            attn = SegmentAttention(self.config, self.active)
+            attn.qkv, attn.proj = block.attn.qkv, block.attn.proj  # the stock module's parameters, as built
+            block.attn = attn
 
     def reset_buffers(self) -> None:
         """Recompute the non-persistent rotary buffers (needed after building on the meta device)."""
@@ -38,16 +228,38 @@ class VisionTower(Qwen2_5_VisionTransformerPretrainedModel):
         inv_freq, _ = Qwen2_5_VLVisionRotaryEmbedding.compute_axial_rope_parameters(rope.config)
         rope.inv_freq = inv_freq.to(device)
         rope.original_inv_freq = inv_freq.clone().to(device)
+        self.layouts.clear()
+
+    def layout(self, grid_thw: Tensor) -> VisionLayout:
+        """The (cached) layout of `grid_thw` [k, 3]; reads a device grid back once."""
+        grid = grid_thw.to("cpu", torch.int64)
+        key = tuple((t, h, w) for t, h, w in grid.tolist())
+        device = self.patch_embed.proj.weight.device
+        layout = self.layouts.get(key)
+        if layout is None or layout.cu_seqlens.device != device:
+            layout = VisionLayout.build(
+                grid, self.spatial_merge_size, self.window_size, self.patch_size, device
+            )
+        self.layouts[key] = layout
+        self.layouts.move_to_end(key)
+        while len(self.layouts) > MAX_CACHED_LAYOUTS:
+            self.layouts.popitem(last=False)
+        return layout
 
     @torch.no_grad()
-    def encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+    def encode(self, pixel_values: Tensor, grid_thw: Tensor) -> Tensor:
         """Merged vision tokens of all entries, concatenated in entry order.
 
         pixel_values: [num_patches, C * temporal_patch * patch * patch] processor rows (any float dtype).
-        grid_thw: [k, 3] int (t, h, w) in patch units per entry. Returns
-        [sum(t * h * w) / merge**2, out_hidden_size] in the tower's dtype.
+        grid_thw: [k, 3] int (t, h, w) in patch units per entry; a host tensor avoids one device sync.
+        Returns [sum(t * h * w) / merge**2, out_hidden_size] in the tower's dtype.
         """
-        dtype = self.patch_embed.proj.weight.dtype
-        device = self.patch_embed.proj.weight.device
-        out = self(pixel_values.to(device=device, dtype=dtype), grid_thw.to(device))
+        weight = self.patch_embed.proj.weight
+        layout = self.layout(grid_thw)
+        self.active.layout = layout
+        try:
+            pixels = pixel_values.to(device=weight.device, dtype=weight.dtype)
+            out = self(pixels, grid_thw, **layout.forward_kwargs())  # grid_thw itself goes unread
+        finally:
+            self.active.layout = None
         return out.pooler_output

@@ -1,12 +1,19 @@
-"""Vision tower on the tiny checkpoint: merged-token counts and injection at the pad positions."""
+"""Vision tower on the tiny checkpoint: merged-token counts, injection at the pad positions, and the batched
+segment attention against transformers' stock per-segment loop."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from model_helpers import new_state, text_positions
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+    Qwen2_5_VisionTransformerPretrainedModel,
+    Qwen2_5_VLVisionAttention,
+)
 
+import model.vision as vision
 from model.batch import BatchMeta
+from model.vision import SegmentAttention, hf_vision_config, segment_groups
 
 PATCH_DIM = 3 * 2 * 14 * 14  # channels * temporal_patch * patch * patch
 
@@ -68,3 +75,97 @@ def test_feature_count_must_match_placeholders(tiny_model):
         tiny_model.embed_multimodal(ids, image_features=torch.zeros(2, cfg.hidden_size))
     with pytest.raises(ValueError, match="image"):
         tiny_model.embed_multimodal(ids)
+
+
+# ---------------------------------------------------------------------------------------------------
+# batched segment attention vs transformers' per-segment SDPA loop
+
+GRIDS = {
+    # several images with edge windows: window lengths 24, 64, 32, 16, 8, 4; full segments 24, 120, 180
+    "images": [[1, 4, 6], [1, 10, 12], [1, 18, 10]],
+    # a video: 3 temporal patches of 16 x 20 patches, windows of 64 and 32 rows, 3 full segments of 320
+    "video": [[3, 16, 20]],
+    # one image, all 4 windows of 64 rows
+    "image": [[1, 16, 16]],
+    # images and a video in one call: equal lengths that are not neighbours (24 and 64 rows, twice each)
+    "mixed": [[1, 4, 6], [2, 8, 8], [1, 6, 4]],
+}
+
+
+@pytest.fixture(scope="module")
+def stock_tower(tiny_model) -> Qwen2_5_VisionTransformerPretrainedModel:
+    """transformers' own tower (stock attention, SDPA per segment) with the tiny model's vision weights."""
+    tower = Qwen2_5_VisionTransformerPretrainedModel(hf_vision_config(tiny_model.config.vision))
+    tower.load_state_dict(tiny_model.visual.state_dict(), strict=True)  # same keys, nothing left over
+    return tower.to(torch.float32).eval()
+
+
+def test_blocks_use_segment_attention_with_stock_parameter_names(tiny_model, stock_tower):
+    assert all(type(block.attn) is SegmentAttention for block in tiny_model.visual.blocks)
+    assert all(type(block.attn) is Qwen2_5_VLVisionAttention for block in stock_tower.blocks)
+    assert list(tiny_model.visual.state_dict()) == list(stock_tower.state_dict())
+
+
+@pytest.mark.parametrize("name", list(GRIDS))
+@torch.no_grad()
+def test_encode_equals_stock_per_segment_loop(tiny_model, stock_tower, name):
+    grid = GRIDS[name]
+    px, grid_thw = _pixels(grid, seed=3), torch.tensor(grid)
+    expected = stock_tower(px, grid_thw).pooler_output
+    torch.testing.assert_close(tiny_model.visual.encode(px, grid_thw), expected, rtol=1e-5, atol=1e-6)
+    # a direct forward call (no encode layout: segment lengths read back from cu_seqlens) agrees too
+    direct = tiny_model.visual(px, grid_thw).pooler_output
+    torch.testing.assert_close(direct, expected, rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_one_sdpa_call_per_segment_length(tiny_model, monkeypatch):
+    """Window layer: 12 windows of 64 rows + 6 of 32 -> 2 calls; full layer: 3 frames of 320 -> 1 call."""
+    shapes = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, *args, **kwargs):
+        shapes.append(tuple(q.shape))
+        return sdpa(q, *args, **kwargs)
+
+    monkeypatch.setattr(vision.F, "scaled_dot_product_attention", spy)
+    grid = GRIDS["video"]
+    tiny_model.visual.encode(_pixels(grid), torch.tensor(grid))
+    heads = tiny_model.config.vision.num_heads
+    head_dim = tiny_model.config.vision.hidden_size // heads
+    assert shapes == [(12, heads, 64, head_dim), (6, heads, 32, head_dim), (3, heads, 320, head_dim)]
+
+
+@torch.no_grad()
+def test_encode_reads_segment_lengths_from_its_cached_layout(tiny_model, monkeypatch):
+    """Once a grid's layout is built, encode never rebuilds segment groups (no read-back of cu_seqlens)
+    and the precomputed tensors are consumed by the forward, not passed down to the blocks."""
+    grid = GRIDS["images"]
+    px, grid_thw = _pixels(grid, seed=4), torch.tensor(grid)
+    expected = tiny_model.visual.encode(px, grid_thw)
+    layout = tiny_model.visual.layout(grid_thw)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("segment groups rebuilt during encode")
+
+    block_kwargs = []
+    monkeypatch.setattr(vision, "segment_groups", fail)
+    hook = tiny_model.visual.blocks[0].register_forward_pre_hook(
+        lambda module, args, kwargs: block_kwargs.append(kwargs), with_kwargs=True
+    )
+    try:
+        again = tiny_model.visual.encode(px, grid_thw)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(again, expected, rtol=0, atol=0)
+    (kwargs,) = block_kwargs
+    assert kwargs["cu_seqlens"] is layout.cu_window_seqlens  # block 0 is a window-attention block
+    assert not {"position_ids", "window_index", "cu_window_seqlens"} & set(kwargs)
+
+
+def test_segment_groups_keep_row_order():
+    (all_equal,) = segment_groups([4, 4, 4], torch.device("cpu"))
+    assert (all_equal.seq_len, all_equal.num_segments, all_equal.rows) == (4, 3, None)
+    fours, twos = segment_groups([4, 2, 4, 0, 2], torch.device("cpu"))
+    assert (fours.seq_len, fours.num_segments, fours.rows.tolist()) == (4, 2, [0, 1, 2, 3, 6, 7, 8, 9])
+    assert (twos.seq_len, twos.num_segments, twos.rows.tolist()) == (2, 2, [4, 5, 10, 11])
