@@ -298,11 +298,14 @@ class GatedDeltaNet(nn.Module):
         proj = _project(x, self.in_proj_weight, None, self._parts())  # [N, sum(split_sizes)]
         # column slices: rows keep stride proj.shape[1], unit stride on channels
         stream, a, b, z = proj.split(self.split_sizes, dim=-1)
-        mixed = backend.short_conv(stream, self.conv_weight(), meta, conv_state)  # [N, conv_dim]
         key_dim = self.num_heads * self.head_k_dim
-        q = mixed[:, :key_dim].reshape(n, self.num_heads, self.head_k_dim)
-        k = mixed[:, key_dim : 2 * key_dim].reshape(n, self.num_heads, self.head_k_dim)
-        v = mixed[:, 2 * key_dim :].reshape(n, self.num_heads, self.head_v_dim)
+        value_dim = self.num_heads * self.head_v_dim
+        q, k, v = backend.short_conv(
+            stream, self.conv_weight(), meta, conv_state, [key_dim, key_dim, value_dim]
+        )
+        q = q.view(n, self.num_heads, self.head_k_dim)  # row-strided or contiguous: unit stride on d
+        k = k.view(n, self.num_heads, self.head_k_dim)
+        v = v.view(n, self.num_heads, self.head_v_dim)
         ops = backend.pointwise if self.neg_exp_a is not None else None  # fused ops need the fp32 constants
         if ops is not None:
             g, beta = ops.gdn_gates(a, b, self.neg_exp_a, self.dt_bias_f32)

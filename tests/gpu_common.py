@@ -1,7 +1,8 @@
 """Shared helpers of the GPU tests: device choice and comparison against the torch backend.
 
 GPU tests run on CUDA; with TRITON_INTERPRET=1 (and triton installed) the kernel tests also run in
-Triton's CPU interpreter, which is how the kernels' index logic is checked without a GPU.
+Triton's CPU interpreter, which is how the kernels' index logic is checked without a GPU (Triton 3.6's
+interpreter needs numpy < 2.3: newer numpy refuses its loop bounds, size-1 arrays, as Python ints).
 """
 
 from __future__ import annotations

@@ -125,10 +125,6 @@ def test_gdn_prefill(seed: int, dims: tuple[int, int, int]) -> None:
 @pytest.mark.parametrize("decode", [False, True])
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("window", [16, 96])
-@pytest.mark.skipif(
-    INTERPRET and not torch.cuda.is_available(),
-    reason="Triton 3.6's CPU interpreter cannot run the attention loops (tensor loop bounds)",
-)
 def test_sliding_window_attention(decode: bool, seed: int, window: int) -> None:
     tri, ref = _backends()
     torch.manual_seed(seed)
@@ -149,3 +145,26 @@ def test_sliding_window_attention(decode: bool, seed: int, window: int) -> None:
     assert torch.equal(torch.isnan(kc.float()), torch.isnan(kc_ref.float()))
     assert torch.equal(kc.nan_to_num(0.0), kc_ref.nan_to_num(0.0))
     assert torch.equal(vc.nan_to_num(0.0), vc_ref.nan_to_num(0.0))
+
+
+@pytest.mark.parametrize("decode", [False, True])
+def test_short_conv_split_parts(decode: bool) -> None:
+    """With split_sizes the parts equal the torch backend's column slices; prefill parts are
+    contiguous (what fla's chunked kernel reads without a copy). x is a strided column slice."""
+    tri, ref = _backends()
+    torch.manual_seed(5)
+    slots, lens, ctx, num_slots = _case(decode, 5)
+    meta = BatchMeta.build(slots, lens, ctx, DEVICE)
+    sizes = [32, 32, 64]
+    C, K = sum(sizes), 4
+    x = torch.randn(sum(lens), C + 24, dtype=DT, device=DEVICE)[:, 8 : 8 + C]
+    w = torch.randn(C, K, dtype=DT, device=DEVICE) * 0.5
+    pool = _pool((C, K), num_slots, DT, slots, ctx)
+    pool_ref = pool.clone()
+    parts = tri.short_conv(x, w, meta, pool, sizes)
+    parts_ref = ref.short_conv(x, w, meta, pool_ref, sizes)
+    assert [p.shape for p in parts] == [(sum(lens), s) for s in sizes]
+    for p, p_ref in zip(parts, parts_ref, strict=True):
+        assert rel_err(p, p_ref) < TOL
+        assert decode or p.is_contiguous()
+    _compare_pools(pool, pool_ref, slots, TOL)

@@ -102,38 +102,39 @@ def test_rope_in_place_on_projection_columns() -> None:
 
 
 @torch.no_grad()
-def test_model_with_fused_ops_equals_plain_code(tiny_ckpt_dir) -> None:
+def test_model_with_fused_ops_tracks_plain_code(tiny_ckpt_dir) -> None:
     """The tiny model (torch backend for the stateful parts) with and without the Triton pointwise ops,
-    over a prefill and three decode steps: same hidden states and pool states. Checks the deferred
+    over a prefill and three decode steps, each against an fp32 oracle: the fused run must be as close
+    to it as the plain run (in fp32 both are the oracle up to reduction order). Checks the deferred
     residual adds and every fused call site end to end."""
     from model.backends.torch_backend import TorchBackend
-    from model.batch import BatchMeta
     from model.loader import load_model
-    from model.state import allocate_state
 
-    model = load_model(tiny_ckpt_dir, dtype=DT, device=DEVICE, backend="torch")
-    cfg = model.config.text
-    slots, prompt = [2, 0], [5, 9]
-    runs = []
-    for fused in (True, False):
+    runs = {}
+    for name, dtype, fused in (("fused", DT, True), ("plain", DT, False), ("oracle", torch.float32, False)):
+        model = load_model(tiny_ckpt_dir, dtype=dtype, device=DEVICE, backend="torch")
         backend = TorchBackend(DEVICE)
         backend.pointwise = _ops() if fused else None
         model.backend = backend
-        state = allocate_state(cfg, 3, torch.float32, DT, DEVICE)
-        ids = torch.arange(3, 3 + sum(prompt), device=DEVICE)
-        pos = torch.cat([torch.arange(n) for n in prompt]).to(DEVICE).expand(3, -1)
-        outs = [model(ids, pos, BatchMeta.build(slots, prompt, [0, 0], DEVICE), state)]
-        for step in range(3):
-            ctx = [n + step for n in prompt]
-            ids = torch.tensor([7 + step, 40 + step], device=DEVICE)
-            pos = torch.tensor(ctx, device=DEVICE).expand(3, -1)
-            outs.append(model(ids, pos, BatchMeta.build(slots, [1, 1], ctx, DEVICE), state))
-        runs.append((torch.cat(outs), state))
-    (h_fused, s_fused), (h_plain, s_plain) = runs
-    assert rel_err(h_fused, h_plain) < TOL
-    for a, b in zip(_tensors(s_fused), _tensors(s_plain), strict=True):
-        assert rel_err(a[:, slots], b[:, slots]) < TOL
+        runs[name] = _prefill_and_decode(model)
+    for i in range(5):  # hidden states, then the four state tensors
+        oracle = runs["oracle"][i]
+        err_fused, err_plain = rel_err(runs["fused"][i], oracle), rel_err(runs["plain"][i], oracle)
+        assert err_fused <= 2 * err_plain + 1e-5, (i, err_fused, err_plain)
 
 
-def _tensors(state) -> list[torch.Tensor]:
-    return [state.recurrent, state.conv, state.key, state.value]
+def _prefill_and_decode(model) -> list[torch.Tensor]:
+    from model.batch import BatchMeta
+    from model.state import allocate_state
+
+    slots, prompt = [2, 0], [5, 9]
+    state = allocate_state(model.config.text, 3, torch.float32, model.dtype, DEVICE)
+    ids = torch.arange(3, 3 + sum(prompt), device=DEVICE)
+    pos = torch.cat([torch.arange(n) for n in prompt]).to(DEVICE).expand(3, -1)
+    outs = [model(ids, pos, BatchMeta.build(slots, prompt, [0, 0], DEVICE), state)]
+    for step in range(3):
+        ctx = [n + step for n in prompt]
+        ids = torch.tensor([7 + step, 40 + step], device=DEVICE)
+        pos = torch.tensor(ctx, device=DEVICE).expand(3, -1)
+        outs.append(model(ids, pos, BatchMeta.build(slots, [1, 1], ctx, DEVICE), state))
+    return [torch.cat(outs)] + [t[:, slots] for t in (state.recurrent, state.conv, state.key, state.value)]

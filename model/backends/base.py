@@ -61,8 +61,9 @@ class Backend(Protocol):
         weight: torch.Tensor,  # [C, K] depthwise causal kernel; column K-1 multiplies the current token
         meta: BatchMeta,
         conv_state: torch.Tensor,  # [num_slots + 1, C, K] this layer's view, updated in place
-    ) -> torch.Tensor:  # [N, C] model dtype, silu(conv(x)), fp32 accumulation
-        ...
+        split_sizes: list[int] | None = None,  # channel widths to return separately (q|k|v)
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:  # [N, C] model dtype, silu(conv(x)), fp32 accumulation;
+        ...  # with split_sizes, one [N, width] tensor per part (contiguous where the backend prefers)
 
     def gated_delta_rule(
         self,

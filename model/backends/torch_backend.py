@@ -48,7 +48,12 @@ class TorchBackend:
         weight: torch.Tensor,
         meta: BatchMeta,
         conv_state: torch.Tensor,
-    ) -> torch.Tensor:
+        split_sizes: list[int] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        out = self._short_conv(x, weight, meta, conv_state)
+        return out if split_sizes is None else out.split(split_sizes, dim=1)
+
+    def _short_conv(self, x, weight, meta, conv_state) -> torch.Tensor:
         if meta.is_decode:
             return self._conv_step_batched(x, weight, meta, conv_state)
         out = torch.empty_like(x)

@@ -15,9 +15,11 @@ import triton.language as tl
 @triton.jit
 def _conv_prefill_out_kernel(
     x_ptr, w_ptr, state_ptr, out_ptr, tok_seq_ptr, cu_ptr, slot_ptr, ctx_ptr,
-    N, C, stride_x, stride_o, stride_s_slot, stride_s_c,
+    N, C, S1, S2, stride_x, stride_s_slot, stride_s_c,
     K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
 ):  # fmt: skip
+    # output: channels [0, S1), [S1, S1 + S2), [S1 + S2, C) go to three row-major [N, width] parts
+    # stored back to back (S2 = 0 and S1 = C: one [N, C] tensor)
     offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
     offs_c = tl.program_id(1) * BC + tl.arange(0, BC)
     mt = offs_t < N
@@ -39,7 +41,14 @@ def _conv_prefill_out_kernel(
         wj = tl.load(w_ptr + offs_c * K + j, mask=mc, other=0.0).to(tl.float32)
         acc += (xv.to(tl.float32) + sv.to(tl.float32)) * wj[None, :]
     y = acc * tl.sigmoid(acc)
-    o_ptrs = out_ptr + offs_t[:, None].to(tl.int64) * stride_o + offs_c[None, :]
+    in_p0 = offs_c < S1
+    in_p1 = (offs_c >= S1) & (offs_c < S1 + S2)
+    part_base = tl.where(in_p0, 0, tl.where(in_p1, N * S1, N * (S1 + S2))).to(tl.int64)
+    part_col = tl.where(in_p0, offs_c, tl.where(in_p1, offs_c - S1, offs_c - S1 - S2))
+    part_width = tl.where(in_p0, S1, tl.where(in_p1, S2, C - S1 - S2)).to(tl.int64)
+    o_ptrs = (
+        out_ptr + part_base[None, :] + offs_t[:, None].to(tl.int64) * part_width[None, :] + part_col[None, :]
+    )
     tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mt[:, None] & mc[None, :])
 
 
@@ -139,20 +148,25 @@ def conv_prefill(
     context_lens: torch.Tensor,
     block_t: int = 32,
     block_c: int = 128,
-) -> torch.Tensor:
+    split_sizes: list[int] | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Packed varlen prefill: returns silu(conv(x)) [N, C] and writes each slot's last K inputs.
 
     tok_seq: [N] int32, the sequence of each packed token. block_t x block_c: tokens x channels per
-    program (launch parameters only).
+    program (launch parameters only). With split_sizes (three widths summing to C) the output comes
+    as three contiguous [N, width] tensors instead (what the chunked delta-rule kernel reads).
     """
     k = _check(x, weight, conv_state)
     num_tok, num_ch = x.shape
-    out = torch.empty_like(x)
+    s1, s2 = (num_ch, 0) if split_sizes is None else (split_sizes[0], split_sizes[1])
+    if split_sizes is not None and (len(split_sizes) != 3 or sum(split_sizes) != num_ch):
+        raise ValueError(f"split_sizes {split_sizes} must be three widths summing to {num_ch}")
+    flat = torch.empty(num_tok * num_ch, dtype=x.dtype, device=x.device)
     bt, bc = block_t, block_c
     grid = (triton.cdiv(num_tok, bt), triton.cdiv(num_ch, bc))
     _conv_prefill_out_kernel[grid](
-        x, weight, conv_state, out, tok_seq, cu_seqlens, slot_ids, context_lens,
-        num_tok, num_ch, x.stride(0), out.stride(0), conv_state.stride(0), conv_state.stride(1),
+        x, weight, conv_state, flat, tok_seq, cu_seqlens, slot_ids, context_lens,
+        num_tok, num_ch, s1, s2, x.stride(0), conv_state.stride(0), conv_state.stride(1),
         K=k, BT=bt, BC=bc,
     )  # fmt: skip
     bcs = 256
@@ -162,4 +176,9 @@ def conv_prefill(
         num_ch, x.stride(0), conv_state.stride(0), conv_state.stride(1),
         K=k, BC=bcs,
     )  # fmt: skip
-    return out
+    if split_sizes is None:
+        return flat.view(num_tok, num_ch)
+    return tuple(
+        part.view(num_tok, w)
+        for part, w in zip(flat.split([num_tok * w for w in split_sizes]), split_sizes, strict=True)
+    )
