@@ -14,7 +14,12 @@ import torch
 from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
 from model.backends.triton_kernels.conv import conv_prefill
-from model.backends.triton_kernels.ops import TritonPointwise, conv_decode_op, gdn_decode_op, swa_decode_op
+from model.backends.triton_kernels.ops import (
+    TritonPointwise,
+    conv_decode_call,
+    gdn_decode_call,
+    swa_decode_call,
+)
 from model.backends.triton_kernels.swa import swa_prefill
 from model.batch import BatchMeta
 
@@ -68,7 +73,7 @@ class TritonBackend:
         """silu(causal depthwise conv) [N, C] (or its parts); conv_state rows meta.slot_ids updated in
         place. Prefill writes the parts contiguously (no copies before fla's chunked kernel)."""
         if meta.is_decode:
-            out = conv_decode_op(x, weight, conv_state, meta.slot_ids, meta.context_lens)
+            out = conv_decode_call(x, weight, conv_state, meta.slot_ids, meta.context_lens)
             return out if split_sizes is None else out.split(split_sizes, dim=1)
         t = self._tables(meta)
         return conv_prefill(
@@ -89,7 +94,7 @@ class TritonBackend:
         """Delta-rule output [N, H, d_v]; state rows meta.slot_ids updated in place."""
         scale = q.shape[-1] ** -0.5
         if meta.is_decode:
-            return gdn_decode_op(q, k, v, g, beta, state, meta.slot_ids, meta.context_lens, scale)
+            return gdn_decode_call(q, k, v, g, beta, state, meta.slot_ids, meta.context_lens, scale)
         return self._gdn_prefill(q, k, v, g, beta, meta, state, scale)
 
     def _gdn_prefill(
@@ -135,7 +140,7 @@ class TritonBackend:
     ) -> torch.Tensor:
         """Windowed causal attention [N, Hq, D]; the ring rows of meta.slot_ids get the new keys."""
         if meta.is_decode:
-            return swa_decode_op(
+            return swa_decode_call(
                 q, k, v, key_cache, value_cache, meta.slot_ids, meta.context_lens, scale, self.num_sms
             )
         window = key_cache.shape[1]
