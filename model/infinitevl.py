@@ -91,6 +91,7 @@ class InfiniteVLForCausalLM(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.fuse_projections()
             layer.mlp.fuse_projections()
+        self.visual.fuse_projections()
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings [N, hidden] in the model dtype."""

@@ -22,10 +22,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VisionTransformerPretrainedModel,
+    Qwen2_5_VLMLP,
     Qwen2_5_VLVisionAttention,
     Qwen2_5_VLVisionRotaryEmbedding,
     apply_rotary_pos_emb_vision,
@@ -207,6 +208,46 @@ class SegmentAttention(Qwen2_5_VLVisionAttention):
         return self.proj(out.reshape(seq_len, -1))
 
 
+class AlignedMLP(Qwen2_5_VLMLP):
+    """The tower's SwiGLU MLP. After `fuse_projections()` gate|up run as one GEMM and the intermediate
+    width is zero-padded to a multiple of 8 (3420 -> 3424 in the release): an unaligned width sends
+    cuBLAS to slow fallback kernels. Exact: padded gate/up outputs are 0, silu(0) * 0 = 0, and the
+    padded down columns are 0. The checkpoint-named Linears keep their shapes as views of the padded
+    tensors (no second copy); call it again after `.to()`."""
+
+    def __init__(self, config: Qwen2_5_VLVisionConfig) -> None:
+        super().__init__(config, bias=True)
+        self.register_buffer("gate_up_weight", None, persistent=False)  # [2 * padded, hidden]
+        self.register_buffer("gate_up_bias", None, persistent=False)
+        self.register_buffer("down_weight", None, persistent=False)  # [hidden, padded]
+
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        w = self.gate_proj.weight
+        if self.gate_up_weight is not None and w.data_ptr() == self.gate_up_weight.data_ptr():
+            return
+        inter, hidden = w.shape
+        padded = -(-inter // 8) * 8
+        gate_up = w.new_zeros(2 * padded, hidden)
+        gate_up_bias = w.new_zeros(2 * padded)
+        down = w.new_zeros(hidden, padded)
+        for i, lin in enumerate((self.gate_proj, self.up_proj)):
+            rows = slice(i * padded, i * padded + inter)
+            gate_up[rows] = lin.weight
+            gate_up_bias[rows] = lin.bias
+            lin.weight = nn.Parameter(gate_up[rows], requires_grad=False)
+            lin.bias = nn.Parameter(gate_up_bias[rows], requires_grad=False)
+        down[:, :inter] = self.down_proj.weight
+        self.down_proj.weight = nn.Parameter(down[:, :inter], requires_grad=False)
+        self.gate_up_weight, self.gate_up_bias, self.down_weight = gate_up, gate_up_bias, down
+
+    def forward(self, hidden_state: Tensor) -> Tensor:
+        if self.gate_up_weight is None:
+            return super().forward(hidden_state)
+        gate, up = F.linear(hidden_state, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
+        return F.linear(self.act_fn(gate) * up, self.down_weight, self.down_proj.bias)
+
+
 class VisionTower(Qwen2_5_VisionTransformerPretrainedModel):
     """Qwen2.5-VL ViT + patch merger; `encode` gives [num_merged_tokens, out_hidden_size]."""
 
@@ -220,6 +261,18 @@ class VisionTower(Qwen2_5_VisionTransformerPretrainedModel):
             attn = SegmentAttention(self.config, self.active)
             attn.qkv, attn.proj = block.attn.qkv, block.attn.proj  # the stock module's parameters, as built
             block.attn = attn
+            mlp = AlignedMLP(self.config)
+            mlp.gate_proj, mlp.up_proj, mlp.down_proj = (
+                block.mlp.gate_proj,
+                block.mlp.up_proj,
+                block.mlp.down_proj,
+            )
+            block.mlp = mlp
+
+    def fuse_projections(self) -> None:
+        """Pad and fuse every block's MLP (see `AlignedMLP`); idempotent."""
+        for block in self.blocks:
+            block.mlp.fuse_projections()
 
     def reset_buffers(self) -> None:
         """Recompute the non-persistent rotary buffers (needed after building on the meta device)."""

@@ -169,3 +169,30 @@ def test_segment_groups_keep_row_order():
     fours, twos = segment_groups([4, 2, 4, 0, 2], torch.device("cpu"))
     assert (fours.seq_len, fours.num_segments, fours.rows.tolist()) == (4, 2, [0, 1, 2, 3, 6, 7, 8, 9])
     assert (twos.seq_len, twos.num_segments, twos.rows.tolist()) == (2, 2, [4, 5, 10, 11])
+
+
+@torch.no_grad()
+def test_aligned_mlp_pads_to_a_multiple_of_eight_exactly() -> None:
+    """An unaligned intermediate width (60) is zero-padded to 64 and gate|up fused: same output as the
+    stock MLP, same state-dict names and shapes, Linears viewing the padded tensors, idempotent."""
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP
+
+    from model.vision import AlignedMLP
+
+    cfg = Qwen2_5_VLVisionConfig(hidden_size=32, intermediate_size=60, hidden_act="silu")
+    torch.manual_seed(0)
+    stock = Qwen2_5_VLMLP(cfg, bias=True)
+    mlp = AlignedMLP(cfg)
+    mlp.load_state_dict(stock.state_dict())
+    x = torch.randn(5, 32)
+    mlp.fuse_projections()
+    assert mlp.gate_up_weight.shape == (128, 32) and mlp.down_weight.shape == (32, 64)
+    assert {k: v.shape for k, v in mlp.state_dict().items()} == {
+        k: v.shape for k, v in stock.state_dict().items()
+    }
+    assert mlp.up_proj.weight.data_ptr() == mlp.gate_up_weight[64:].data_ptr()
+    torch.testing.assert_close(mlp(x), stock(x), rtol=1e-5, atol=1e-6)
+    fused = mlp.gate_up_weight
+    mlp.fuse_projections()
+    assert mlp.gate_up_weight is fused
