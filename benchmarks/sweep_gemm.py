@@ -1,6 +1,6 @@
 # ruff: noqa: B023  (closures are called at once, inside the loop that binds their variables)
 """Decode GEMMs at the real 4B shapes: cuBLAS (F.linear, and x @ W^T stored transposed) against the
-Triton skinny GEMM (model/backends/triton_kernels/gemm.py) over its launch parameters, for decode
+Triton skinny GEMM (benchmarks/skinny_gemm.py, a candidate not used by the model) over its launch parameters, for decode
 batches M = 1, 8, 32, 64. Each timing replays a CUDA graph of 20 calls (no launch overhead). Prints
 achieved TB/s on the weight bytes and the per-step total over the model's 36 layers; writes
 `sweep_gemm.json` into --out.
@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from bench_gpu import DEV, load_cfg
-
-from model.backends.triton_kernels.gemm import skinny_gemm
+from skinny_gemm import skinny_gemm
 
 BF16 = torch.bfloat16
 REPS = 20

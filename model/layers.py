@@ -309,9 +309,10 @@ class GatedDeltaNet(nn.Module):
         ops = backend.pointwise if self.neg_exp_a is not None else None  # fused ops need the fp32 constants
         if ops is not None:
             g, beta = ops.gdn_gates(a, b, self.neg_exp_a, self.dt_bias_f32)
-            o = backend.gated_delta_rule(q, k, v, g, beta, meta, recurrent_state)
-            return self.o_proj(ops.gated_rms_norm(o, z, self.o_norm_weight_f32, self.norm_eps))
-        g, beta = self.gates_from(a, b)
+        else:
+            g, beta = self.gates_from(a, b)
         o = backend.gated_delta_rule(q, k, v, g, beta, meta, recurrent_state)
+        if ops is not None:
+            return self.o_proj(ops.gated_rms_norm(o, z, self.o_norm_weight_f32, self.norm_eps))
         z = z.view(n, self.num_heads, self.head_v_dim)
         return self.o_proj(self.gated_norm(o, z).reshape(n, -1))

@@ -163,11 +163,7 @@ class TritonPointwise:
     def rms_norm(
         self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not torch.compiler.is_compiling():
-            return pointwise.rms_norm(x, weight, eps, residual)
-        if residual is None:
-            return rms_norm_op(x, weight, eps), x
-        return add_rms_norm_op(x, residual, weight, eps)
+        return _rms_norm(x, weight, eps, residual)
 
     def gated_rms_norm(
         self, o: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float
@@ -187,9 +183,19 @@ class TritonPointwise:
         return x
 
 
+def _rms_norm_ops(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """pointwise.rms_norm through the custom ops (which may not return an alias of an input)."""
+    if residual is None:
+        return rms_norm_op(x, weight, eps), x
+    return add_rms_norm_op(x, residual, weight, eps)
+
+
 conv_decode_call = eager_or_op(conv_decode_op, lambda x, w, *rest: conv_decode(x, w.contiguous(), *rest))
 gdn_decode_call = eager_or_op(gdn_decode_op, gdn_decode)
 swa_decode_call = eager_or_op(swa_decode_op, swa_decode)
+_rms_norm = eager_or_op(_rms_norm_ops, pointwise.rms_norm)
 _gated_rms_norm = eager_or_op(gated_rms_norm_op, pointwise.gated_rms_norm)
 _silu_mul = eager_or_op(silu_mul_op, pointwise.silu_mul)
 _gdn_gates = eager_or_op(gdn_gates_op, pointwise.gdn_gates)

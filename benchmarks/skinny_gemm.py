@@ -1,5 +1,8 @@
 """Skinny GEMM for decode: y [M, N] = x [M, K] @ W[N, K]^T (+ bias) for small M (a decode batch).
 
+A candidate, not used by the model: benchmarks/sweep_gemm.py times it against cuBLAS (best of both per
+shape saves about 0.2 ms of a batch-1 step; docs/benchmarks.md).
+
 At small M the product only streams the weight, so its speed is the weight bytes over the copy
 bandwidth. Each program owns a BLOCK_N slice of W's rows and one of SPLIT_K slices of K; with
 SPLIT_K > 1 the fp32 partials [SPLIT_K, M, N] are summed (and the bias added) by a second kernel.
