@@ -17,6 +17,20 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _attend_block(q, kb, vb, visible, m_i, l_i, acc, qk_scale):
+    """One online-softmax step: fold the key/value block kb, vb [BN, D] into the running max m_i,
+    sum l_i and output acc of the queries q [BM, D]; `visible` [BM, BN] masks scores (log2 units)."""
+    s = tl.where(visible, tl.dot(q, tl.trans(kb)) * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet
+    alpha = tl.exp2(m_i - m_safe)
+    pr = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(pr, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(pr.to(vb.dtype), vb)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _swa_decode_split_kernel(
     q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, ctx_ptr, m_ptr, l_ptr, acc_ptr,
     W, HKV, G, NSPLIT, SPLIT_LEN,
@@ -61,15 +75,7 @@ def _swa_decode_split_kernel(
         offs = base + rows[:, None].to(tl.int64) * stride_c_row + offs_d[None, :]
         kb = tl.load(kc_ptr + offs, mask=valid[:, None], other=0.0)
         vb = tl.load(vc_ptr + offs, mask=valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(kb)) * qk_scale  # [BG, BN], log2 units
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        pr = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(pr, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(pr.to(vb.dtype), vb)
-        m_i = m_new
+        m_i, l_i, acc = _attend_block(q, kb, vb, valid[None, :], m_i, l_i, acc, qk_scale)
 
     out_idx = (b * HKV * G + heads) * NSPLIT + split  # [B, Hq, NSPLIT]
     tl.store(m_ptr + out_idx, m_i, mask=mg)
@@ -191,16 +197,8 @@ def _swa_prefill_kernel(
         offs = c_base + (pos_k % W)[:, None] * stride_c_row + offs_d[None, :]
         kb = tl.load(kc_ptr + offs, mask=mk[:, None], other=0.0)
         vb = tl.load(vc_ptr + offs, mask=mk[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(kb)) * qk_scale
         ok = mk[None, :] & (pos_k[None, :] > pos_q[:, None] - W)
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        pr = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(pr, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(pr.to(vb.dtype), vb)
-        m_i = m_new
+        m_i, l_i, acc = _attend_block(q, kb, vb, ok, m_i, l_i, acc, qk_scale)
 
     # phase 2: new positions max(lo, ctx) .. last_q, read from the packed keys
     n_lo = start + tl.maximum(lo - ctx, 0)
@@ -215,16 +213,8 @@ def _swa_prefill_kernel(
             v_ptr + offs_n[:, None] * stride_v + hk * stride_vh + offs_d[None, :], mask=mk[:, None], other=0.0
         )
         pos_k = ctx + (offs_n - start)
-        s = tl.dot(q, tl.trans(kb)) * qk_scale
         ok = mk[None, :] & (pos_k[None, :] <= pos_q[:, None]) & (pos_k[None, :] > pos_q[:, None] - W)
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        pr = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(pr, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(pr.to(vb.dtype), vb)
-        m_i = m_new
+        m_i, l_i, acc = _attend_block(q, kb, vb, ok, m_i, l_i, acc, qk_scale)
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptrs = out_ptr + offs_m[:, None] * stride_o + h * stride_oh + offs_d[None, :]
