@@ -7,6 +7,16 @@ from dataclasses import dataclass
 import torch
 
 
+def upload(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Host tensor -> `device` without blocking the host. A plain copy to CUDA waits for every kernel
+    already queued on the stream; through pinned memory the copy is queued behind them instead, so
+    the host can go on enqueueing (e.g. a prefill behind a vision-tower call) while the GPU works."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass(frozen=True)
 class BatchMeta:
     """One forward call over B sequences whose new tokens are packed back to back (N tokens, no padding).
@@ -50,11 +60,15 @@ class BatchMeta:
         cu = [0]
         for n in seq_lens:
             cu.append(cu[-1] + n)
+        b = len(slot_ids)
+        # one upload for all four tensors (views of it), none of which the host waits for
+        packed = torch.tensor([*slot_ids, *context_lens, *(c - 1 for c in cu[1:]), *cu], dtype=torch.int64)
+        dev = upload(packed, device)
         return BatchMeta(
-            slot_ids=torch.tensor(slot_ids, dtype=torch.int64, device=device),
-            cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=device),
-            context_lens=torch.tensor(context_lens, dtype=torch.int64, device=device),
-            logits_indices=torch.tensor([c - 1 for c in cu[1:]], dtype=torch.int64, device=device),
+            slot_ids=dev[:b],
+            cu_seqlens=dev[3 * b :].to(torch.int32),
+            context_lens=dev[b : 2 * b],
+            logits_indices=dev[2 * b : 3 * b],
             seq_lens_cpu=tuple(seq_lens),
             context_lens_cpu=tuple(context_lens),
             slot_ids_cpu=tuple(slot_ids),

@@ -99,7 +99,7 @@ class InfiniteVLForCausalLM(nn.Module):
 
     def encode_vision(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """Merged vision tokens [M, hidden] of all entries concatenated (M = sum(t*h*w) / merge**2)."""
-        return self.visual.encode(pixel_values, grid_thw).to(self.dtype)
+        return self.visual.encode(pixel_values, grid_thw, self.backend.pointwise).to(self.dtype)
 
     def embed_multimodal(
         self,

@@ -4,7 +4,7 @@ The tower is class-for-class identical to `Qwen2_5_VisionTransformerPretrainedMo
 (parameter names stay `patch_embed.*`, `blocks.{i}.*`, `merger.*` under the `visual.` prefix) and add
 `encode`, which returns the merged tokens.
 
-Two things differ from the stock forward, both for speed on the GPU, neither in the result:
+Three things differ from the stock forward, all for speed on the GPU, none in the result:
 - every block's attention is a `SegmentAttention`: transformers' SDPA path runs one SDPA call per window
   (16 windows x 28 windowed layers per 448x448 frame) and reads `cu_seqlens` back to the host in every
   layer; ours runs one batched SDPA call per distinct segment length (one call in the common case of
@@ -12,6 +12,9 @@ Two things differ from the stock forward, both for speed on the GPU, neither in 
 - `encode` derives everything the forward needs from `grid_thw` on the host (rotary positions, window
   order, `cu_seqlens`, the segment groups), caches it per grid, and hands it to the forward through
   transformers' precomputed-kwargs mechanism, so that the forward never reads the device.
+- given the backend's fused elementwise ops (`PointwiseOps`), a block runs its RMSNorms (the second one
+  with the residual add), the rotary embedding and the MLP's silu * up as one kernel each, where the
+  stock code runs several fp32 elementwise kernels per step; the roundings are the stock code's.
 """
 
 from __future__ import annotations
@@ -28,12 +31,15 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VisionTransformerPretrainedModel,
     Qwen2_5_VLMLP,
     Qwen2_5_VLVisionAttention,
+    Qwen2_5_VLVisionBlock,
     Qwen2_5_VLVisionRotaryEmbedding,
     apply_rotary_pos_emb_vision,
 )
 from transformers.utils.generic import is_flash_attention_requested
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
+from model.backends.base import PointwiseOps
+from model.batch import upload
 from model.config import VisionConfig
 
 MAX_CACHED_LAYOUTS = 32  # distinct grids whose layouts `encode` keeps on the device
@@ -55,13 +61,6 @@ class SegmentGroup:
     rows: Tensor | None  # [num_segments * seq_len] int64 row indices, segment-major; None: all rows in order
 
 
-def _upload(x: Tensor, device: torch.device) -> Tensor:
-    """Host tensor -> `device` without waiting for the device's stream (pinned, non-blocking on CUDA)."""
-    if device.type != "cuda":
-        return x.to(device)
-    return x.pin_memory().to(device, non_blocking=True)
-
-
 def segment_groups(seq_lens: list[int], device: torch.device) -> tuple[SegmentGroup, ...]:
     """Segments (given by their lengths, in row order) grouped by length, groups in first-seen order."""
     starts: dict[int, list[int]] = {}  # length -> first rows of its segments
@@ -76,7 +75,7 @@ def segment_groups(seq_lens: list[int], device: torch.device) -> tuple[SegmentGr
     groups = []
     for seq_len, firsts in starts.items():
         rows = (torch.tensor(firsts)[:, None] + torch.arange(seq_len)).reshape(-1)
-        groups.append(SegmentGroup(seq_len, len(firsts), _upload(rows, device)))
+        groups.append(SegmentGroup(seq_len, len(firsts), upload(rows, device)))
     return tuple(groups)
 
 
@@ -114,10 +113,10 @@ class VisionLayout:
         )
         full_lens, window_lens = _seq_lens(cu_seqlens), _seq_lens(cu_window_seqlens)
         return cls(
-            position_ids=_upload(position_ids, device),
-            window_index=_upload(window_index, device),
-            cu_seqlens=_upload(cu_seqlens, device),
-            cu_window_seqlens=_upload(cu_window_seqlens, device),
+            position_ids=upload(position_ids, device),
+            window_index=upload(window_index, device),
+            cu_seqlens=upload(cu_seqlens, device),
+            cu_window_seqlens=upload(cu_window_seqlens, device),
             max_seqlen=max(full_lens),
             max_window_seqlen=max(window_lens),
             full_groups=segment_groups(full_lens, device),
@@ -144,11 +143,13 @@ class VisionLayout:
         }
 
 
-class ActiveLayout:
-    """The layout of the `encode` call in progress (None outside one), shared by the tower and its blocks."""
+class ActiveEncode:
+    """What the `encode` call in progress runs with (None outside one), shared by the tower and its
+    blocks: the grid's layout and the backend's fused elementwise ops (None: the stock code)."""
 
     def __init__(self) -> None:
         self.layout: VisionLayout | None = None
+        self.pointwise: PointwiseOps | None = None
 
 
 def segment_attention(
@@ -178,7 +179,7 @@ class SegmentAttention(Qwen2_5_VLVisionAttention):
     Flash attention implementations keep the stock varlen path.
     """
 
-    def __init__(self, config: Qwen2_5_VLVisionConfig, active: ActiveLayout) -> None:
+    def __init__(self, config: Qwen2_5_VLVisionConfig, active: ActiveEncode) -> None:
         super().__init__(config)
         self.active = active
 
@@ -200,9 +201,15 @@ class SegmentAttention(Qwen2_5_VLVisionAttention):
         if is_flash_attention_requested(self.config):
             return super().forward(hidden_states, cu_seqlens, position_embeddings, max_seqlen, **kwargs)
         seq_len = hidden_states.shape[0]
-        q, k, v = self.qkv(hidden_states).reshape(seq_len, 3, self.num_heads, -1).unbind(1)
+        qkv = self.qkv(hidden_states).view(seq_len, 3, self.num_heads, -1)
         cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+        ops = self.active.pointwise
+        if ops is None:
+            q, k = apply_rotary_pos_emb_vision(qkv[:, 0], qkv[:, 1], cos, sin)
+        else:  # q and k heads rotated together, in place: [N, 2 heads, head_dim] rows of stride 3 * hidden
+            ops.vision_rope(qkv.view(seq_len, 3 * self.num_heads, -1)[:, : 2 * self.num_heads], cos, sin)
+            q, k = qkv[:, 0], qkv[:, 1]
+        v = qkv[:, 2]
         dropout_p = self.attention_dropout if self.training else 0.0
         out = segment_attention(q, k, v, self.segment_groups(cu_seqlens), self.scaling, dropout_p)
         return self.proj(out.reshape(seq_len, -1))
@@ -215,8 +222,10 @@ class AlignedMLP(Qwen2_5_VLMLP):
     padded down columns are 0. The checkpoint-named Linears keep their shapes as views of the padded
     tensors (no second copy); call it again after `.to()`."""
 
-    def __init__(self, config: Qwen2_5_VLVisionConfig) -> None:
+    def __init__(self, config: Qwen2_5_VLVisionConfig, active: ActiveEncode) -> None:
         super().__init__(config, bias=True)
+        self.active = active
+        self.silu = config.hidden_act == "silu"  # the fused silu * up applies
         self.register_buffer("gate_up_weight", None, persistent=False)  # [2 * padded, hidden]
         self.register_buffer("gate_up_bias", None, persistent=False)
         self.register_buffer("down_weight", None, persistent=False)  # [hidden, padded]
@@ -244,8 +253,41 @@ class AlignedMLP(Qwen2_5_VLMLP):
     def forward(self, hidden_state: Tensor) -> Tensor:
         if self.gate_up_weight is None:
             return super().forward(hidden_state)
-        gate, up = F.linear(hidden_state, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
-        return F.linear(self.act_fn(gate) * up, self.down_weight, self.down_proj.bias)
+        gate_up = F.linear(hidden_state, self.gate_up_weight, self.gate_up_bias)  # [N, 2 * padded]
+        ops = self.active.pointwise
+        if ops is not None and self.silu:
+            act = ops.silu_mul(gate_up)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = self.act_fn(gate) * up
+        return F.linear(act, self.down_weight, self.down_proj.bias)
+
+
+class VisionBlock(Qwen2_5_VLVisionBlock):
+    """The stock block (same `norm1`, `attn`, `norm2`, `mlp` names) with a `SegmentAttention` and an
+    `AlignedMLP`; with the backend's fused ops, each RMSNorm is one kernel and the second one also
+    does the residual add (same roundings: the add rounds to the model dtype, then the norm)."""
+
+    def __init__(self, config: Qwen2_5_VLVisionConfig, active: ActiveEncode) -> None:
+        super().__init__(config)
+        self.active = active
+        self.attn = SegmentAttention(config, active)
+        self.mlp = AlignedMLP(config, active)
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        cu_seqlens: Tensor,
+        position_embeddings: tuple[Tensor, Tensor] | None = None,
+        **kwargs: Any,
+    ) -> Tensor:
+        ops = self.active.pointwise
+        if ops is None:
+            return super().forward(hidden_states, cu_seqlens, position_embeddings, **kwargs)
+        x, _ = ops.rms_norm(hidden_states, self.norm1.weight, self.norm1.variance_epsilon)
+        attn = self.attn(x, cu_seqlens=cu_seqlens, position_embeddings=position_embeddings, **kwargs)
+        x, hidden_states = ops.rms_norm(attn, self.norm2.weight, self.norm2.variance_epsilon, hidden_states)
+        return hidden_states + self.mlp(x)
 
 
 class VisionTower(Qwen2_5_VisionTransformerPretrainedModel):
@@ -254,20 +296,23 @@ class VisionTower(Qwen2_5_VisionTransformerPretrainedModel):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__(hf_vision_config(cfg))
         self.vision_config = cfg
-        self.active = ActiveLayout()
+        self.active = ActiveEncode()
         # grid rows (t, h, w) -> layout on the tower's device, least recently used first
         self.layouts: OrderedDict[tuple[tuple[int, int, int], ...], VisionLayout] = OrderedDict()
-        for block in self.blocks:
-            attn = SegmentAttention(self.config, self.active)
-            attn.qkv, attn.proj = block.attn.qkv, block.attn.proj  # the stock module's parameters, as built
-            block.attn = attn
-            mlp = AlignedMLP(self.config)
+        # our blocks in place of the stock ones, on the stock blocks' parameters as built
+        blocks = []
+        for stock in self.blocks:
+            block = VisionBlock(self.config, self.active)
+            block.norm1, block.norm2 = stock.norm1, stock.norm2
+            block.attn.qkv, block.attn.proj = stock.attn.qkv, stock.attn.proj
+            mlp = block.mlp
             mlp.gate_proj, mlp.up_proj, mlp.down_proj = (
-                block.mlp.gate_proj,
-                block.mlp.up_proj,
-                block.mlp.down_proj,
+                stock.mlp.gate_proj,
+                stock.mlp.up_proj,
+                stock.mlp.down_proj,
             )
-            block.mlp = mlp
+            blocks.append(block)
+        self.blocks = nn.ModuleList(blocks)
 
     def fuse_projections(self) -> None:
         """Pad and fuse every block's MLP (see `AlignedMLP`); idempotent."""
@@ -300,19 +345,20 @@ class VisionTower(Qwen2_5_VisionTransformerPretrainedModel):
         return layout
 
     @torch.no_grad()
-    def encode(self, pixel_values: Tensor, grid_thw: Tensor) -> Tensor:
+    def encode(self, pixel_values: Tensor, grid_thw: Tensor, pointwise: PointwiseOps | None = None) -> Tensor:
         """Merged vision tokens of all entries, concatenated in entry order.
 
         pixel_values: [num_patches, C * temporal_patch * patch * patch] processor rows (any float dtype).
         grid_thw: [k, 3] int (t, h, w) in patch units per entry; a host tensor avoids one device sync.
+        pointwise: the backend's fused elementwise ops for the blocks (None: transformers' code).
         Returns [sum(t * h * w) / merge**2, out_hidden_size] in the tower's dtype.
         """
         weight = self.patch_embed.proj.weight
         layout = self.layout(grid_thw)
-        self.active.layout = layout
+        self.active.layout, self.active.pointwise = layout, pointwise
         try:
             pixels = pixel_values.to(device=weight.device, dtype=weight.dtype)
             out = self(pixels, grid_thw, **layout.forward_kwargs())  # grid_thw itself goes unread
         finally:
-            self.active.layout = None
+            self.active.layout, self.active.pointwise = None, None
         return out.pooler_output

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from cache.pool import StatePool
-from model.batch import BatchMeta
+from model.batch import BatchMeta, upload
 from scheduler import ScheduledBatch, ScheduledRow
 from serving.sampler import SampleOutput, Sampler, SamplingRow
 from serving.sequence import EngineRequest, VisionCache
@@ -122,7 +122,7 @@ class ModelRunner:
                     pos_parts.append(torch.full((3, 1), row.start + er.req.rope_delta, dtype=torch.int64))
             input_ids = torch.cat(id_parts)
             positions = torch.cat(pos_parts, dim=1)
-        return input_ids.to(self.device), positions.contiguous().to(self.device)
+        return upload(input_ids, self.device), upload(positions.contiguous(), self.device)
 
     def _ensure_vision(self, er: EngineRequest) -> None:
         """Encode every image and video of a request once, before its first prefill chunk."""
@@ -133,14 +133,15 @@ class ModelRunner:
             t0 = time.perf_counter()
             cache = VisionCache()
             dtype = next(self.model.parameters()).dtype
+            # grids stay on the host: the tower derives its layout from them without a device sync
             if mm.num_images:
                 cache.image_features = self.model.encode_vision(
-                    mm.pixel_values.to(self.device, dtype), mm.image_grid_thw.to(self.device)
+                    mm.pixel_values.to(self.device, dtype), mm.image_grid_thw.cpu()
                 )
                 cache.image_prefix = _prefix_counts(er.prompt_ids, self.image_token_id)
             if mm.num_videos:
                 cache.video_features = self.model.encode_vision(
-                    mm.pixel_values_videos.to(self.device, dtype), mm.video_grid_thw.to(self.device)
+                    mm.pixel_values_videos.to(self.device, dtype), mm.video_grid_thw.cpu()
                 )
                 cache.video_prefix = _prefix_counts(er.prompt_ids, self.video_token_id)
             for feats, prefix in (
@@ -159,18 +160,23 @@ class ModelRunner:
     def _embeds(
         self, batch: ScheduledBatch, reqs: dict[str, EngineRequest], input_ids: torch.Tensor
     ) -> torch.Tensor | None:
-        """Token embeddings with vision features scattered into the pad tokens of this step's chunks."""
+        """Token embeddings with vision features scattered into the pad tokens of this step's chunks.
+
+        The pad rows are found in the host copy of the prompt, so the scatter never waits for the
+        device (a boolean-mask index on the device would sync, stalling the host behind the vision
+        tower's queued work)."""
         todo = [
-            (off, row, reqs[row.request_id].vision)
+            (off, row, reqs[row.request_id])
             for off, row in zip(_offsets(batch), batch.rows, strict=True)
             if row.is_prefill and reqs[row.request_id].vision is not None
         ]
         if not todo:
             return None
         embeds = self.model.embed(input_ids)
-        for off, row, vc in todo:
+        for off, row, er in todo:
+            vc = er.vision
             lo, hi = row.start, row.start + row.num_tokens
-            chunk = input_ids[off : off + row.num_tokens]
+            chunk = er.prompt_ids[lo:hi]  # host
             for feats, prefix, tok in (
                 (vc.image_features, vc.image_prefix, self.image_token_id),
                 (vc.video_features, vc.video_prefix, self.video_token_id),
@@ -180,8 +186,8 @@ class ModelRunner:
                 a, b = int(prefix[lo]), int(prefix[hi])
                 if a == b:
                     continue
-                mask = chunk == tok
-                embeds[off : off + row.num_tokens][mask] = feats[a:b].to(embeds.dtype)
+                rows = torch.nonzero(chunk == tok).squeeze(1) + off
+                embeds.index_copy_(0, upload(rows, self.device), feats[a:b].to(embeds.dtype))
         return embeds
 
 

@@ -138,3 +138,45 @@ def _prefill_and_decode(model) -> list[torch.Tensor]:
         pos = torch.tensor(ctx, device=DEVICE).expand(3, -1)
         outs.append(model(ids, pos, BatchMeta.build(slots, [1, 1], ctx, DEVICE), state))
     return [torch.cat(outs)] + [t[:, slots] for t in (state.recurrent, state.conv, state.key, state.value)]
+
+
+def test_vision_rope_on_qkv_columns() -> None:
+    """The vision tower's rotary (fp32 math, one rounding) on q|k of a fused qkv row, head dim 80 (not a
+    power of two), against transformers' apply_rotary_pos_emb_vision; v stays untouched."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+    n, heads, d = 7, 3, 80
+    qkv = _randn(n, 3 * heads * d, seed=11, scale=2.0).view(n, 3, heads, d)
+    angles = torch.rand(n, d // 2, generator=torch.Generator().manual_seed(3)).to(DEVICE) * 20
+    emb = torch.cat([angles, angles], dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    ref_q, ref_k = apply_rotary_pos_emb_vision(qkv[:, 0].clone(), qkv[:, 1].clone(), cos, sin)
+    v = qkv[:, 2].clone()
+    qk = qkv.view(n, 3 * heads, d)[:, : 2 * heads]
+    out = _ops().vision_rope(qk, cos, sin)
+    assert out.data_ptr() == qk.data_ptr()
+    assert rel_err(qkv[:, 0], ref_q) < TOL and rel_err(qkv[:, 1], ref_k) < TOL
+    assert torch.equal(qkv[:, 2], v), "v columns changed"
+
+
+@torch.no_grad()
+def test_vision_tower_with_fused_ops_tracks_stock_code(tiny_ckpt_dir) -> None:
+    """The tiny vision tower on two images of different grids (full and window attention, unequal
+    segments) with the Triton ops and with transformers' code, each against an fp32 oracle: the fused
+    run must be as close to it as the stock run."""
+    from model.loader import load_model
+
+    grid = torch.tensor([[1, 8, 8], [1, 4, 12]])
+    outs = {}
+    pixels = None
+    for name, dtype, fused in (("fused", DT, True), ("stock", DT, False), ("oracle", torch.float32, False)):
+        model = load_model(tiny_ckpt_dir, dtype=dtype, device=DEVICE, backend="torch")
+        if pixels is None:
+            cfg = model.config.vision
+            width = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
+            pixels = _randn(int(grid.prod(-1).sum()), width, seed=12).float()
+        model.backend.pointwise = _ops() if fused else None
+        outs[name] = model.encode_vision(pixels, grid)
+    err_fused = rel_err(outs["fused"], outs["oracle"])
+    err_stock = rel_err(outs["stock"], outs["oracle"])
+    assert err_fused <= 2 * err_stock + 1e-5, (err_fused, err_stock)

@@ -178,12 +178,12 @@ def test_aligned_mlp_pads_to_a_multiple_of_eight_exactly() -> None:
     from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP
 
-    from model.vision import AlignedMLP
+    from model.vision import ActiveEncode, AlignedMLP
 
     cfg = Qwen2_5_VLVisionConfig(hidden_size=32, intermediate_size=60, hidden_act="silu")
     torch.manual_seed(0)
     stock = Qwen2_5_VLMLP(cfg, bias=True)
-    mlp = AlignedMLP(cfg)
+    mlp = AlignedMLP(cfg, ActiveEncode())
     mlp.load_state_dict(stock.state_dict())
     x = torch.randn(5, 32)
     mlp.fuse_projections()

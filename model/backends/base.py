@@ -16,8 +16,9 @@ from model.batch import BatchMeta
 
 
 class PointwiseOps(Protocol):
-    """Fused elementwise steps of the decoder block; each equals the model's plain-PyTorch code for the
-    same step (model.layers) up to reduction order. A backend without them leaves `pointwise` None."""
+    """Fused elementwise steps of the decoder block and the vision tower; each equals the plain-PyTorch
+    code for the same step (model.layers, transformers' vision blocks) up to reduction order. A backend
+    without them leaves `pointwise` None."""
 
     def rms_norm(
         self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
@@ -48,6 +49,14 @@ class PointwiseOps(Protocol):
     def rope(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:  # x [N, heads, D] rotated; may be x itself, overwritten
+        ...
+
+    def vision_rope(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,  # cos/sin [N, D] fp32, D even
+    ) -> torch.Tensor:  # x [N, heads, D] rotated in fp32 and rounded once (the vision tower's rotary)
         ...
 
 

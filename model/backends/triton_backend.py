@@ -21,7 +21,7 @@ from model.backends.triton_kernels.ops import (
     swa_decode_call,
 )
 from model.backends.triton_kernels.swa import swa_prefill
-from model.batch import BatchMeta
+from model.batch import BatchMeta, upload
 
 # prefill launch parameters (H100 sweep: benchmarks/sweep_prefill_kernels.py, docs/benchmarks.md)
 # (8K chunk at context 8K: 2.15 ms per layer vs 2.50 ms for 64/64/4 warps/2 stages)
@@ -188,9 +188,6 @@ def _prefill_tables(
         host["blk_start"] = blk_start
         host["ring_src"] = src
         host["ring_dst"] = dst
-    out = {
-        n: t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
-        for n, t in host.items()
-    }
+    out = {n: upload(t, device) for n, t in host.items()}
     out["cu_cpu"] = host["cu_long"]
     return out

@@ -157,6 +157,17 @@ def _(x, cos, sin):
     return None
 
 
+@torch.library.custom_op("infinitevl::rope_fp32_", mutates_args=("x",))
+def rope_fp32_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """See pointwise.rope_fp32_ (in place)."""
+    pointwise.rope_fp32_(x, cos, sin)
+
+
+@rope_fp32_op.register_fake
+def _(x, cos, sin):
+    return None
+
+
 class TritonPointwise:
     """The `PointwiseOps` of the Triton backend (see model.backends.base)."""
 
@@ -182,6 +193,10 @@ class TritonPointwise:
         _rope(x, cos, sin)
         return x
 
+    def vision_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        _rope_fp32(x, cos, sin)
+        return x
+
 
 def _rms_norm_ops(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
@@ -200,3 +215,4 @@ _gated_rms_norm = eager_or_op(gated_rms_norm_op, pointwise.gated_rms_norm)
 _silu_mul = eager_or_op(silu_mul_op, pointwise.silu_mul)
 _gdn_gates = eager_or_op(gdn_gates_op, pointwise.gdn_gates)
 _rope = eager_or_op(rope_op, pointwise.rope_)
+_rope_fp32 = eager_or_op(rope_fp32_op, pointwise.rope_fp32_)

@@ -13,6 +13,8 @@ must have unit stride.
 - `gdn_gates`: g = -exp(A_log) softplus(a + dt_bias) (fp32) and beta = sigmoid(b), from the a and b
   columns of the GDN projection.
 - `rope_`: half-split rotary embedding applied in place to the q|k heads of the SWA projection.
+- `rope_fp32_`: the vision tower's rotary embedding (transformers' `apply_rotary_pos_emb_vision`): fp32
+  math on fp32 cos/sin, rounded once; any even head dim (80 in the release), in place.
 """
 
 from __future__ import annotations
@@ -190,6 +192,45 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
         _rope_kernel[(n,)](
             x, cos, sin, nh, x.stride(0), x.stride(1), cos.stride(0), sin.stride(0),
             HALF=d // 2, BLOCK_H=triton.next_power_of_2(nh), num_warps=4,
+        )  # fmt: skip
+    return x
+
+
+@triton.jit
+def _rope_fp32_kernel(
+    x_ptr, cos_ptr, sin_ptr, NH, stride_x, stride_xh, stride_c, stride_s,
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_HALF)
+    md = offs_d < HALF
+    mask = (offs_h[:, None] < NH) & md[None, :]
+    p1 = x_ptr + row * stride_x + offs_h[:, None] * stride_xh + offs_d[None, :]
+    x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(p1 + HALF, mask=mask, other=0.0).to(tl.float32)
+    c1 = tl.load(cos_ptr + row * stride_c + offs_d, mask=md, other=0.0)[None, :]
+    c2 = tl.load(cos_ptr + row * stride_c + HALF + offs_d, mask=md, other=0.0)[None, :]
+    s1 = tl.load(sin_ptr + row * stride_s + offs_d, mask=md, other=0.0)[None, :]
+    s2 = tl.load(sin_ptr + row * stride_s + HALF + offs_d, mask=md, other=0.0)[None, :]
+    # x * cos + rotate_half(x) * sin in fp32, rounded once to x's dtype
+    dt = x_ptr.dtype.element_ty
+    tl.store(p1, (x1 * c1 - x2 * s1).to(dt), mask=mask)
+    tl.store(p1 + HALF, (x2 * c2 + x1 * s2).to(dt), mask=mask)
+
+
+def rope_fp32_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [N, heads, D] (unit stride on D, any even D) in place with fp32 cos/sin [N, D]; returns x."""
+    n, nh, d = x.shape
+    if x.stride(2) != 1 or cos.stride(1) != 1 or sin.stride(1) != 1 or d % 2:
+        raise ValueError("rope_fp32_ expects unit stride on D and an even head dim")
+    if cos.dtype != torch.float32 or sin.dtype != torch.float32:
+        raise ValueError("rope_fp32_ expects fp32 cos and sin")
+    if n:
+        _rope_fp32_kernel[(n,)](
+            x, cos, sin, nh, x.stride(0), x.stride(1), cos.stride(0), sin.stride(0),
+            HALF=d // 2, BLOCK_H=triton.next_power_of_2(nh), BLOCK_HALF=triton.next_power_of_2(d // 2),
+            num_warps=4,
         )  # fmt: skip
     return x
 
