@@ -41,9 +41,12 @@ def kernel_table(step, top: int = 25) -> tuple[list[dict], int, float]:
     return rows[:top], count, total / 1e3
 
 
-def plain_pointwise(model, step) -> float:
-    """Graph step time (ms) with the backend's fused pointwise ops off (the model's own torch code)."""
-    ops, model.backend.pointwise = model.backend.pointwise, None
+def graph_ms_with(model, step, **backend_attrs) -> float:
+    """Graph step time (ms) with backend attributes set for the capture (e.g. `pointwise=None`: the
+    model's own torch code instead of the fused ops; `fuse_gdn_decode=False`: the GDN mixer unfused)."""
+    saved = {name: getattr(model.backend, name) for name in backend_attrs}
+    for name, value in backend_attrs.items():
+        setattr(model.backend, name, value)
     try:
         step()
         graph = torch.cuda.CUDAGraph()
@@ -51,7 +54,8 @@ def plain_pointwise(model, step) -> float:
             step()
         return cuda_time(graph.replay, reps=20) * 1e3
     finally:
-        model.backend.pointwise = ops
+        for name, value in saved.items():
+            setattr(model.backend, name, value)
 
 
 @torch.inference_mode()
@@ -119,8 +123,10 @@ def main() -> None:
             step()
         r["graph_ms"] = cuda_time(graph.replay, reps=20) * 1e3
         print(f"  graph step {r['graph_ms']:.2f} ms")
-        r["graph_ms_plain_pointwise"] = plain_pointwise(model, step)
-        print(f"  graph step without the fused pointwise ops {r['graph_ms_plain_pointwise']:.2f} ms")
+        r["graph_ms_unfused_gdn"] = graph_ms_with(model, step, fuse_gdn_decode=False)
+        print(f"  graph step with the GDN mixer unfused {r['graph_ms_unfused_gdn']:.2f} ms")
+        r["graph_ms_plain_pointwise"] = graph_ms_with(model, step, pointwise=None, fuse_gdn_decode=False)
+        print(f"  graph step without any fused op {r['graph_ms_plain_pointwise']:.2f} ms")
         if args.compile:
             try:
                 t0 = time.perf_counter()
