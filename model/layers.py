@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.backends.base import Backend, GDNDecodeParams, PointwiseOps
+from model.backends.base import Backend, PointwiseOps
 from model.batch import BatchMeta
 from model.config import TextConfig
 
@@ -296,14 +296,6 @@ class GatedDeltaNet(nn.Module):
     ) -> torch.Tensor:
         n = x.shape[0]
         proj = _project(x, self.in_proj_weight, None, self._parts())  # [N, sum(split_sizes)]
-        if self.neg_exp_a is not None:  # fused constants exist: a backend may run the mixer in one call
-            params = GDNDecodeParams(
-                self.conv_weight(), self.neg_exp_a, self.dt_bias_f32, self.o_norm_weight_f32,
-                self.head_k_dim, self.head_v_dim, self.norm_eps,
-            )  # fmt: skip
-            y = backend.gated_deltanet_decode(proj, params, meta, conv_state, recurrent_state)
-            if y is not None:
-                return self.o_proj(y)
         # column slices: rows keep stride proj.shape[1], unit stride on channels
         stream, a, b, z = proj.split(self.split_sizes, dim=-1)
         key_dim = self.num_heads * self.head_k_dim

@@ -8,7 +8,6 @@ by `BatchMeta` and reads/writes pool rows `meta.slot_ids` of the per-layer state
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -61,19 +60,6 @@ class PointwiseOps(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class GDNDecodeParams:
-    """What a fused Gated DeltaNet decode step needs from the layer besides its pool views."""
-
-    conv_weight: torch.Tensor  # [C, K], the q|k|v depthwise kernels
-    neg_exp_a: torch.Tensor  # [H] fp32, -exp(A_log)
-    dt_bias: torch.Tensor  # [H] fp32
-    norm_weight: torch.Tensor  # [d_v] fp32, the gated output norm's weight
-    head_k_dim: int
-    head_v_dim: int
-    norm_eps: float
-
-
 class Backend(Protocol):
     name: str
     pointwise: PointwiseOps | None  # fused elementwise ops, or None for the model's own code
@@ -99,16 +85,6 @@ class Backend(Protocol):
         state: torch.Tensor,  # [num_slots + 1, H, d_k, d_v] this layer's view, updated in place
     ) -> torch.Tensor:  # [N, H, d_v] model dtype; q/k L2-normalised (eps 1e-6), scale d_k**-0.5
         ...
-
-    def gated_deltanet_decode(
-        self,
-        proj: torch.Tensor,  # [N, C + 2 H + H d_v] the layer's fused input projection (q|k|v, a, b, z)
-        params: GDNDecodeParams,
-        meta: BatchMeta,
-        conv_state: torch.Tensor,  # [num_slots + 1, C, K] updated in place
-        state: torch.Tensor,  # [num_slots + 1, H, d_k, d_v] updated in place
-    ) -> torch.Tensor | None:  # [N, H * d_v] gated-normed mixer output (before o_proj), or None where
-        ...  # the backend has no fused path for this call: the layer then runs the steps one by one
 
     def sliding_window_attention(
         self,

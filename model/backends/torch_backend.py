@@ -40,9 +40,6 @@ class TorchBackend:
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
 
-    def gated_deltanet_decode(self, proj, params, meta, conv_state, state) -> None:
-        return None  # the layer's step-by-step code is the reference
-
     # -- short convolution ------------------------------------------------------------------------
 
     def short_conv(

@@ -13,13 +13,11 @@ import os
 import torch
 from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
-from model.backends.base import GDNDecodeParams
 from model.backends.triton_kernels.conv import conv_prefill
 from model.backends.triton_kernels.ops import (
     TritonPointwise,
     conv_decode_call,
     gdn_decode_call,
-    gdn_decode_fused_call,
     swa_decode_call,
 )
 from model.backends.triton_kernels.swa import swa_prefill
@@ -48,8 +46,6 @@ class TritonBackend:
         self._host_cache: dict[tuple, dict[str, torch.Tensor]] = {}
         # fused norms/gates/activations/RoPE; set to None to run the model's plain-PyTorch code instead
         self.pointwise: TritonPointwise | None = TritonPointwise()
-        # decode: the GDN mixer's conv, gates, delta rule and gated norm as one kernel
-        self.fuse_gdn_decode = True
 
     # --- host-built index tables for prefill (cached for the meta of the current call) ---
 
@@ -100,24 +96,6 @@ class TritonBackend:
         if meta.is_decode:
             return gdn_decode_call(q, k, v, g, beta, state, meta.slot_ids, meta.context_lens, scale)
         return self._gdn_prefill(q, k, v, g, beta, meta, state, scale)
-
-    def gated_deltanet_decode(
-        self,
-        proj: torch.Tensor,
-        params: GDNDecodeParams,
-        meta: BatchMeta,
-        conv_state: torch.Tensor,
-        state: torch.Tensor,
-    ) -> torch.Tensor | None:
-        """Conv, gates, delta rule and gated norm of a decode call in one kernel (None for prefill or
-        when turned off with `fuse_gdn_decode = False`)."""
-        if not (meta.is_decode and self.fuse_gdn_decode):
-            return None
-        p = params
-        return gdn_decode_fused_call(
-            proj, p.conv_weight, conv_state, state, p.neg_exp_a, p.dt_bias, p.norm_weight,
-            meta.slot_ids, meta.context_lens, p.head_k_dim, p.head_v_dim, p.norm_eps,
-        )  # fmt: skip
 
     def _gdn_prefill(
         self,

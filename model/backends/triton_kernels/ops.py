@@ -12,7 +12,7 @@ import torch
 
 from model.backends.triton_kernels import pointwise
 from model.backends.triton_kernels.conv import conv_decode
-from model.backends.triton_kernels.gdn import gdn_decode, gdn_decode_fused
+from model.backends.triton_kernels.gdn import gdn_decode
 from model.backends.triton_kernels.swa import swa_decode
 
 
@@ -82,35 +82,6 @@ def swa_decode_op(
 @swa_decode_op.register_fake
 def _(q, k, v, key_cache, value_cache, slot_ids, context_lens, scale, num_sms):
     return torch.empty_like(q)
-
-
-@torch.library.custom_op("infinitevl::gdn_decode_fused", mutates_args=("conv_state", "state"))
-def gdn_decode_fused_op(
-    proj: torch.Tensor,
-    conv_weight: torch.Tensor,
-    conv_state: torch.Tensor,
-    state: torch.Tensor,
-    neg_exp_a: torch.Tensor,
-    dt_bias: torch.Tensor,
-    norm_weight: torch.Tensor,
-    slot_ids: torch.Tensor,
-    context_lens: torch.Tensor,
-    head_k_dim: int,
-    head_v_dim: int,
-    eps: float,
-) -> torch.Tensor:
-    """See gdn.gdn_decode_fused."""
-    return gdn_decode_fused(
-        proj, conv_weight.contiguous(), conv_state, state, neg_exp_a, dt_bias, norm_weight,
-        slot_ids, context_lens, head_k_dim, head_v_dim, eps,
-    )  # fmt: skip
-
-
-@gdn_decode_fused_op.register_fake
-def _(
-    proj, conv_weight, conv_state, state, neg_exp_a, dt_bias, norm_weight, slot_ids, context_lens, dk, dv, eps
-):
-    return proj.new_empty((proj.shape[0], neg_exp_a.shape[0] * dv))
 
 
 # --- fused elementwise ops of the decoder block (pointwise.py) ---
@@ -239,9 +210,6 @@ def _rms_norm_ops(
 conv_decode_call = eager_or_op(conv_decode_op, lambda x, w, *rest: conv_decode(x, w.contiguous(), *rest))
 gdn_decode_call = eager_or_op(gdn_decode_op, gdn_decode)
 swa_decode_call = eager_or_op(swa_decode_op, swa_decode)
-gdn_decode_fused_call = eager_or_op(
-    gdn_decode_fused_op, lambda proj, w, *rest: gdn_decode_fused(proj, w.contiguous(), *rest)
-)
 _rms_norm = eager_or_op(_rms_norm_ops, pointwise.rms_norm)
 _gated_rms_norm = eager_or_op(gated_rms_norm_op, pointwise.gated_rms_norm)
 _silu_mul = eager_or_op(silu_mul_op, pointwise.silu_mul)
