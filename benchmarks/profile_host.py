@@ -117,6 +117,27 @@ def main() -> None:
     torch.cuda.synchronize()
     wall = (time.perf_counter() - t0) / 5 * 1e3
     print(f"1-frame step: host enqueue {enqueue:.1f} ms, wall {wall:.1f} ms", flush=True)
+    # a buffered 16-frame step: does the prefill's enqueue wait for the vision tower's GPU work?
+    f16 = torch.randn(16 * 1024, 1176, dtype=BF16, device=DEV)
+    g16 = torch.tensor([[16, 32, 32]])
+    ids16 = torch.full((4096,), cfg.text.video_token_id, dtype=torch.int64, device=DEV)
+    pos16 = torch.arange(512, 512 + 4096, device=DEV).expand(3, 4096).contiguous()
+    split = []
+    for i in range(4):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        feats = model.encode_vision(f16, g16)
+        t1 = time.perf_counter()
+        meta = BatchMeta.build([0], [4096], [512], DEV)
+        model.forward(ids16, pos16, meta, state, inputs_embeds=feats)
+        t2 = time.perf_counter()
+        torch.cuda.synchronize()
+        t3 = time.perf_counter()
+        if i:
+            split.append({"vision_enqueue_ms": (t1 - t0) * 1e3, "prefill_enqueue_ms": (t2 - t1) * 1e3,
+                          "wall_ms": (t3 - t0) * 1e3})  # fmt: skip
+    print("16-frame step:", split[-1], flush=True)
+    res["buffered16"] = split
     prof = cProfile.Profile()
     prof.enable()
     step()

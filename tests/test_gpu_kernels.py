@@ -168,3 +168,17 @@ def test_short_conv_split_parts(decode: bool) -> None:
         assert rel_err(p, p_ref) < TOL
         assert decode or p.is_contiguous()
     _compare_pools(pool, pool_ref, slots, TOL)
+
+
+def test_prefill_tables_chunk_indices_match_fla() -> None:
+    """The (sequence, chunk) table built on the host for fla equals fla's own helper's."""
+    from fla.ops.utils.index import prepare_chunk_indices
+
+    from model.backends.triton_backend import FLA_CHUNK, _prefill_tables
+
+    lens = [1, 64, 65, 300, 2, 128]
+    meta = BatchMeta.build(list(range(len(lens))), lens, [0] * len(lens), "cpu")
+    t = _prefill_tables(meta, None, torch.device("cpu"))
+    ref = prepare_chunk_indices(t["cu_long"], FLA_CHUNK)
+    assert t["chunk_indices"].dtype == ref.dtype
+    assert torch.equal(t["chunk_indices"], ref)

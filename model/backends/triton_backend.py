@@ -28,6 +28,7 @@ from model.batch import BatchMeta, upload
 SWA_BLOCK_M = 128  # queries per prefill attention program (the host tables are built for it)
 SWA_PREFILL_LAUNCH = {"block_n": 64, "num_warps": 8, "num_stages": 3}
 CONV_PREFILL_LAUNCH = {"block_t": 32, "block_c": 128}
+FLA_CHUNK = 64  # chunk size of fla's chunked delta-rule kernel (its default)
 
 
 class TritonBackend:
@@ -124,6 +125,8 @@ class TritonBackend:
             use_qk_l2norm_in_kernel=True,
             cu_seqlens=t["cu_long"],
             cu_seqlens_cpu=t["cu_cpu"],
+            chunk_indices=t["chunk_indices"],
+            chunk_size=FLA_CHUNK,
         )
         state.index_copy_(0, meta.slot_ids, ht.to(state.dtype))
         return o.squeeze(0).to(v.dtype)
@@ -170,10 +173,16 @@ def _prefill_tables(
     torch.cumsum(seq_lens, 0, out=cu[1:])
     seq_idx = torch.arange(num_seqs)
     tok_seq = torch.repeat_interleave(seq_idx, seq_lens)  # [N]
+    # fla's (sequence, chunk) index of every chunk: built here because fla's own helper copies it to
+    # the device synchronously, which would stall the host until all queued GPU work is done
+    chunks = (seq_lens + FLA_CHUNK - 1) // FLA_CHUNK
+    chunk_seq = torch.repeat_interleave(seq_idx, chunks)
+    chunk_local = torch.arange(chunk_seq.shape[0]) - (torch.cumsum(chunks, 0) - chunks)[chunk_seq]
     host: dict[str, torch.Tensor] = {
         "tok_seq": tok_seq.to(torch.int32),
         "has_ctx": (ctx_lens > 0).to(torch.float32),
         "cu_long": cu,
+        "chunk_indices": torch.stack([chunk_seq, chunk_local], 1),
     }
     if window is not None:
         blocks = (seq_lens + block_m - 1) // block_m
