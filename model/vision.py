@@ -4,7 +4,8 @@ The tower is class-for-class identical to `Qwen2_5_VisionTransformerPretrainedMo
 (parameter names stay `patch_embed.*`, `blocks.{i}.*`, `merger.*` under the `visual.` prefix) and add
 `encode`, which returns the merged tokens.
 
-Three things differ from the stock forward, all for speed on the GPU, none in the result:
+Four things differ from the stock forward, all for speed on the GPU, none in the result beyond
+reduction order:
 - every block's attention is a `SegmentAttention`: transformers' SDPA path runs one SDPA call per window
   (16 windows x 28 windowed layers per 448x448 frame) and reads `cu_seqlens` back to the host in every
   layer; ours runs one batched SDPA call per distinct segment length (one call in the common case of
@@ -15,6 +16,7 @@ Three things differ from the stock forward, all for speed on the GPU, none in th
 - given the backend's fused elementwise ops (`PointwiseOps`), a block runs its RMSNorms (the second one
   with the residual add), the rotary embedding and the MLP's silu * up as one kernel each, where the
   stock code runs several fp32 elementwise kernels per step; the roundings are the stock code's.
+- the patch embedding runs as a GEMM (`PatchEmbed`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+    Qwen2_5_VisionPatchEmbed,
     Qwen2_5_VisionTransformerPretrainedModel,
     Qwen2_5_VLMLP,
     Qwen2_5_VLVisionAttention,
@@ -290,6 +293,17 @@ class VisionBlock(Qwen2_5_VLVisionBlock):
         return hidden_states + self.mlp(x)
 
 
+class PatchEmbed(Qwen2_5_VisionPatchEmbed):
+    """The stock patch embedding (a Conv3d whose stride equals its kernel, no bias, parameter
+    `proj.weight`) computed as the GEMM it is: each processor row is one patch, so the convolution is
+    rows @ weight.view(embed_dim, -1).T (cuDNN's Conv3d path for it is a slow implicit GEMM)."""
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        weight = self.proj.weight
+        rows = hidden_states.reshape(-1, weight[0].numel()).to(weight.dtype)
+        return F.linear(rows, weight.view(self.embed_dim, -1), self.proj.bias)
+
+
 class VisionTower(Qwen2_5_VisionTransformerPretrainedModel):
     """Qwen2.5-VL ViT + patch merger; `encode` gives [num_merged_tokens, out_hidden_size]."""
 
@@ -299,6 +313,14 @@ class VisionTower(Qwen2_5_VisionTransformerPretrainedModel):
         self.active = ActiveEncode()
         # grid rows (t, h, w) -> layout on the tower's device, least recently used first
         self.layouts: OrderedDict[tuple[tuple[int, int, int], ...], VisionLayout] = OrderedDict()
+        stock_embed = self.patch_embed
+        self.patch_embed = PatchEmbed(
+            stock_embed.patch_size,
+            stock_embed.temporal_patch_size,
+            stock_embed.in_channels,
+            stock_embed.embed_dim,
+        )
+        self.patch_embed.proj = stock_embed.proj
         # our blocks in place of the stock ones, on the stock blocks' parameters as built
         blocks = []
         for stock in self.blocks:

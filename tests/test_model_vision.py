@@ -112,10 +112,12 @@ def test_encode_equals_stock_per_segment_loop(tiny_model, stock_tower, name):
     grid = GRIDS[name]
     px, grid_thw = _pixels(grid, seed=3), torch.tensor(grid)
     expected = stock_tower(px, grid_thw).pooler_output
-    torch.testing.assert_close(tiny_model.visual.encode(px, grid_thw), expected, rtol=1e-5, atol=1e-6)
+    # fp32; the patch embedding as a GEMM sums in another order than the Conv3d (differences ~1e-6)
+    tol = {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(tiny_model.visual.encode(px, grid_thw), expected, **tol)
     # a direct forward call (no encode layout: segment lengths read back from cu_seqlens) agrees too
     direct = tiny_model.visual(px, grid_thw).pooler_output
-    torch.testing.assert_close(direct, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(direct, expected, **tol)
 
 
 @torch.no_grad()
@@ -196,3 +198,18 @@ def test_aligned_mlp_pads_to_a_multiple_of_eight_exactly() -> None:
     fused = mlp.gate_up_weight
     mlp.fuse_projections()
     assert mlp.gate_up_weight is fused
+
+
+@torch.no_grad()
+def test_patch_embed_gemm_equals_stock_conv3d() -> None:
+    """The patch embedding as a GEMM gives the stock Conv3d's output on processor rows."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionPatchEmbed
+
+    from model.vision import PatchEmbed
+
+    torch.manual_seed(0)
+    stock = Qwen2_5_VisionPatchEmbed(patch_size=4, temporal_patch_size=2, in_channels=3, embed_dim=24)
+    ours = PatchEmbed(4, 2, 3, 24)
+    ours.load_state_dict(stock.state_dict())
+    rows = torch.randn(10, 3 * 2 * 4 * 4)
+    torch.testing.assert_close(ours(rows), stock(rows), rtol=1e-5, atol=1e-5)
