@@ -61,14 +61,18 @@ class BatchMeta:
         for n in seq_lens:
             cu.append(cu[-1] + n)
         b = len(slot_ids)
-        # one upload for all four tensors (views of it), none of which the host waits for
-        packed = torch.tensor([*slot_ids, *context_lens, *(c - 1 for c in cu[1:]), *cu], dtype=torch.int64)
-        dev = upload(packed, device)
+        # one upload for all four tensors (views of it), none of which the host waits for; each view
+        # starts on a 16-byte boundary (Triton specialises kernels on pointer alignment: unaligned
+        # views would compile second variants in the middle of serving)
+        stride = b + (b & 1)
+        pad = [0] * (stride - b)
+        packed = [*slot_ids, *pad, *context_lens, *pad, *(c - 1 for c in cu[1:]), *pad, *cu]
+        dev = upload(torch.tensor(packed, dtype=torch.int64), device)
         return BatchMeta(
             slot_ids=dev[:b],
-            cu_seqlens=dev[3 * b :].to(torch.int32),
-            context_lens=dev[b : 2 * b],
-            logits_indices=dev[2 * b : 3 * b],
+            cu_seqlens=dev[3 * stride :].to(torch.int32),
+            context_lens=dev[stride : stride + b],
+            logits_indices=dev[2 * stride : 2 * stride + b],
             seq_lens_cpu=tuple(seq_lens),
             context_lens_cpu=tuple(context_lens),
             slot_ids_cpu=tuple(slot_ids),
