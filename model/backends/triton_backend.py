@@ -173,18 +173,19 @@ def _prefill_tables(
     torch.cumsum(seq_lens, 0, out=cu[1:])
     seq_idx = torch.arange(num_seqs)
     tok_seq = torch.repeat_interleave(seq_idx, seq_lens)  # [N]
-    # fla's (sequence, chunk) index of every chunk: built here because fla's own helper copies it to
-    # the device synchronously, which would stall the host until all queued GPU work is done
-    chunks = (seq_lens + FLA_CHUNK - 1) // FLA_CHUNK
-    chunk_seq = torch.repeat_interleave(seq_idx, chunks)
-    chunk_local = torch.arange(chunk_seq.shape[0]) - (torch.cumsum(chunks, 0) - chunks)[chunk_seq]
     host: dict[str, torch.Tensor] = {
         "tok_seq": tok_seq.to(torch.int32),
         "has_ctx": (ctx_lens > 0).to(torch.float32),
         "cu_long": cu,
-        "chunk_indices": torch.stack([chunk_seq, chunk_local], 1),
     }
-    if window is not None:
+    if window is None:  # the conv / delta-rule tables
+        # fla's (sequence, chunk) index of every chunk: built here because fla's own helper copies it
+        # to the device synchronously, which would stall the host until all queued GPU work is done
+        chunks = (seq_lens + FLA_CHUNK - 1) // FLA_CHUNK
+        chunk_seq = torch.repeat_interleave(seq_idx, chunks)
+        chunk_local = torch.arange(chunk_seq.shape[0]) - (torch.cumsum(chunks, 0) - chunks)[chunk_seq]
+        host["chunk_indices"] = torch.stack([chunk_seq, chunk_local], 1)
+    else:  # the sliding-window attention tables
         blocks = (seq_lens + block_m - 1) // block_m
         blk_seq = torch.repeat_interleave(seq_idx, blocks)
         first_blk = torch.cumsum(blocks, 0) - blocks
