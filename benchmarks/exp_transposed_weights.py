@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from bench_gpu import DEV, build_model, cuda_time, decode_floor_s, load_cfg, random_state
+from profile_decode import graph_ms_with
 
 from model.batch import BatchMeta
 
@@ -65,16 +66,11 @@ def main() -> None:
             def step():
                 return model.compute_logits(model.forward(ids, pos, meta, state))
 
-            step()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                step()
-            ms = cuda_time(graph.replay, reps=30) * 1e3
+            ms = graph_ms_with(model, step)
             row = {"transposed": transposed, "batch": batch, "step_ms": ms,
                    "ratio": ms / (decode_floor_s(batch, 1024) * 1e3)}  # fmt: skip
             res["decode"].append(row)
             print(row, flush=True)
-            del graph
         n = 8192
         meta = BatchMeta.build([0], [n], [8192], DEV)
         ids = torch.randint(0, 150000, (n,), device=DEV)
