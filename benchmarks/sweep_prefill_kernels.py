@@ -39,7 +39,7 @@ def sweep_swa(chunk: int, ctx: int) -> list[dict]:
     pairs = sum(min(w, ctx + i + 1) for i in range(chunk))
     flops = 4 * pairs * hq * d
     rows = []
-    for bm, bn, warps, stages in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3)):
+    for bm, bn, warps, stages in itertools.product((64, 128), (64, 128), (4, 8), (2, 3)):
         if bm == 128 and bn == 128 and stages == 3:
             continue  # shared memory
         t = _prefill_tables(meta, w, DEV, block_m=bm)

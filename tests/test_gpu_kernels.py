@@ -147,15 +147,43 @@ def test_sliding_window_attention(decode: bool, seed: int, window: int) -> None:
     assert torch.equal(vc.nan_to_num(0.0), vc_ref.nan_to_num(0.0))
 
 
+@pytest.mark.parametrize("window", [256, 512])
+def test_sliding_window_attention_long_prefill(window: int) -> None:
+    """Prefill spans long enough for the kernel's unmasked key blocks (ring and chunk) next to its
+    masked window-edge and diagonal blocks: sequences longer than the window, a context past several
+    wraps of the ring, a one-token row and a short continuation."""
+    tri, ref = _backends()
+    torch.manual_seed(7)
+    slots, lens, ctx, num_slots = [3, 0, 5, 1], [700, 300, 1, 130], [0, 1000, 5, 200], 6
+    meta = BatchMeta.build(slots, lens, ctx, DEVICE)
+    HQ, HKV, D = 4, 2, 32
+    n = sum(lens)
+    q = torch.randn(n, HQ, D, dtype=DT, device=DEVICE)
+    k = torch.randn(n, HKV, D, dtype=DT, device=DEVICE)
+    v = torch.randn(n, HKV, D, dtype=DT, device=DEVICE)
+    kc = _pool((window, HKV, D), num_slots, DT, slots, ctx)
+    vc = _pool((window, HKV, D), num_slots, DT, slots, ctx)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    out = tri.sliding_window_attention(q, k, v, meta, kc, vc, D**-0.5)
+    out_ref = ref.sliding_window_attention(q, k, v, meta, kc_ref, vc_ref, D**-0.5)
+    start = 0
+    for i, length in enumerate(lens):
+        rows = slice(start, start + length)
+        start += length
+        assert rel_err(out[rows], out_ref[rows]) < TOL, f"sequence {i}"
+    assert torch.equal(kc.nan_to_num(0.0), kc_ref.nan_to_num(0.0))
+    assert torch.equal(vc.nan_to_num(0.0), vc_ref.nan_to_num(0.0))
+
+
 @pytest.mark.parametrize("decode", [False, True])
-def test_short_conv_split_parts(decode: bool) -> None:
+@pytest.mark.parametrize("sizes", [[32, 32, 64], [128, 128, 256]])  # parts across / along 128-channel blocks
+def test_short_conv_split_parts(decode: bool, sizes: list[int]) -> None:
     """With split_sizes the parts equal the torch backend's column slices; prefill parts are
     contiguous (what fla's chunked kernel reads without a copy). x is a strided column slice."""
     tri, ref = _backends()
     torch.manual_seed(5)
     slots, lens, ctx, num_slots = _case(decode, 5)
     meta = BatchMeta.build(slots, lens, ctx, DEVICE)
-    sizes = [32, 32, 64]
     C, K = sum(sizes), 4
     x = torch.randn(sum(lens), C + 24, dtype=DT, device=DEVICE)[:, 8 : 8 + C]
     w = torch.randn(C, K, dtype=DT, device=DEVICE) * 0.5

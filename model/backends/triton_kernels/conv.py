@@ -16,39 +16,69 @@ import triton.language as tl
 def _conv_prefill_out_kernel(
     x_ptr, w_ptr, state_ptr, out_ptr, tok_seq_ptr, cu_ptr, slot_ptr, ctx_ptr,
     N, C, S1, S2, stride_x, stride_s_slot, stride_s_c,
-    K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+    K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, PARTS_ALIGNED: tl.constexpr,
 ):  # fmt: skip
     # output: channels [0, S1), [S1, S1 + S2), [S1 + S2, C) go to three row-major [N, width] parts
-    # stored back to back (S2 = 0 and S1 = C: one [N, C] tensor)
-    offs_t = tl.program_id(0) * BT + tl.arange(0, BT)
-    offs_c = tl.program_id(1) * BC + tl.arange(0, BC)
+    # stored back to back (S2 = 0 and S1 = C: one [N, C] tensor). PARTS_ALIGNED: BC divides S1 and
+    # S2, so a program's channels lie in one part.
+    t_first = tl.program_id(0) * BT
+    c_first = tl.program_id(1) * BC
+    offs_bt = tl.arange(0, BT)
+    offs_t = t_first + offs_bt
+    offs_c = c_first + tl.arange(0, BC)
     mt = offs_t < N
     mc = offs_c < C
-    seq = tl.load(tok_seq_ptr + offs_t, mask=mt, other=0)
-    start = tl.load(cu_ptr + seq).to(tl.int64)
-    slot = tl.load(slot_ptr + seq).to(tl.int64)
-    has_ctx = tl.load(ctx_ptr + seq) > 0
-    acc = tl.zeros([BT, BC], dtype=tl.float32)
-    for j in tl.static_range(K):
-        src = offs_t.to(tl.int64) - (K - 1) + j  # packed index of the tap's input
-        in_seq = src >= start
-        m_x = (mt & in_seq)[:, None] & mc[None, :]
-        xv = tl.load(x_ptr + src[:, None] * stride_x + offs_c[None, :], mask=m_x, other=0.0)
-        col = K + (src - start)  # state column of a pre-sequence input (1 .. K-1)
-        m_s = (mt & ~in_seq & has_ctx)[:, None] & mc[None, :]
-        s_ptrs = state_ptr + slot[:, None] * stride_s_slot + offs_c[None, :] * stride_s_c + col[:, None]
-        sv = tl.load(s_ptrs, mask=m_s, other=0.0)
-        wj = tl.load(w_ptr + offs_c * K + j, mask=mc, other=0.0).to(tl.float32)
-        acc += (xv.to(tl.float32) + sv.to(tl.float32)) * wj[None, :]
-    y = acc * tl.sigmoid(acc)
-    in_p0 = offs_c < S1
-    in_p1 = (offs_c >= S1) & (offs_c < S1 + S2)
-    part_base = tl.where(in_p0, 0, tl.where(in_p1, N * S1, N * (S1 + S2))).to(tl.int64)
-    part_col = tl.where(in_p0, offs_c, tl.where(in_p1, offs_c - S1, offs_c - S1 - S2))
-    part_width = tl.where(in_p0, S1, tl.where(in_p1, S2, C - S1 - S2)).to(tl.int64)
-    o_ptrs = (
-        out_ptr + part_base[None, :] + offs_t[:, None].to(tl.int64) * part_width[None, :] + part_col[None, :]
+    t_last = tl.minimum(t_first + BT, N) - 1
+    seq_first = tl.load(tok_seq_ptr + t_first)
+    interior = (seq_first == tl.load(tok_seq_ptr + t_last)) & (
+        t_first - (K - 1) >= tl.load(cu_ptr + seq_first).to(tl.int32)
     )
+    acc = tl.zeros([BT, BC], dtype=tl.float32)
+    if interior:  # every tap of every token reads the chunk's own inputs: no state, no sequence masks
+        m_tc = mt[:, None] & mc[None, :]
+        for j in tl.static_range(K):
+            row0 = (t_first - (K - 1) + j).to(tl.int64) * stride_x
+            xv = tl.load(x_ptr + row0 + offs_bt[:, None] * stride_x + offs_c[None, :], mask=m_tc, other=0.0)
+            wj = tl.load(w_ptr + offs_c * K + j, mask=mc, other=0.0).to(tl.float32)
+            acc += xv.to(tl.float32) * wj[None, :]
+    else:  # a sequence starts in the block, or its first K-1 taps reach into the slot's conv state
+        seq = tl.load(tok_seq_ptr + offs_t, mask=mt, other=0)
+        start = tl.load(cu_ptr + seq).to(tl.int64)
+        slot = tl.load(slot_ptr + seq).to(tl.int64)
+        has_ctx = tl.load(ctx_ptr + seq) > 0
+        for j in tl.static_range(K):
+            src = offs_t.to(tl.int64) - (K - 1) + j  # packed index of the tap's input
+            in_seq = src >= start
+            m_x = (mt & in_seq)[:, None] & mc[None, :]
+            xv = tl.load(x_ptr + src[:, None] * stride_x + offs_c[None, :], mask=m_x, other=0.0)
+            col = K + (src - start)  # state column of a pre-sequence input (1 .. K-1)
+            m_s = (mt & ~in_seq & has_ctx)[:, None] & mc[None, :]
+            s_ptrs = state_ptr + slot[:, None] * stride_s_slot + offs_c[None, :] * stride_s_c + col[:, None]
+            sv = tl.load(s_ptrs, mask=m_s, other=0.0)
+            wj = tl.load(w_ptr + offs_c * K + j, mask=mc, other=0.0).to(tl.float32)
+            acc += (xv.to(tl.float32) + sv.to(tl.float32)) * wj[None, :]
+    y = acc * tl.sigmoid(acc)
+    if PARTS_ALIGNED:
+        in_p0 = c_first < S1
+        in_p1 = (c_first >= S1) & (c_first < S1 + S2)
+        base = tl.where(in_p0, 0, tl.where(in_p1, N * S1, N * (S1 + S2))).to(tl.int64)
+        c0 = tl.where(in_p0, 0, tl.where(in_p1, S1, S1 + S2))
+        width = tl.where(in_p0, S1, tl.where(in_p1, S2, C - S1 - S2))
+        o_ptrs = (
+            out_ptr + base + t_first.to(tl.int64) * width + offs_bt[:, None] * width + (offs_c - c0)[None, :]
+        )
+    else:
+        in_p0 = offs_c < S1
+        in_p1 = (offs_c >= S1) & (offs_c < S1 + S2)
+        part_base = tl.where(in_p0, 0, tl.where(in_p1, N * S1, N * (S1 + S2))).to(tl.int64)
+        part_col = tl.where(in_p0, offs_c, tl.where(in_p1, offs_c - S1, offs_c - S1 - S2))
+        part_width = tl.where(in_p0, S1, tl.where(in_p1, S2, C - S1 - S2)).to(tl.int64)
+        o_ptrs = (
+            out_ptr
+            + part_base[None, :]
+            + offs_t[:, None].to(tl.int64) * part_width[None, :]
+            + part_col[None, :]
+        )
     tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mt[:, None] & mc[None, :])
 
 
@@ -167,7 +197,7 @@ def conv_prefill(
     _conv_prefill_out_kernel[grid](
         x, weight, conv_state, flat, tok_seq, cu_seqlens, slot_ids, context_lens,
         num_tok, num_ch, s1, s2, x.stride(0), conv_state.stride(0), conv_state.stride(1),
-        K=k, BT=bt, BC=bc,
+        K=k, BT=bt, BC=bc, PARTS_ALIGNED=(s1 % bc == 0 and s2 % bc == 0),
     )  # fmt: skip
     bcs = 256
     grid_s = (slot_ids.shape[0], triton.cdiv(num_ch, bcs))

@@ -158,6 +158,40 @@ def swa_decode(
 
 
 @triton.jit
+def _attend_block_full(q, kb, vb, m_i, l_i, acc, qk_scale):
+    """`_attend_block` for a key block every query sees: no mask, and the row max is always finite."""
+    s = tl.dot(q, tl.trans(kb))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+    alpha = tl.exp2(m_i - m_new)
+    pr = tl.exp2(s * qk_scale - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(pr, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(pr.to(vb.dtype), vb)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _attend_new_masked(
+    q, k_ptr, v_ptr, kv_base_k, kv_base_v, stride_k, stride_v, start, ctx, last_q, pos_q, W,
+    kb_i, m_i, l_i, acc, qk_scale, D: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
+    """Fold the chunk's key block kb_i (sequence offsets [kb_i BN, (kb_i+1) BN)) with the causal and
+    window masks."""
+    offs_d = tl.arange(0, D)
+    local = kb_i * BN + tl.arange(0, BN)  # offset in the sequence
+    mk = local <= last_q - ctx
+    offs_n = (start + local).to(tl.int64)
+    kb = tl.load(
+        k_ptr + offs_n[:, None] * stride_k + kv_base_k + offs_d[None, :], mask=mk[:, None], other=0.0
+    )
+    vb = tl.load(
+        v_ptr + offs_n[:, None] * stride_v + kv_base_v + offs_d[None, :], mask=mk[:, None], other=0.0
+    )
+    pos_k = ctx + local
+    ok = mk[None, :] & (pos_k[None, :] <= pos_q[:, None]) & (pos_k[None, :] > pos_q[:, None] - W)
+    return _attend_block(q, kb, vb, ok, m_i, l_i, acc, qk_scale)
+
+
+@triton.jit
 def _swa_prefill_kernel(
     q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, out_ptr,
     blk_seq_ptr, blk_start_ptr, cu_ptr, slot_ptr, ctx_ptr,
@@ -165,21 +199,27 @@ def _swa_prefill_kernel(
     stride_c_slot, stride_c_row, stride_c_h, qk_scale,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
 ):  # fmt: skip
+    # Positions (absolute token indices) are int32; pointer offsets are int64 where they can be large.
+    # The keys of a query block [first_q, last_q] are [lo, last_q]. Keys in [full_lo, first_q] are
+    # visible to every query of the block; only the key blocks that straddle full_lo (window edge) or
+    # first_q (causal diagonal) need the mask, so the loops below run those separately.
     blk = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     hk = h // G
     seq = tl.load(blk_seq_ptr + blk)
-    t0 = tl.load(blk_start_ptr + blk).to(tl.int64)  # packed index of the block's first query
-    start = tl.load(cu_ptr + seq).to(tl.int64)
-    end = tl.load(cu_ptr + seq + 1).to(tl.int64)
+    t0 = tl.load(blk_start_ptr + blk).to(tl.int32)  # packed index of the block's first query
+    start = tl.load(cu_ptr + seq).to(tl.int32)
+    end = tl.load(cu_ptr + seq + 1).to(tl.int32)
     slot = tl.load(slot_ptr + seq).to(tl.int64)
-    ctx = tl.load(ctx_ptr + seq).to(tl.int64)
+    ctx = tl.load(ctx_ptr + seq).to(tl.int32)
     offs_m = t0 + tl.arange(0, BM)
     offs_d = tl.arange(0, D)
     mm = offs_m < end
     pos_q = ctx + (offs_m - start)  # absolute index of each query
     q = tl.load(
-        q_ptr + offs_m[:, None] * stride_q + h * stride_qh + offs_d[None, :], mask=mm[:, None], other=0.0
+        q_ptr + offs_m[:, None].to(tl.int64) * stride_q + h * stride_qh + offs_d[None, :],
+        mask=mm[:, None],
+        other=0.0,
     )
 
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
@@ -188,36 +228,55 @@ def _swa_prefill_kernel(
     first_q = ctx + (t0 - start)
     last_q = ctx + (tl.minimum(t0 + BM, end) - 1 - start)
     lo = tl.maximum(first_q - W + 1, 0)
+    full_lo = tl.maximum(last_q - W + 1, 0)
 
-    # phase 1: cached positions lo .. ctx-1, read from the ring (row = position % W)
+    # phase 1: cached positions lo .. ctx-1 from the ring (row = position % W), in blocks that end at
+    # ctx: block k covers [ctx - (k+1) BN, ctx - k BN). Blocks k < n_full start at or after full_lo.
     c_base = slot * stride_c_slot + hk * stride_c_h
-    for j0 in range(lo, ctx, BN):
-        pos_k = j0 + tl.arange(0, BN)
-        mk = pos_k < ctx
-        offs = c_base + (pos_k % W)[:, None] * stride_c_row + offs_d[None, :]
+    n_ring = tl.cdiv(tl.maximum(ctx - lo, 0), BN)
+    n_full = tl.minimum(tl.maximum(ctx - full_lo, 0) // BN, n_ring)
+    for kb_i in range(0, n_full):
+        rows = (ctx - (kb_i + 1) * BN + tl.arange(0, BN)) % W
+        offs = c_base + rows[:, None] * stride_c_row + offs_d[None, :]
+        kb = tl.load(kc_ptr + offs)
+        vb = tl.load(vc_ptr + offs)
+        m_i, l_i, acc = _attend_block_full(q, kb, vb, m_i, l_i, acc, qk_scale)
+    for kb_i in range(n_full, n_ring):  # window edge
+        pos_k = ctx - (kb_i + 1) * BN + tl.arange(0, BN)
+        mk = pos_k >= lo
+        offs = c_base + (tl.maximum(pos_k, 0) % W)[:, None] * stride_c_row + offs_d[None, :]
         kb = tl.load(kc_ptr + offs, mask=mk[:, None], other=0.0)
         vb = tl.load(vc_ptr + offs, mask=mk[:, None], other=0.0)
         ok = mk[None, :] & (pos_k[None, :] > pos_q[:, None] - W)
         m_i, l_i, acc = _attend_block(q, kb, vb, ok, m_i, l_i, acc, qk_scale)
 
-    # phase 2: new positions max(lo, ctx) .. last_q, read from the packed keys
-    n_lo = start + tl.maximum(lo - ctx, 0)
-    n_hi = start + (last_q - ctx) + 1
-    for i0 in range(n_lo, n_hi, BN):
-        offs_n = i0 + tl.arange(0, BN)
-        mk = offs_n < n_hi
-        kb = tl.load(
-            k_ptr + offs_n[:, None] * stride_k + hk * stride_kh + offs_d[None, :], mask=mk[:, None], other=0.0
-        )
-        vb = tl.load(
-            v_ptr + offs_n[:, None] * stride_v + hk * stride_vh + offs_d[None, :], mask=mk[:, None], other=0.0
-        )
-        pos_k = ctx + (offs_n - start)
-        ok = mk[None, :] & (pos_k[None, :] <= pos_q[:, None]) & (pos_k[None, :] > pos_q[:, None] - W)
-        m_i, l_i, acc = _attend_block(q, kb, vb, ok, m_i, l_i, acc, qk_scale)
+    # phase 2: new positions max(lo, ctx) .. last_q from the packed keys, in blocks that start at ctx:
+    # block k covers sequence offsets [k BN, (k+1) BN). [k_lo, k_a): window edge; [k_a, k_b): every
+    # query sees every key; [k_b, k_hi): causal diagonal.
+    k_lo = (tl.maximum(lo, ctx) - ctx) // BN
+    k_hi = tl.cdiv(last_q - ctx + 1, BN)
+    k_a = tl.minimum(tl.maximum(tl.cdiv(tl.maximum(full_lo - ctx, 0), BN), k_lo), k_hi)
+    k_b = tl.minimum(tl.maximum((first_q - ctx + 1) // BN, k_a), k_hi)
+    kv_base_k = hk * stride_kh
+    kv_base_v = hk * stride_vh
+    for kb_i in range(k_a, k_b):
+        offs_n = (start + kb_i * BN + tl.arange(0, BN)).to(tl.int64)
+        kb = tl.load(k_ptr + offs_n[:, None] * stride_k + kv_base_k + offs_d[None, :])
+        vb = tl.load(v_ptr + offs_n[:, None] * stride_v + kv_base_v + offs_d[None, :])
+        m_i, l_i, acc = _attend_block_full(q, kb, vb, m_i, l_i, acc, qk_scale)
+    for kb_i in range(k_lo, k_a):  # window edge
+        m_i, l_i, acc = _attend_new_masked(
+            q, k_ptr, v_ptr, kv_base_k, kv_base_v, stride_k, stride_v, start, ctx, last_q, pos_q, W,
+            kb_i, m_i, l_i, acc, qk_scale, D, BN,
+        )  # fmt: skip
+    for kb_i in range(k_b, k_hi):  # causal diagonal
+        m_i, l_i, acc = _attend_new_masked(
+            q, k_ptr, v_ptr, kv_base_k, kv_base_v, stride_k, stride_v, start, ctx, last_q, pos_q, W,
+            kb_i, m_i, l_i, acc, qk_scale, D, BN,
+        )  # fmt: skip
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    o_ptrs = out_ptr + offs_m[:, None] * stride_o + h * stride_oh + offs_d[None, :]
+    o_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_o + h * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=mm[:, None])
 
 
