@@ -24,10 +24,11 @@ from model.backends.triton_kernels.swa import swa_prefill
 from model.batch import BatchMeta, upload
 
 # prefill launch parameters (H100 sweep: benchmarks/sweep_prefill_kernels.py, docs/benchmarks.md)
-# (8K chunk at context 8K: 2.15 ms per layer vs 2.50 ms for 64/64/4 warps/2 stages)
+# (8K chunk at context 8K, 5ef1835: SWA 1.28 ms per layer, tied with 4 warps / 2 stages; conv 0.20 ms
+# per layer at 32 x 256 vs 0.23 ms at 32 x 128)
 SWA_BLOCK_M = 128  # queries per prefill attention program (the host tables are built for it)
 SWA_PREFILL_LAUNCH = {"block_n": 64, "num_warps": 8, "num_stages": 3}
-CONV_PREFILL_LAUNCH = {"block_t": 32, "block_c": 128}
+CONV_PREFILL_LAUNCH = {"block_t": 32, "block_c": 256}
 FLA_CHUNK = 64  # chunk size of fla's chunked delta-rule kernel (its default)
 
 
