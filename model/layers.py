@@ -300,8 +300,9 @@ class GatedDeltaNet(nn.Module):
         stream, a, b, z = proj.split(self.split_sizes, dim=-1)
         key_dim = self.num_heads * self.head_k_dim
         value_dim = self.num_heads * self.head_v_dim
+        norm_dim = self.head_k_dim if backend.fuses_qk_l2norm else None
         q, k, v = backend.short_conv(
-            stream, self.conv_weight(), meta, conv_state, [key_dim, key_dim, value_dim]
+            stream, self.conv_weight(), meta, conv_state, [key_dim, key_dim, value_dim], norm_dim
         )
         q = q.view(n, self.num_heads, self.head_k_dim)  # row-strided or contiguous: unit stride on d
         k = k.view(n, self.num_heads, self.head_k_dim)
@@ -311,7 +312,7 @@ class GatedDeltaNet(nn.Module):
             g, beta = ops.gdn_gates(a, b, self.neg_exp_a, self.dt_bias_f32)
         else:
             g, beta = self.gates_from(a, b)
-        o = backend.gated_delta_rule(q, k, v, g, beta, meta, recurrent_state)
+        o = backend.gated_delta_rule(q, k, v, g, beta, meta, recurrent_state, norm_dim is not None)
         if ops is not None:
             return self.o_proj(ops.gated_rms_norm(o, z, self.o_norm_weight_f32, self.norm_eps))
         z = z.view(n, self.num_heads, self.head_v_dim)

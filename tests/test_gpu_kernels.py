@@ -79,7 +79,8 @@ def test_short_conv(decode: bool, seed: int) -> None:
 
 @pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_gdn_decode(state_dtype: torch.dtype, seed: int) -> None:
+@pytest.mark.parametrize("qk_normalized", [False, True])
+def test_gdn_decode(state_dtype: torch.dtype, seed: int, qk_normalized: bool) -> None:
     tri, ref = _backends()
     torch.manual_seed(seed)
     slots, lens, ctx, num_slots = _case(True, seed)
@@ -91,10 +92,13 @@ def test_gdn_decode(state_dtype: torch.dtype, seed: int) -> None:
     v = torch.randn(n, H, DV, dtype=DT, device=DEVICE)
     g = -torch.rand(n, H, device=DEVICE) * 2
     beta = torch.rand(n, H, dtype=DT, device=DEVICE)
+    if qk_normalized:  # what short_conv returns with l2norm_head_dim
+        q = torch.nn.functional.normalize(q.float(), dim=-1).to(DT)
+        k = torch.nn.functional.normalize(k.float(), dim=-1).to(DT)
     pool = _pool((H, DK, DV), num_slots, state_dtype, slots, ctx)
     pool_ref = pool.clone()
-    out = tri.gated_delta_rule(q, k, v, g, beta, meta, pool)
-    out_ref = ref.gated_delta_rule(q, k, v, g, beta, meta, pool_ref)
+    out = tri.gated_delta_rule(q, k, v, g, beta, meta, pool, qk_normalized)
+    out_ref = ref.gated_delta_rule(q, k, v, g, beta, meta, pool_ref, qk_normalized)
     assert rel_err(out, out_ref) < TOL
     _compare_pools(pool, pool_ref, slots, TOL)
 
@@ -102,7 +106,8 @@ def test_gdn_decode(state_dtype: torch.dtype, seed: int) -> None:
 @pytest.mark.skipif(INTERPRET and not torch.cuda.is_available(), reason="fla's chunk kernel needs a GPU")
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("dims", [(4, 128, 256), (2, 16, 32)])  # real head dims; the tiny model's
-def test_gdn_prefill(seed: int, dims: tuple[int, int, int]) -> None:
+@pytest.mark.parametrize("qk_normalized", [False, True])
+def test_gdn_prefill(seed: int, dims: tuple[int, int, int], qk_normalized: bool) -> None:
     tri, ref = _backends()
     torch.manual_seed(seed)
     slots, lens, ctx, num_slots = _case(False, seed)
@@ -114,10 +119,13 @@ def test_gdn_prefill(seed: int, dims: tuple[int, int, int]) -> None:
     v = torch.randn(n, H, DV, dtype=DT, device=DEVICE)
     g = torch.nn.functional.logsigmoid(torch.randn(n, H, device=DEVICE)) * 0.3
     beta = torch.rand(n, H, dtype=DT, device=DEVICE)
+    if qk_normalized:
+        q = torch.nn.functional.normalize(q.float(), dim=-1).to(DT)
+        k = torch.nn.functional.normalize(k.float(), dim=-1).to(DT)
     pool = _pool((H, DK, DV), num_slots, torch.float32, slots, ctx)
     pool_ref = pool.clone()
-    out = tri.gated_delta_rule(q, k, v, g, beta, meta, pool)
-    out_ref = ref.gated_delta_rule(q, k, v, g, beta, meta, pool_ref)
+    out = tri.gated_delta_rule(q, k, v, g, beta, meta, pool, qk_normalized)
+    out_ref = ref.gated_delta_rule(q, k, v, g, beta, meta, pool_ref, qk_normalized)
     assert rel_err(out, out_ref) < TOL
     _compare_pools(pool, pool_ref, slots, TOL)
 
@@ -177,20 +185,26 @@ def test_sliding_window_attention_long_prefill(window: int) -> None:
 
 @pytest.mark.parametrize("decode", [False, True])
 @pytest.mark.parametrize("sizes", [[32, 32, 64], [128, 128, 256]])  # parts across / along 128-channel blocks
-def test_short_conv_split_parts(decode: bool, sizes: list[int]) -> None:
+@pytest.mark.parametrize("l2norm", [False, True])
+def test_short_conv_split_parts(decode: bool, sizes: list[int], l2norm: bool) -> None:
     """With split_sizes the parts equal the torch backend's column slices; prefill parts are
-    contiguous (what fla's chunked kernel reads without a copy). x is a strided column slice."""
+    contiguous (what fla's chunked kernel reads without a copy). x is a strided column slice. With
+    l2norm_head_dim, q and k come out normalised per head in the conv's epilogue."""
     tri, ref = _backends()
     torch.manual_seed(5)
     slots, lens, ctx, num_slots = _case(decode, 5)
     meta = BatchMeta.build(slots, lens, ctx, DEVICE)
+    head_dim = (16 if sizes[0] == 32 else 128) if l2norm else None
     C, K = sum(sizes), 4
     x = torch.randn(sum(lens), C + 24, dtype=DT, device=DEVICE)[:, 8 : 8 + C]
     w = torch.randn(C, K, dtype=DT, device=DEVICE) * 0.5
     pool = _pool((C, K), num_slots, DT, slots, ctx)
     pool_ref = pool.clone()
-    parts = tri.short_conv(x, w, meta, pool, sizes)
-    parts_ref = ref.short_conv(x, w, meta, pool_ref, sizes)
+    parts = tri.short_conv(x, w, meta, pool, sizes, head_dim)
+    parts_ref = ref.short_conv(x, w, meta, pool_ref, sizes, head_dim)
+    if l2norm:
+        norms = parts[1].float().unflatten(1, (-1, head_dim)).norm(dim=-1)
+        assert torch.allclose(norms, torch.ones_like(norms), atol=2e-2)
     assert [p.shape for p in parts] == [(sum(lens), s) for s in sizes]
     for p, p_ref in zip(parts, parts_ref, strict=True):
         assert rel_err(p, p_ref) < TOL

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -56,13 +57,17 @@ def reference_gdn(layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 @torch.no_grad()
-def test_gdn_layer_matches_per_token_reference(tiny_model):
+@pytest.mark.parametrize("fused_norm", [False, True])
+def test_gdn_layer_matches_per_token_reference(tiny_model, fused_norm: bool):
+    """fused_norm: the backend normalises q and k in short_conv (the GPU kernels' path) instead of in
+    gated_delta_rule; the layer must give the same result either way."""
     layer = tiny_model.model.layers[1].self_attn
     hidden = tiny_model.config.text.hidden_size
     x = torch.randn(23, hidden, generator=torch.Generator().manual_seed(0))
     ref, ref_S, ref_conv = reference_gdn(layer, x)
 
     backend = TorchBackend("cpu")
+    backend.fuses_qk_l2norm = fused_norm
     conv_state = torch.zeros(3, tiny_model.config.text.conv_dim, 4)
     rec_state = torch.zeros(3, layer.num_heads, layer.head_k_dim, layer.head_v_dim)
     outs, done = [], 0
@@ -91,3 +96,10 @@ def test_bf16_recurrent_state_is_stored_in_pool_dtype(tiny_model):
     assert rec16.dtype == torch.bfloat16
     torch.testing.assert_close(a, b)  # the recurrence itself runs in fp32 within a call
     torch.testing.assert_close(rec16[0].float(), rec32[0], atol=1e-2, rtol=1e-2)
+
+
+def test_short_conv_l2norm_needs_the_q_k_parts():
+    meta = BatchMeta.build([0], [3], [0])
+    x, w, state = torch.randn(3, 8), torch.randn(8, 4), torch.zeros(2, 8, 4)
+    with pytest.raises(ValueError, match="split_sizes"):
+        TorchBackend().short_conv(x, w, meta, state, None, 4)

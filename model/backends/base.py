@@ -63,6 +63,9 @@ class PointwiseOps(Protocol):
 class Backend(Protocol):
     name: str
     pointwise: PointwiseOps | None  # fused elementwise ops, or None for the model's own code
+    # the model asks short_conv for L2-normalised q and k and tells gated_delta_rule so (one pass over
+    # q and k less); both backends implement the two flags, only the fused kernels gain from them
+    fuses_qk_l2norm: bool
 
     def short_conv(
         self,
@@ -71,18 +74,21 @@ class Backend(Protocol):
         meta: BatchMeta,
         conv_state: torch.Tensor,  # [num_slots + 1, C, K] this layer's view, updated in place
         split_sizes: list[int] | None = None,  # channel widths to return separately (q|k|v)
+        l2norm_head_dim: int | None = None,  # with split_sizes: parts 0 and 1 L2-normalised per head
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:  # [N, C] model dtype, silu(conv(x)), fp32 accumulation;
-        ...  # with split_sizes, one [N, width] tensor per part (contiguous where the backend prefers)
+        ...  # with split_sizes, one [N, width] tensor per part (contiguous where the backend prefers);
+        # with l2norm_head_dim, each head of that many channels of q and k is x / sqrt(sum(x^2) + 1e-6)
 
     def gated_delta_rule(
         self,
-        q: torch.Tensor,  # [N, H, d_k] model dtype, before L2 normalisation
+        q: torch.Tensor,  # [N, H, d_k] model dtype, before L2 normalisation (unless qk_normalized)
         k: torch.Tensor,  # [N, H, d_k]
         v: torch.Tensor,  # [N, H, d_v]
         g: torch.Tensor,  # [N, H] fp32 log-decay (<= 0)
         beta: torch.Tensor,  # [N, H] write strength in (0, 1)
         meta: BatchMeta,
         state: torch.Tensor,  # [num_slots + 1, H, d_k, d_v] this layer's view, updated in place
+        qk_normalized: bool = False,  # q and k come L2-normalised (short_conv's l2norm_head_dim)
     ) -> torch.Tensor:  # [N, H, d_v] model dtype; q/k L2-normalised (eps 1e-6), scale d_k**-0.5
         ...
 

@@ -36,6 +36,7 @@ class TorchBackend:
 
     name = "torch"
     pointwise = None  # the model's own plain-PyTorch elementwise code is the reference
+    fuses_qk_l2norm = False  # normalising inside gated_delta_rule keeps q and k in fp32
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
@@ -49,9 +50,19 @@ class TorchBackend:
         meta: BatchMeta,
         conv_state: torch.Tensor,
         split_sizes: list[int] | None = None,
+        l2norm_head_dim: int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         out = self._short_conv(x, weight, meta, conv_state)
-        return out if split_sizes is None else out.split(split_sizes, dim=1)
+        if split_sizes is None:
+            if l2norm_head_dim is not None:
+                raise ValueError("l2norm_head_dim needs split_sizes (it normalises parts 0 and 1)")
+            return out
+        parts = list(out.split(split_sizes, dim=1))
+        if l2norm_head_dim is not None:
+            for i in (0, 1):
+                heads = parts[i].float().unflatten(1, (-1, l2norm_head_dim))
+                parts[i] = l2_normalize(heads).flatten(1).to(x.dtype)
+        return tuple(parts)
 
     def _short_conv(self, x, weight, meta, conv_state) -> torch.Tensor:
         if meta.is_decode:
@@ -93,10 +104,11 @@ class TorchBackend:
         beta: torch.Tensor,
         meta: BatchMeta,
         state: torch.Tensor,
+        qk_normalized: bool = False,
     ) -> torch.Tensor:
         scale = q.shape[-1] ** -0.5
-        qn = l2_normalize(q.float()) * scale
-        kn = l2_normalize(k.float())
+        qn = (q.float() if qk_normalized else l2_normalize(q.float())) * scale
+        kn = k.float() if qk_normalized else l2_normalize(k.float())
         v32, g32, b32 = v.float(), g.float(), beta.float()
         out = torch.empty(v.shape, dtype=torch.float32, device=v.device)
         if meta.is_decode:

@@ -13,7 +13,7 @@ import os
 import torch
 from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
-from model.backends.triton_kernels.conv import conv_prefill
+from model.backends.triton_kernels.conv import _norm_args, conv_prefill
 from model.backends.triton_kernels.ops import (
     TritonPointwise,
     conv_decode_call,
@@ -36,6 +36,7 @@ class TritonBackend:
     """Kernel seam on CUDA: in-place pool updates by slot index, no per-step state gathers in decode."""
 
     name = "triton"
+    fuses_qk_l2norm = True  # the conv kernels' epilogue normalises q and k (fla's l2norm pass saved)
 
     def __init__(self, device: torch.device | str = "cuda") -> None:
         self.device = torch.device(device)
@@ -71,16 +72,19 @@ class TritonBackend:
         meta: BatchMeta,
         conv_state: torch.Tensor,
         split_sizes: list[int] | None = None,
+        l2norm_head_dim: int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        """silu(causal depthwise conv) [N, C] (or its parts); conv_state rows meta.slot_ids updated in
-        place. Prefill writes the parts contiguously (no copies before fla's chunked kernel)."""
+        """silu(causal depthwise conv) [N, C] (or its parts, q and k L2-normalised in the kernel's
+        epilogue with l2norm_head_dim); conv_state rows meta.slot_ids updated in place. Prefill
+        writes the parts contiguously (no copies before fla's chunked kernel)."""
         if meta.is_decode:
-            out = conv_decode_call(x, weight, conv_state, meta.slot_ids, meta.context_lens)
+            norm_ch, norm_hd = _norm_args(split_sizes, l2norm_head_dim)
+            out = conv_decode_call(x, weight, conv_state, meta.slot_ids, meta.context_lens, norm_ch, norm_hd)
             return out if split_sizes is None else out.split(split_sizes, dim=1)
         t = self._tables(meta)
         return conv_prefill(
             x, weight, conv_state, t["tok_seq"], meta.cu_seqlens, meta.slot_ids, meta.context_lens,
-            **CONV_PREFILL_LAUNCH, split_sizes=split_sizes,
+            **CONV_PREFILL_LAUNCH, split_sizes=split_sizes, l2norm_head_dim=l2norm_head_dim,
         )  # fmt: skip
 
     def gated_delta_rule(
@@ -92,12 +96,15 @@ class TritonBackend:
         beta: torch.Tensor,
         meta: BatchMeta,
         state: torch.Tensor,
+        qk_normalized: bool = False,
     ) -> torch.Tensor:
         """Delta-rule output [N, H, d_v]; state rows meta.slot_ids updated in place."""
         scale = q.shape[-1] ** -0.5
         if meta.is_decode:
-            return gdn_decode_call(q, k, v, g, beta, state, meta.slot_ids, meta.context_lens, scale)
-        return self._gdn_prefill(q, k, v, g, beta, meta, state, scale)
+            return gdn_decode_call(
+                q, k, v, g, beta, state, meta.slot_ids, meta.context_lens, scale, qk_normalized
+            )
+        return self._gdn_prefill(q, k, v, g, beta, meta, state, scale, qk_normalized)
 
     def _gdn_prefill(
         self,
@@ -109,11 +116,12 @@ class TritonBackend:
         meta: BatchMeta,
         state: torch.Tensor,
         scale: float,
+        qk_normalized: bool,
     ) -> torch.Tensor:
         t = self._tables(meta)
         h0 = state.index_select(0, meta.slot_ids).float()  # [B, H, d_k, d_v]: one gather per chunk
         # fresh sequences start from zero whatever the row holds (NaN included: no multiply by 0)
-        h0 = torch.where(t["has_ctx"].view(-1, 1, 1, 1) > 0, h0, 0.0)
+        h0 = torch.where(t["has_ctx"].view(-1, 1, 1, 1), h0, 0.0)
         o, ht = chunk_gated_delta_rule(
             q.unsqueeze(0),
             k.unsqueeze(0),
@@ -123,7 +131,7 @@ class TritonBackend:
             scale=scale,
             initial_state=h0,
             output_final_state=True,
-            use_qk_l2norm_in_kernel=True,
+            use_qk_l2norm_in_kernel=not qk_normalized,
             cu_seqlens=t["cu_long"],
             cu_seqlens_cpu=t["cu_cpu"],
             chunk_indices=t["chunk_indices"],
@@ -176,7 +184,7 @@ def _prefill_tables(
     tok_seq = torch.repeat_interleave(seq_idx, seq_lens)  # [N]
     host: dict[str, torch.Tensor] = {
         "tok_seq": tok_seq.to(torch.int32),
-        "has_ctx": (ctx_lens > 0).to(torch.float32),
+        "has_ctx": ctx_lens > 0,
         "cu_long": cu,
     }
     if window is None:  # the conv / delta-rule tables

@@ -13,14 +13,23 @@ import triton.language as tl
 
 
 @triton.jit
+def _l2norm_heads(y, R: tl.constexpr, BC: tl.constexpr, HD: tl.constexpr):
+    """y [R, BC] fp32: every run of HD channels divided by sqrt(its sum of squares + 1e-6)."""
+    y3 = tl.reshape(y, [R, BC // HD, HD])
+    inv = 1.0 / tl.sqrt(tl.sum(y3 * y3, axis=2) + 1e-6)
+    return tl.reshape(y3 * inv[:, :, None], [R, BC])
+
+
+@triton.jit
 def _conv_prefill_out_kernel(
     x_ptr, w_ptr, state_ptr, out_ptr, tok_seq_ptr, cu_ptr, slot_ptr, ctx_ptr,
-    N, C, S1, S2, stride_x, stride_s_slot, stride_s_c,
-    K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, PARTS_ALIGNED: tl.constexpr,
+    N, C, S1, S2, NORM_CH, stride_x, stride_s_slot, stride_s_c,
+    K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, PARTS_ALIGNED: tl.constexpr, NORM_HD: tl.constexpr,
 ):  # fmt: skip
     # output: channels [0, S1), [S1, S1 + S2), [S1 + S2, C) go to three row-major [N, width] parts
     # stored back to back (S2 = 0 and S1 = C: one [N, C] tensor). PARTS_ALIGNED: BC divides S1 and
-    # S2, so a program's channels lie in one part.
+    # S2, so a program's channels lie in one part. NORM_HD > 0: channels [0, NORM_CH) are L2-normalised
+    # per head of NORM_HD channels (BC divides NORM_CH and NORM_HD divides BC).
     t_first = tl.program_id(0) * BT
     c_first = tl.program_id(1) * BC
     offs_bt = tl.arange(0, BT)
@@ -58,6 +67,9 @@ def _conv_prefill_out_kernel(
             wj = tl.load(w_ptr + offs_c * K + j, mask=mc, other=0.0).to(tl.float32)
             acc += (xv.to(tl.float32) + sv.to(tl.float32)) * wj[None, :]
     y = acc * tl.sigmoid(acc)
+    if NORM_HD > 0:  # noqa: SIM102 (compile-time branch first: nothing is emitted without the norm)
+        if c_first < NORM_CH:
+            y = _l2norm_heads(y, BT, BC, NORM_HD)
     if PARTS_ALIGNED:
         in_p0 = c_first < S1
         in_p1 = (c_first >= S1) & (c_first < S1 + S2)
@@ -113,8 +125,8 @@ def _conv_prefill_state_kernel(
 @triton.jit
 def _conv_decode_kernel(
     x_ptr, w_ptr, state_ptr, out_ptr, slot_ptr, ctx_ptr,
-    C, stride_x, stride_o, stride_s_slot, stride_s_c,
-    K: tl.constexpr, BC: tl.constexpr,
+    C, NORM_CH, stride_x, stride_o, stride_s_slot, stride_s_c,
+    K: tl.constexpr, BC: tl.constexpr, NORM_HD: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     offs_c = tl.program_id(1) * BC + tl.arange(0, BC)
@@ -131,6 +143,9 @@ def _conv_decode_kernel(
     w = tl.load(w_ptr + offs_c[:, None] * K + cols[None, :], mask=mc[:, None], other=0.0).to(tl.float32)
     acc = tl.sum(new * w, axis=1)
     y = acc * tl.sigmoid(acc)
+    if NORM_HD > 0:  # noqa: SIM102 (as in the prefill kernel)
+        if tl.program_id(1) * BC < NORM_CH:
+            y = tl.reshape(_l2norm_heads(tl.reshape(y, [1, BC]), 1, BC, NORM_HD), [BC])
     tl.store(out_ptr + b.to(tl.int64) * stride_o + offs_c, y.to(out_ptr.dtype.element_ty), mask=mc)
     tl.debug_barrier()  # all old columns read before the shifted state is written
     tl.store(base + cols[None, :], new.to(state_ptr.dtype.element_ty), mask=mc[:, None])
@@ -147,23 +162,47 @@ def _check(x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor) -> i
     return k
 
 
+def _norm_block(block: int, norm_channels: int, head_dim: int | None) -> int:
+    """The channel block for an L2 norm over heads of head_dim channels in [0, norm_channels): the
+    largest power of two <= block that head_dim divides and that divides norm_channels."""
+    if head_dim is None:
+        return block
+    if head_dim & (head_dim - 1) or norm_channels % head_dim:
+        raise ValueError(f"l2norm head dim {head_dim} must be a power of two dividing {norm_channels}")
+    while block > head_dim and norm_channels % block:
+        block //= 2
+    return max(block, head_dim)
+
+
+def _norm_args(split_sizes: list[int] | None, l2norm_head_dim: int | None) -> tuple[int, int]:
+    """(channels to normalise, head dim), (0, 0) without the norm."""
+    if l2norm_head_dim is None:
+        return 0, 0
+    if split_sizes is None:
+        raise ValueError("l2norm_head_dim needs split_sizes (it normalises parts 0 and 1)")
+    return split_sizes[0] + split_sizes[1], l2norm_head_dim
+
+
 def conv_decode(
     x: torch.Tensor,
     weight: torch.Tensor,
     conv_state: torch.Tensor,
     slot_ids: torch.Tensor,
     context_lens: torch.Tensor,
+    norm_channels: int = 0,
+    norm_head_dim: int = 0,
 ) -> torch.Tensor:
-    """One token per row: shift the slot's conv state in place and return silu(conv) [B, C]."""
+    """One token per row: shift the slot's conv state in place and return silu(conv) [B, C]; with
+    norm_head_dim > 0, channels [0, norm_channels) come out L2-normalised per head."""
     k = _check(x, weight, conv_state)
     num_rows, num_ch = x.shape
     out = torch.empty_like(x)
-    bc = 256
+    bc = _norm_block(256, norm_channels, norm_head_dim or None)
     grid = (num_rows, triton.cdiv(num_ch, bc))
     _conv_decode_kernel[grid](
         x, weight, conv_state, out, slot_ids, context_lens,
-        num_ch, x.stride(0), out.stride(0), conv_state.stride(0), conv_state.stride(1),
-        K=k, BC=bc,
+        num_ch, norm_channels, x.stride(0), out.stride(0), conv_state.stride(0), conv_state.stride(1),
+        K=k, BC=bc, NORM_HD=norm_head_dim,
     )  # fmt: skip
     return out
 
@@ -179,25 +218,29 @@ def conv_prefill(
     block_t: int = 32,
     block_c: int = 128,
     split_sizes: list[int] | None = None,
+    l2norm_head_dim: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Packed varlen prefill: returns silu(conv(x)) [N, C] and writes each slot's last K inputs.
 
     tok_seq: [N] int32, the sequence of each packed token. block_t x block_c: tokens x channels per
     program (launch parameters only). With split_sizes (three widths summing to C) the output comes
-    as three contiguous [N, width] tensors instead (what the chunked delta-rule kernel reads).
+    as three contiguous [N, width] tensors instead (what the chunked delta-rule kernel reads); with
+    l2norm_head_dim as well, the first two parts come out L2-normalised per head of that many
+    channels (fp32, rounded once).
     """
     k = _check(x, weight, conv_state)
     num_tok, num_ch = x.shape
     s1, s2 = (num_ch, 0) if split_sizes is None else (split_sizes[0], split_sizes[1])
     if split_sizes is not None and (len(split_sizes) != 3 or sum(split_sizes) != num_ch):
         raise ValueError(f"split_sizes {split_sizes} must be three widths summing to {num_ch}")
+    norm_ch, norm_hd = _norm_args(split_sizes, l2norm_head_dim)
     flat = torch.empty(num_tok * num_ch, dtype=x.dtype, device=x.device)
-    bt, bc = block_t, block_c
+    bt, bc = block_t, _norm_block(block_c, norm_ch, l2norm_head_dim)
     grid = (triton.cdiv(num_tok, bt), triton.cdiv(num_ch, bc))
     _conv_prefill_out_kernel[grid](
         x, weight, conv_state, flat, tok_seq, cu_seqlens, slot_ids, context_lens,
-        num_tok, num_ch, s1, s2, x.stride(0), conv_state.stride(0), conv_state.stride(1),
-        K=k, BT=bt, BC=bc, PARTS_ALIGNED=(s1 % bc == 0 and s2 % bc == 0),
+        num_tok, num_ch, s1, s2, norm_ch, x.stride(0), conv_state.stride(0), conv_state.stride(1),
+        K=k, BT=bt, BC=bc, PARTS_ALIGNED=(s1 % bc == 0 and s2 % bc == 0), NORM_HD=norm_hd,
     )  # fmt: skip
     bcs = 256
     grid_s = (slot_ids.shape[0], triton.cdiv(num_ch, bcs))

@@ -17,7 +17,7 @@ def _gdn_decode_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, state_ptr, out_ptr, slot_ptr, ctx_ptr,
     H, stride_q, stride_qh, stride_k, stride_kh, stride_v, stride_vh, stride_g, stride_beta,
     stride_s_slot, stride_s_h, stride_o, stride_oh, scale,
-    DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, QK_NORMALIZED: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     b = (pid // H).to(tl.int64)
@@ -36,8 +36,11 @@ def _gdn_decode_kernel(
     v = tl.load(v_ptr + b * stride_v + h * stride_vh + offs_v, mask=mv, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + b * stride_g + h).to(tl.float32)
     beta = tl.load(beta_ptr + b * stride_beta + h).to(tl.float32)
-    q = q / tl.sqrt(tl.sum(q * q) + 1e-6) * scale
-    k = k / tl.sqrt(tl.sum(k * k) + 1e-6)
+    if QK_NORMALIZED:
+        q = q * scale
+    else:
+        q = q / tl.sqrt(tl.sum(q * q) + 1e-6) * scale
+        k = k / tl.sqrt(tl.sum(k * k) + 1e-6)
 
     s = s * tl.exp(g)
     u = beta * (v - tl.sum(s * k[:, None], axis=0))  # [BV]
@@ -57,8 +60,10 @@ def gdn_decode(
     slot_ids: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    qk_normalized: bool = False,
 ) -> torch.Tensor:
-    """q, k [B, H, d_k], v [B, H, d_v], g/beta [B, H]; state [S+1, H, d_k, d_v] updated in place."""
+    """q, k [B, H, d_k], v [B, H, d_v], g/beta [B, H]; state [S+1, H, d_k, d_v] updated in place.
+    q and k are L2-normalised here unless qk_normalized."""
     num_rows, num_heads, dk = q.shape
     dv = v.shape[-1]
     if dk & (dk - 1):
@@ -81,6 +86,6 @@ def gdn_decode(
         q, k, v, g, beta, state, out, slot_ids, context_lens,
         num_heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         g.stride(0), beta.stride(0), state.stride(0), state.stride(1), out.stride(0), out.stride(1), scale,
-        DK=dk, DV=dv, BV=bv, num_warps=4,
+        DK=dk, DV=dv, BV=bv, QK_NORMALIZED=qk_normalized, num_warps=4,
     )  # fmt: skip
     return out

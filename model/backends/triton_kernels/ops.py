@@ -32,13 +32,17 @@ def conv_decode_op(
     conv_state: torch.Tensor,
     slot_ids: torch.Tensor,
     context_lens: torch.Tensor,
+    norm_channels: int,
+    norm_head_dim: int,
 ) -> torch.Tensor:
     """See conv.conv_decode."""
-    return conv_decode(x, weight.contiguous(), conv_state, slot_ids, context_lens)
+    return conv_decode(
+        x, weight.contiguous(), conv_state, slot_ids, context_lens, norm_channels, norm_head_dim
+    )
 
 
 @conv_decode_op.register_fake
-def _(x, weight, conv_state, slot_ids, context_lens):
+def _(x, weight, conv_state, slot_ids, context_lens, norm_channels, norm_head_dim):
     return torch.empty_like(x)
 
 
@@ -53,13 +57,14 @@ def gdn_decode_op(
     slot_ids: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    qk_normalized: bool,
 ) -> torch.Tensor:
     """See gdn.gdn_decode."""
-    return gdn_decode(q, k, v, g, beta, state, slot_ids, context_lens, scale)
+    return gdn_decode(q, k, v, g, beta, state, slot_ids, context_lens, scale, qk_normalized)
 
 
 @gdn_decode_op.register_fake
-def _(q, k, v, g, beta, state, slot_ids, context_lens, scale):
+def _(q, k, v, g, beta, state, slot_ids, context_lens, scale, qk_normalized):
     return v.new_empty((q.shape[0], q.shape[1], v.shape[2]))
 
 
