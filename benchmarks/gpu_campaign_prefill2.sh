@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# One device call: the GPU tests (kernels, pointwise, graph replay and greedy tracking), the prefill
+# profile and the prefill + decode tables of bench_gpu.py. Results under $OUT.
+set -uo pipefail
+source benchmarks/device_setup.sh
+echo "== tests"
+timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py tests/test_gpu_pointwise.py \
+  tests/test_gpu_graph.py tests/test_gpu_capture_sizes.py 2>&1 | tail -4
+echo "== profile ($(left) s left)"
+timeout 120 python3 benchmarks/profile_prefill.py --out "$OUT" 2>&1 | grep -E "^[a-z_0-9]+: wall|kernel span" | tail -8
+echo "== bench ($(left) s left)"
+timeout $(( $(left) - 5 )) python3 benchmarks/bench_gpu.py --sections prefill,decode --out "$OUT" --commit "$COMMIT" 2>&1 \
+  | grep -E "^(prefill|decode) " | tail -20
+ls "$OUT"
