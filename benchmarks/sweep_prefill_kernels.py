@@ -77,15 +77,22 @@ def sweep_swa(chunk: int, ctx: int) -> list[dict]:
 
 
 def sweep_conv(chunk: int, ctx: int) -> list[dict]:
+    """The conv as the model calls it: a column slice of the fused projection in, q|k|v parts out,
+    q and k L2-normalised per head in the epilogue."""
     cfg = load_cfg().text
     c, kk = cfg.conv_dim, cfg.conv_size
-    x = torch.randn(chunk, c, dtype=BF16, device=DEV)
+    key_dim = cfg.num_linear_heads * cfg.linear_head_dim
+    sizes = [key_dim, key_dim, c - 2 * key_dim]
+    proj = torch.randn(chunk, c + 4128, dtype=BF16, device=DEV)  # the stream's row stride in the model
+    x = proj[:, :c]
     weight = torch.randn(c, kk, dtype=BF16, device=DEV)
     state = torch.randn(2, c, kk, dtype=BF16, device=DEV)
     meta = BatchMeta.build([0], [chunk], [ctx], DEV)
     t = _prefill_tables(meta, None, DEV)
     rows = []
-    for bt, bc in itertools.product((16, 32, 64), (64, 128, 256)):
+    for bt, bc, warps in itertools.product((16, 32, 64, 128), (128, 256, 512), (4, 8)):
+        if bt * bc > 32768 or (bt * bc >= 16384 and warps == 4):
+            continue  # registers
         sec = cuda_time(
             lambda: conv_prefill(
                 x,
@@ -97,10 +104,14 @@ def sweep_conv(chunk: int, ctx: int) -> list[dict]:
                 meta.context_lens,
                 block_t=bt,
                 block_c=bc,
+                split_sizes=sizes,
+                l2norm_head_dim=cfg.linear_head_dim,
+                num_warps=warps,
             ),  # fmt: skip
             reps=10,
         )
-        row = {"block_t": bt, "block_c": bc, "ms": sec * 1e3, "TBps": 2 * x.numel() * 2 / sec / 1e12}
+        row = {"block_t": bt, "block_c": bc, "warps": warps, "ms": sec * 1e3}
+        row["TBps"] = 2 * x.numel() * 2 / sec / 1e12
         rows.append(row)
         print(f"conv {row}", flush=True)
     return rows
@@ -112,11 +123,13 @@ def main() -> None:
     ap.add_argument("--out", default=".")
     ap.add_argument("--chunk", type=int, default=8192)
     ap.add_argument("--ctx", type=int, default=8192)
+    ap.add_argument("--conv-only", action="store_true")
     args = ap.parse_args()
     res = {"chunk": args.chunk, "ctx": args.ctx}
     res["conv"] = sweep_conv(args.chunk, args.ctx)
-    res["swa"] = sweep_swa(args.chunk, args.ctx)
-    for kind in ("swa", "conv"):
+    if not args.conv_only:
+        res["swa"] = sweep_swa(args.chunk, args.ctx)
+    for kind in [k for k in ("swa", "conv") if k in res]:
         ok = [r for r in res[kind] if "ms" in r]
         best = min(ok, key=lambda r: r["ms"])
         res[f"best_{kind}"] = best

@@ -219,11 +219,12 @@ def conv_prefill(
     block_c: int = 128,
     split_sizes: list[int] | None = None,
     l2norm_head_dim: int | None = None,
+    num_warps: int = 4,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """Packed varlen prefill: returns silu(conv(x)) [N, C] and writes each slot's last K inputs.
 
     tok_seq: [N] int32, the sequence of each packed token. block_t x block_c: tokens x channels per
-    program (launch parameters only). With split_sizes (three widths summing to C) the output comes
+    program and num_warps are launch parameters only. With split_sizes (three widths summing to C) the output comes
     as three contiguous [N, width] tensors instead (what the chunked delta-rule kernel reads); with
     l2norm_head_dim as well, the first two parts come out L2-normalised per head of that many
     channels (fp32, rounded once).
@@ -241,6 +242,7 @@ def conv_prefill(
         x, weight, conv_state, flat, tok_seq, cu_seqlens, slot_ids, context_lens,
         num_tok, num_ch, s1, s2, norm_ch, x.stride(0), conv_state.stride(0), conv_state.stride(1),
         K=k, BT=bt, BC=bc, PARTS_ALIGNED=(s1 % bc == 0 and s2 % bc == 0), NORM_HD=norm_hd,
+        num_warps=num_warps,
     )  # fmt: skip
     bcs = 256
     grid_s = (slot_ids.shape[0], triton.cdiv(num_ch, bcs))
