@@ -1,7 +1,8 @@
 # ruff: noqa: B023  (closures are called at once, inside the loop that binds their variables)
-"""A/B of the q/k L2 norm in the conv epilogue (`backend.fuses_qk_l2norm`) against the norm inside the
-delta-rule kernels, on the same GPU in one process: decode graph steps (batch 1, 64, 128 at context
-1K) and one 8K prefill chunk at context 8K, alternating the two settings three times.
+"""A/B of the q/k L2 norm in the conv epilogue (`backend.qk_l2norm_in_conv` answering yes) against the
+norm inside the delta-rule kernels, on the same GPU in one process: decode graph steps (batch 1, 64,
+128 at context 1K) and one 8K prefill chunk at context 8K, alternating the two settings three times.
+(At 998b1d8 the switch was a backend attribute, `fuses_qk_l2norm`, used for decode and prefill alike.)
 
     python benchmarks/ab_qk_norm.py --out DIR
 """
@@ -40,7 +41,7 @@ def main() -> None:
         times: dict[bool, list[float]] = {True: [], False: []}
         for _ in range(3):
             for fused in (True, False):
-                times[fused].append(graph_ms_with(model, step, fuses_qk_l2norm=fused))
+                times[fused].append(graph_ms_with(model, step, qk_l2norm_in_conv=lambda meta: fused))
         row = {"batch": batch, "fused_ms": times[True], "unfused_ms": times[False]}
         row["fused_median"], row["unfused_median"] = (
             statistics.median(times[True]),
@@ -57,9 +58,9 @@ def main() -> None:
     times = {True: [], False: []}
     for _ in range(3):
         for fused in (True, False):
-            model.backend.fuses_qk_l2norm = fused
+            model.backend.qk_l2norm_in_conv = lambda meta: fused
             times[fused].append(cuda_time(lambda: model.forward(ids, pos, meta, state), reps=5) * 1e3)
-    model.backend.fuses_qk_l2norm = True
+    del model.backend.qk_l2norm_in_conv  # back to the backend's own answer
     res["prefill"] = {"fused_ms": times[True], "unfused_ms": times[False]}
     print(
         f"prefill 8K at ctx 8K: fused {statistics.median(times[True]):.1f} ms, "

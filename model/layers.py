@@ -300,7 +300,7 @@ class GatedDeltaNet(nn.Module):
         stream, a, b, z = proj.split(self.split_sizes, dim=-1)
         key_dim = self.num_heads * self.head_k_dim
         value_dim = self.num_heads * self.head_v_dim
-        norm_dim = self.head_k_dim if backend.fuses_qk_l2norm else None
+        norm_dim = self.head_k_dim if backend.qk_l2norm_in_conv(meta) else None
         q, k, v = backend.short_conv(
             stream, self.conv_weight(), meta, conv_state, [key_dim, key_dim, value_dim], norm_dim
         )

@@ -67,7 +67,7 @@ def test_gdn_layer_matches_per_token_reference(tiny_model, fused_norm: bool):
     ref, ref_S, ref_conv = reference_gdn(layer, x)
 
     backend = TorchBackend("cpu")
-    backend.fuses_qk_l2norm = fused_norm
+    backend.qk_l2norm_in_conv = lambda meta: fused_norm  # prefill and decode calls alike
     conv_state = torch.zeros(3, tiny_model.config.text.conv_dim, 4)
     rec_state = torch.zeros(3, layer.num_heads, layer.head_k_dim, layer.head_v_dim)
     outs, done = [], 0

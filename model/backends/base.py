@@ -63,9 +63,12 @@ class PointwiseOps(Protocol):
 class Backend(Protocol):
     name: str
     pointwise: PointwiseOps | None  # fused elementwise ops, or None for the model's own code
-    # the model asks short_conv for L2-normalised q and k and tells gated_delta_rule so (one pass over
-    # q and k less); both backends implement the two flags, only the fused kernels gain from them
-    fuses_qk_l2norm: bool
+
+    def qk_l2norm_in_conv(self, meta: BatchMeta) -> bool:
+        """Whether the model should ask short_conv for L2-normalised q and k for this call (and tell
+        gated_delta_rule so): both backends implement the two flags; a backend says yes where its
+        kernels gain from it (one pass over q and k less)."""
+        ...
 
     def short_conv(
         self,

@@ -36,12 +36,14 @@ class TorchBackend:
 
     name = "torch"
     pointwise = None  # the model's own plain-PyTorch elementwise code is the reference
-    fuses_qk_l2norm = False  # normalising inside gated_delta_rule keeps q and k in fp32
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
 
     # -- short convolution ------------------------------------------------------------------------
+
+    def qk_l2norm_in_conv(self, meta: BatchMeta) -> bool:
+        return False  # normalising inside gated_delta_rule keeps q and k in fp32
 
     def short_conv(
         self,
