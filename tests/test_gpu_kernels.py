@@ -130,13 +130,12 @@ def test_gdn_prefill(seed: int, dims: tuple[int, int, int], qk_normalized: bool)
     _compare_pools(pool, pool_ref, slots, TOL)
 
 
-@pytest.mark.parametrize("decode", [False, True])
-@pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("window", [16, 96])
-def test_sliding_window_attention(decode: bool, seed: int, window: int) -> None:
+def _run_swa(
+    slots: list[int], lens: list[int], ctx: list[int], num_slots: int, window: int
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Sliding-window attention on both backends from the same random q/k/v and NaN-poisoned rings:
+    (out, out_ref, (key, value) rings after the Triton call, the same after the torch call)."""
     tri, ref = _backends()
-    torch.manual_seed(seed)
-    slots, lens, ctx, num_slots = _case(decode, seed)
     meta = BatchMeta.build(slots, lens, ctx, DEVICE)
     HQ, HKV, D = 4, 2, 32
     n = sum(lens)
@@ -148,6 +147,15 @@ def test_sliding_window_attention(decode: bool, seed: int, window: int) -> None:
     kc_ref, vc_ref = kc.clone(), vc.clone()
     out = tri.sliding_window_attention(q, k, v, meta, kc, vc, D**-0.5)
     out_ref = ref.sliding_window_attention(q, k, v, meta, kc_ref, vc_ref, D**-0.5)
+    return out, out_ref, (kc, vc), (kc_ref, vc_ref)
+
+
+@pytest.mark.parametrize("decode", [False, True])
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("window", [16, 96])
+def test_sliding_window_attention(decode: bool, seed: int, window: int) -> None:
+    torch.manual_seed(seed)
+    out, out_ref, (kc, vc), (kc_ref, vc_ref) = _run_swa(*_case(decode, seed), window)
     assert rel_err(out, out_ref) < TOL
     # a fresh slot's ring holds stale rows the model must never read; only compare written rows
     assert torch.equal(torch.isnan(kc.float()), torch.isnan(kc_ref.float()))
@@ -160,20 +168,9 @@ def test_sliding_window_attention_long_prefill(window: int) -> None:
     """Prefill spans long enough for the kernel's unmasked key blocks (ring and chunk) next to its
     masked window-edge and diagonal blocks: sequences longer than the window, a context past several
     wraps of the ring, a one-token row and a short continuation."""
-    tri, ref = _backends()
     torch.manual_seed(7)
-    slots, lens, ctx, num_slots = [3, 0, 5, 1], [700, 300, 1, 130], [0, 1000, 5, 200], 6
-    meta = BatchMeta.build(slots, lens, ctx, DEVICE)
-    HQ, HKV, D = 4, 2, 32
-    n = sum(lens)
-    q = torch.randn(n, HQ, D, dtype=DT, device=DEVICE)
-    k = torch.randn(n, HKV, D, dtype=DT, device=DEVICE)
-    v = torch.randn(n, HKV, D, dtype=DT, device=DEVICE)
-    kc = _pool((window, HKV, D), num_slots, DT, slots, ctx)
-    vc = _pool((window, HKV, D), num_slots, DT, slots, ctx)
-    kc_ref, vc_ref = kc.clone(), vc.clone()
-    out = tri.sliding_window_attention(q, k, v, meta, kc, vc, D**-0.5)
-    out_ref = ref.sliding_window_attention(q, k, v, meta, kc_ref, vc_ref, D**-0.5)
+    lens = [700, 300, 1, 130]
+    out, out_ref, (kc, vc), (kc_ref, vc_ref) = _run_swa([3, 0, 5, 1], lens, [0, 1000, 5, 200], 6, window)
     start = 0
     for i, length in enumerate(lens):
         rows = slice(start, start + length)
