@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 
 import torch
-from bench_gpu import DEV, build_model, cuda_time, load_cfg, random_state, text_positions
+from bench_gpu import DEV, build_model, chunk_inputs, cuda_time, load_cfg, random_state
 from profile_decode import graph_ms_with
 
 from model.batch import BatchMeta
@@ -52,9 +52,7 @@ def main() -> None:
             f"decode b{batch}: fused {row['fused_median']:.3f} ms, in-kernel norm {row['unfused_median']:.3f} ms"
         )
     n = 8192
-    meta = BatchMeta.build([0], [n], [8192], DEV)
-    ids = torch.randint(0, 150000, (n,), device=DEV)
-    pos = text_positions([8192], [n])
+    ids, pos, meta = chunk_inputs(n, 8192)
     times = {True: [], False: []}
     for _ in range(3):
         for fused in (True, False):

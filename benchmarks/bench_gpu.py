@@ -114,6 +114,12 @@ def text_positions(starts: list[int], lens: list[int]) -> torch.Tensor:
     return torch.cat(cols).expand(3, -1).contiguous()
 
 
+def chunk_inputs(n: int, ctx: int) -> tuple[torch.Tensor, torch.Tensor, BatchMeta]:
+    """(random token ids, text positions, BatchMeta) of one n-token prefill call of slot 0 at context ctx."""
+    meta = BatchMeta.build([0], [n], [ctx], DEV)
+    return torch.randint(0, 150000, (n,), device=DEV), text_positions([ctx], [n]), meta
+
+
 # ---------------------------------------------------------------------------------------------------
 # (0) kernel checks at the real shape
 

@@ -19,9 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from bench_gpu import DEV, build_model, load_cfg, random_state, text_positions
-
-from model.batch import BatchMeta
+from bench_gpu import build_model, chunk_inputs, load_cfg, random_state
 
 
 @torch.inference_mode()
@@ -36,9 +34,8 @@ def main() -> None:
     n = args.chunk
 
     def chunk():
-        meta = BatchMeta.build([0], [n], [8192], DEV)
-        ids = torch.randint(0, 150000, (n,), device=DEV)
-        hidden = model.forward(ids, text_positions([8192], [n]), meta, state)
+        ids, pos, meta = chunk_inputs(n, 8192)
+        hidden = model.forward(ids, pos, meta, state)
         return model.compute_logits(hidden[meta.logits_indices])
 
     chunk()

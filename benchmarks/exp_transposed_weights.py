@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 import torch
-from bench_gpu import DEV, build_model, cuda_time, decode_floor_s, load_cfg, random_state
+from bench_gpu import DEV, build_model, chunk_inputs, cuda_time, decode_floor_s, load_cfg, random_state
 from profile_decode import graph_ms_with
 
 from model.batch import BatchMeta
@@ -72,9 +72,7 @@ def main() -> None:
             res["decode"].append(row)
             print(row, flush=True)
         n = 8192
-        meta = BatchMeta.build([0], [n], [8192], DEV)
-        ids = torch.randint(0, 150000, (n,), device=DEV)
-        pos = torch.arange(8192, 8192 + n, device=DEV).expand(3, n).contiguous()
+        ids, pos, meta = chunk_inputs(n, 8192)
         ms = cuda_time(lambda: model.forward(ids, pos, meta, state), reps=5) * 1e3
         res["prefill"].setdefault(str(transposed), []).append(ms)
         print(f"prefill 8K chunk at ctx 8K, transposed={transposed}: {ms:.1f} ms", flush=True)

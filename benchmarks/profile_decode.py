@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_gpu import DEV, build_model, cuda_time, decode_floor_s, load_cfg, random_state
+from bench_gpu import DEV, build_model, chunk_inputs, cuda_time, decode_floor_s, load_cfg, random_state
 
 from model.batch import BatchMeta
 
@@ -76,9 +76,7 @@ def main() -> None:
     res: dict = {}
     if args.prefill:
         n = args.prefill
-        meta = BatchMeta.build([0], [n], [8192], DEV)
-        ids = torch.randint(0, 150000, (n,), device=DEV)
-        pos = torch.arange(8192, 8192 + n, device=DEV).expand(3, n).contiguous()
+        ids, pos, meta = chunk_inputs(n, 8192)
         top, count, busy = kernel_table(lambda: model.forward(ids, pos, meta, state), top=30)
         wall = cuda_time(lambda: model.forward(ids, pos, meta, state), reps=5)
         ops, model.backend.pointwise = model.backend.pointwise, None

@@ -15,10 +15,8 @@ import time
 from pathlib import Path
 
 import torch
-from bench_gpu import DEV, build_model, load_cfg, prefill, random_state, text_positions
+from bench_gpu import build_model, chunk_inputs, load_cfg, prefill, random_state
 from profile_decode import kernel_table
-
-from model.batch import BatchMeta
 
 
 def gap_table(fn, top: int = 15) -> dict:
@@ -69,9 +67,7 @@ def main() -> None:
     model = build_model(cfg)
     state = random_state(cfg, 2)
     n = args.chunk
-    meta = BatchMeta.build([0], [n], [8192], DEV)
-    ids = torch.randint(0, 150000, (n,), device=DEV)
-    pos = text_positions([8192], [n])
+    ids, pos, meta = chunk_inputs(n, 8192)
 
     def chunk_at_8k():
         hidden = model.forward(ids, pos, meta, state)
