@@ -13,7 +13,7 @@ import os
 import torch
 from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
-from model.backends.triton_kernels.conv import _norm_args, conv_prefill
+from model.backends.triton_kernels.conv import conv_prefill, l2norm_args
 from model.backends.triton_kernels.ops import (
     TritonPointwise,
     conv_decode_call,
@@ -83,7 +83,7 @@ class TritonBackend:
         epilogue with l2norm_head_dim); conv_state rows meta.slot_ids updated in place. Prefill
         writes the parts contiguously (no copies before fla's chunked kernel)."""
         if meta.is_decode:
-            norm_ch, norm_hd = _norm_args(split_sizes, l2norm_head_dim)
+            norm_ch, norm_hd = l2norm_args(split_sizes, l2norm_head_dim)
             out = conv_decode_call(x, weight, conv_state, meta.slot_ids, meta.context_lens, norm_ch, norm_hd)
             return out if split_sizes is None else out.split(split_sizes, dim=1)
         t = self._tables(meta)

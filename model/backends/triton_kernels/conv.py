@@ -174,7 +174,7 @@ def _norm_block(block: int, norm_channels: int, head_dim: int | None) -> int:
     return max(block, head_dim)
 
 
-def _norm_args(split_sizes: list[int] | None, l2norm_head_dim: int | None) -> tuple[int, int]:
+def l2norm_args(split_sizes: list[int] | None, l2norm_head_dim: int | None) -> tuple[int, int]:
     """(channels to normalise, head dim), (0, 0) without the norm."""
     if l2norm_head_dim is None:
         return 0, 0
@@ -234,7 +234,7 @@ def conv_prefill(
     s1, s2 = (num_ch, 0) if split_sizes is None else (split_sizes[0], split_sizes[1])
     if split_sizes is not None and (len(split_sizes) != 3 or sum(split_sizes) != num_ch):
         raise ValueError(f"split_sizes {split_sizes} must be three widths summing to {num_ch}")
-    norm_ch, norm_hd = _norm_args(split_sizes, l2norm_head_dim)
+    norm_ch, norm_hd = l2norm_args(split_sizes, l2norm_head_dim)
     flat = torch.empty(num_tok * num_ch, dtype=x.dtype, device=x.device)
     bt, bc = block_t, _norm_block(block_c, norm_ch, l2norm_head_dim)
     grid = (triton.cdiv(num_tok, bt), triton.cdiv(num_ch, bc))
