@@ -50,7 +50,7 @@ class DecoderLayer(nn.Module):
         else:
             x = self.self_attn(x, rope, meta, state.key[i], state.value[i], backend)
         x, residual = self.post_attention_layernorm.add_forward(x, residual, ops)
-        return self.mlp(x, ops), residual
+        return self.mlp(x, backend), residual
 
 
 class TextModel(nn.Module):
@@ -141,6 +141,10 @@ class InfiniteVLForCausalLM(nn.Module):
             h, residual = layer(h, residual, rope, meta, state, self.backend)
         return self.model.norm.add_forward(h, residual, self.backend.pointwise)[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits [..., vocab] fp32 from final-norm hidden states (tied to the embedding)."""
-        return (hidden @ self.model.embed_tokens.weight.t()).float()
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [N, vocab] fp32 from final-norm hidden states [N, hidden] (tied to the embedding):
+        the product is rounded to the model dtype, then widened (into `out` when given, one pass)."""
+        logits = self.backend.linear(hidden, self.model.embed_tokens.weight)
+        if out is None:
+            return logits.float()
+        return out.copy_(logits)

@@ -80,12 +80,16 @@ def _are_slices_of(params: list[torch.Tensor], fused: torch.Tensor) -> bool:
 
 
 def _project(
-    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, parts: list[nn.Linear]
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    parts: list[nn.Linear],
+    backend: Backend,
 ) -> torch.Tensor:
     """x through the concatenated Linears `parts`: one GEMM when fused, else one per part."""
     if weight is not None:
-        return F.linear(x, weight, bias)
-    return torch.cat([p(x) for p in parts], dim=-1)
+        return backend.linear(x, weight, bias)
+    return torch.cat([backend.linear(x, p.weight, p.bias) for p in parts], dim=-1)
 
 
 class MLP(nn.Module):
@@ -102,12 +106,13 @@ class MLP(nn.Module):
         """gate_proj|up_proj into one weight that the two Linears view (see module docstring)."""
         self.gate_up_weight = _fuse_rows([self.gate_proj, self.up_proj], "weight", self.gate_up_weight)
 
-    def forward(self, x: torch.Tensor, ops: PointwiseOps | None = None) -> torch.Tensor:
-        gate_up = _project(x, self.gate_up_weight, None, [self.gate_proj, self.up_proj])  # [N, 2 I]
+    def forward(self, x: torch.Tensor, backend: Backend) -> torch.Tensor:
+        gate_up = _project(x, self.gate_up_weight, None, [self.gate_proj, self.up_proj], backend)  # [N, 2 I]
+        ops = backend.pointwise
         if ops is not None:
-            return self.down_proj(ops.silu_mul(gate_up))
+            return backend.linear(ops.silu_mul(gate_up), self.down_proj.weight)
         gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return backend.linear(F.silu(gate) * up, self.down_proj.weight)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -187,7 +192,7 @@ class SlidingWindowAttention(nn.Module):
         backend: Backend,
     ) -> torch.Tensor:
         n, hq, d = x.shape[0], self.num_heads, self.head_dim
-        qkv = _project(x, self.qkv_weight, self.qkv_bias, self._parts())  # [N, (Hq + 2 Hkv) * D]
+        qkv = _project(x, self.qkv_weight, self.qkv_bias, self._parts(), backend)  # [N, (Hq + 2 Hkv) * D]
         qk_dim = (hq + self.num_kv_heads) * d
         # rotate q and k heads together (one set of elementwise kernels); rows keep stride qkv.shape[1]
         qk = qkv[:, :qk_dim].view(n, hq + self.num_kv_heads, d)
@@ -195,7 +200,7 @@ class SlidingWindowAttention(nn.Module):
         q, k = qk[:, :hq], qk[:, hq:]  # head-strided views, unit stride on D
         v = qkv[:, qk_dim:].view(n, self.num_kv_heads, d)
         out = backend.sliding_window_attention(q, k, v, meta, key_cache, value_cache, self.scale)
-        return self.o_proj(out.reshape(n, -1))
+        return backend.linear(out.reshape(n, -1), self.o_proj.weight)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -295,7 +300,7 @@ class GatedDeltaNet(nn.Module):
         backend: Backend,
     ) -> torch.Tensor:
         n = x.shape[0]
-        proj = _project(x, self.in_proj_weight, None, self._parts())  # [N, sum(split_sizes)]
+        proj = _project(x, self.in_proj_weight, None, self._parts(), backend)  # [N, sum(split_sizes)]
         # column slices: rows keep stride proj.shape[1], unit stride on channels
         stream, a, b, z = proj.split(self.split_sizes, dim=-1)
         key_dim = self.num_heads * self.head_k_dim
@@ -314,6 +319,8 @@ class GatedDeltaNet(nn.Module):
             g, beta = self.gates_from(a, b)
         o = backend.gated_delta_rule(q, k, v, g, beta, meta, recurrent_state, norm_dim is not None)
         if ops is not None:
-            return self.o_proj(ops.gated_rms_norm(o, z, self.o_norm_weight_f32, self.norm_eps))
+            return backend.linear(
+                ops.gated_rms_norm(o, z, self.o_norm_weight_f32, self.norm_eps), self.o_proj.weight
+            )
         z = z.view(n, self.num_heads, self.head_v_dim)
-        return self.o_proj(self.gated_norm(o, z).reshape(n, -1))
+        return backend.linear(self.gated_norm(o, z).reshape(n, -1), self.o_proj.weight)

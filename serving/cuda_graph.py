@@ -93,7 +93,7 @@ class CudaGraphRunner:
     def _step(self, size: int) -> None:
         meta = self._meta(size)
         hidden = self._forward(self.input_ids[:size], self.positions[:, :size], meta, self.state)
-        self.logits[:size].copy_(self.model.compute_logits(hidden))
+        self.model.compute_logits(hidden, out=self.logits[:size])
 
     @torch.inference_mode()
     def _capture_all(self) -> None:

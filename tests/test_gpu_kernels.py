@@ -221,3 +221,58 @@ def test_prefill_tables_chunk_indices_match_fla() -> None:
     ref = prepare_chunk_indices(t["cu_long"], FLA_CHUNK)
     assert t["chunk_indices"].dtype == ref.dtype
     assert torch.equal(t["chunk_indices"], ref)
+
+
+@pytest.mark.parametrize(
+    "m,n,k,bias,cfg",
+    [
+        (1, 200, 256, False, {"block_n": 64}),  # a ragged last row tile
+        (5, 96, 384, True, {"block_n": 32, "num_programs": 2}),  # several tiles per program, bias
+        (64, 130, 256, False, {"block_n": 64, "flatten": False}),
+        (3, 64, 1100, False, {"block_n": 32, "split_k": 4}),  # K not a multiple of the K block
+        (128, 48, 512, False, {"block_n": 32, "split_k": 3, "num_warps": 8}),
+    ],
+)
+def test_decode_gemm(m: int, n: int, k: int, bias: bool, cfg: dict) -> None:
+    """The persistent decode GEMM equals F.linear (fp32 reference), with split-K, bias, ragged tiles."""
+    from model.backends.triton_kernels.gemm import decode_gemm
+
+    g = torch.Generator(DEVICE).manual_seed(m * 1000 + n)
+    x = torch.randn(m, k, generator=g, device=DEVICE).to(DT)
+    w = (torch.randn(n, k, generator=g, device=DEVICE) * 0.05).to(DT)
+    b = torch.randn(n, generator=g, device=DEVICE).to(DT) if bias else None
+    ref = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
+    out = decode_gemm(x, w, b, block_k=128, **cfg)
+    assert out.shape == (m, n) and out.dtype == DT
+    assert rel_err(out, ref) < (TOL if HAS_CUDA else 1e-5)
+
+
+def test_backend_linear_follows_the_gemm_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TritonBackend.linear sends a (shape, batch) of its table to decode_gemm with the table's launch
+    parameters, and everything else (other shapes, larger batches, bias mismatch) to F.linear."""
+    import model.backends.triton_backend as tb
+    from model.backends.gemm_table import DecodeGemmTable
+
+    calls: list[dict] = []
+    real = tb.decode_gemm
+
+    def spy(x, w, b=None, **cfg):
+        calls.append(cfg)
+        return real(x, w, b, **cfg)
+
+    monkeypatch.setattr(tb, "decode_gemm", spy)
+    backend = tb.TritonBackend(DEVICE)
+    entry = {"block_n": 32, "num_stages": 3}
+    backend.gemm_table = DecodeGemmTable(
+        [{"N": 96, "K": 256, "max_m": 4, "config": entry}, {"N": 96, "K": 256, "max_m": 16, "config": None}]
+    )
+    w = (torch.randn(96, 256, device=DEVICE) * 0.05).to(DT)
+    for m, expect in ((1, [entry]), (4, [entry]), (8, []), (32, [])):
+        calls.clear()
+        x = torch.randn(m, 256, device=DEVICE).to(DT)
+        out = backend.linear(x, w)
+        assert calls == expect, m
+        assert rel_err(out, torch.nn.functional.linear(x.float(), w.float())) < TOL
+    calls.clear()
+    backend.linear(torch.randn(2, 256, device=DEVICE).to(DT), w, torch.zeros(96, device=DEVICE).to(DT))
+    assert calls == []  # the table entry is for the shape without a bias

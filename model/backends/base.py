@@ -64,6 +64,11 @@ class Backend(Protocol):
     name: str
     pointwise: PointwiseOps | None  # fused elementwise ops, or None for the model's own code
 
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:  # F.linear(x, weight, bias): every projection of the text decoder and the LM head
+        ...
+
     def qk_l2norm_in_conv(self, meta: BatchMeta) -> bool:
         """Whether the model should ask short_conv for L2-normalised q and k for this call (and tell
         gated_delta_rule so): both backends implement the two flags; a backend says yes where its

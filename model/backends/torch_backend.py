@@ -42,6 +42,9 @@ class TorchBackend:
 
     # -- short convolution ------------------------------------------------------------------------
 
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(x, weight, bias)
+
     def qk_l2norm_in_conv(self, meta: BatchMeta) -> bool:
         return False  # normalising inside gated_delta_rule keeps q and k in fp32
 

@@ -11,9 +11,12 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
+from model.backends.gemm_table import DecodeGemmTable, default_table
 from model.backends.triton_kernels.conv import conv_prefill, l2norm_args
+from model.backends.triton_kernels.gemm import decode_gemm
 from model.backends.triton_kernels.ops import (
     TritonPointwise,
     conv_decode_call,
@@ -30,6 +33,7 @@ SWA_BLOCK_M = 128  # queries per prefill attention program (the host tables are 
 SWA_PREFILL_LAUNCH = {"block_n": 64, "num_warps": 8, "num_stages": 3}
 CONV_PREFILL_LAUNCH = {"block_t": 32, "block_c": 256}
 FLA_CHUNK = 64  # chunk size of fla's chunked delta-rule kernel (its default)
+DECODE_GEMM_MAX_M = 128  # rows up to which a GEMM may take the tuned Triton path (gemm.py)
 
 
 class TritonBackend:
@@ -48,6 +52,8 @@ class TritonBackend:
         self._host_cache: dict[tuple, dict[str, torch.Tensor]] = {}
         # fused norms/gates/activations/RoPE; set to None to run the model's plain-PyTorch code instead
         self.pointwise: TritonPointwise | None = TritonPointwise()
+        # decode-batch GEMMs where the persistent Triton GEMM beat cuBLAS on this GPU; empty: all cuBLAS
+        self.gemm_table: DecodeGemmTable = default_table(self.device)
 
     # --- host-built index tables for prefill (cached for the meta of the current call) ---
 
@@ -63,6 +69,14 @@ class TritonBackend:
         return tables
 
     # --- seam ---
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """F.linear, or the persistent Triton GEMM for the (shape, batch) pairs of `gemm_table`."""
+        if x.dim() == 2 and x.shape[0] <= DECODE_GEMM_MAX_M and not torch.compiler.is_compiling():
+            cfg = self.gemm_table.lookup(x.shape[0], weight.shape[0], weight.shape[1], bias is not None)
+            if cfg is not None and x.stride(1) == 1 and weight.stride(1) == 1:
+                return decode_gemm(x, weight, bias, **cfg)
+        return F.linear(x, weight, bias)
 
     def qk_l2norm_in_conv(self, meta: BatchMeta) -> bool:
         """Prefill: the conv epilogue normalises q and k, so fla skips its l2norm pass (1.3% of an 8K

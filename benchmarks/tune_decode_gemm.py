@@ -1,0 +1,164 @@
+# ruff: noqa: B023  (closures are called at once, inside the loop that binds their variables)
+"""Tune the decode GEMM table: for every projection of the 4B text decoder and the LM head, and for
+each batch bucket, time cuBLAS (F.linear) against the persistent Triton GEMM over its launch
+parameters and keep the Triton config only where it wins by 3% or more. Writes the table that the
+Triton backend loads on Hopper (model/backends/decode_gemm_sm90.json by default).
+
+Timings replay a CUDA graph of 20 calls cycling through 256 MB or more of weight copies (no L2 reuse),
+as sweep_gemm.py does. With --ab, then times graph-captured decode steps with the new table against an
+empty one (all cuBLAS), alternating, in the same process.
+
+    python benchmarks/tune_decode_gemm.py --out DIR [--table PATH] [--ab]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from bench_gpu import DEV, build_model, cuda_time, decode_floor_s, load_cfg, random_state
+from sweep_gemm import ROTATE_BYTES, graph_time, shapes
+
+from model.backends.gemm_table import TABLE_SM90, DecodeGemmTable
+from model.backends.triton_kernels.gemm import decode_gemm
+
+BF16 = torch.bfloat16
+BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128)
+MARGIN = 0.97  # Triton must take at most this fraction of cuBLAS's time
+
+
+def configs(m: int, n: int, has_bias: bool) -> list[dict]:
+    out = []
+    warps = (4, 8) if m >= 64 else (4,)
+    for bn, stages, nw in itertools.product((32, 64, 128, 256), (3, 5), warps):
+        if (m >= 64 and bn == 256) or (m <= 8 and nw == 8):
+            continue
+        tiles = -(-n // bn)
+        for split in (1, 2, 4):
+            if split > 1 and (has_bias or tiles >= 132 or tiles * split > 4 * 132):
+                continue
+            out.append(
+                {"block_n": bn, "block_k": 128, "num_stages": stages, "num_warps": nw, "split_k": split}
+            )
+    return out
+
+
+@torch.inference_mode()
+def tune() -> list[dict]:
+    entries = []
+    for name, n, k, _calls, has_bias in shapes():
+        nbytes = n * k * 2
+        ws = [
+            torch.randn(n, k, dtype=BF16, device=DEV) * 0.02
+            for _ in range(max(2, -(-ROTATE_BYTES // nbytes)))
+        ]
+        b = torch.randn(n, dtype=BF16, device=DEV) if has_bias else None
+        for m in BUCKETS:
+            t0 = time.perf_counter()
+            x = torch.randn(m, k, dtype=BF16, device=DEV)
+            ref = F.linear(x.float(), ws[0].float(), None if b is None else b.float())
+
+            def cublas():
+                return graph_time([lambda w=w: F.linear(x, w, b) for w in ws])
+
+            def triton(cfg):
+                return graph_time([lambda w=w: decode_gemm(x, w, b, **cfg) for w in ws])
+
+            cublas_s = min(cublas(), cublas())
+            best, best_s = None, None
+            for cfg in configs(m, n, has_bias):
+                try:
+                    err = ((decode_gemm(x, ws[0], b, **cfg).float() - ref).norm() / ref.norm()).item()
+                    if not err < 1e-2:
+                        print(f"  {name} M={m} {cfg}: rel err {err:.1e}", flush=True)
+                        continue
+                    s = triton(cfg)
+                except Exception as e:  # a config the compiler rejects: skip it
+                    print(f"  {name} M={m} {cfg}: {type(e).__name__}", flush=True)
+                    continue
+                if best_s is None or s < best_s:
+                    best, best_s = cfg, s
+            if best is not None:
+                best_s = min(best_s, triton(best))  # the winner timed twice, as cuBLAS was
+            win = best is not None and best_s < MARGIN * cublas_s
+            entry = {
+                "name": name,
+                "N": n,
+                "K": k,
+                "bias": has_bias,
+                "max_m": m,
+                "config": best if win else None,
+                "cublas_us": round(cublas_s * 1e6, 2),
+                "triton_us": round(best_s * 1e6, 2) if best_s is not None else None,
+                "triton_config": best,
+            }
+            entries.append(entry)
+            print(
+                f"{name} M={m}: cublas {entry['cublas_us']} us, triton {entry['triton_us']} us -> "
+                f"{'triton' if win else 'cublas'} ({time.perf_counter() - t0:.1f} s)",
+                flush=True,
+            )
+        ws = None  # free the copies before the next shape
+        torch.cuda.empty_cache()
+    return entries
+
+
+@torch.inference_mode()
+def step_ab(table: DecodeGemmTable, batches: list[int]) -> list[dict]:
+    """Decode steps (CUDA graphs) with `table` vs an empty table, alternating A B A B."""
+    from serving.cuda_graph import CudaGraphRunner
+
+    cfg = load_cfg()
+    model = build_model(cfg)
+    state = random_state(cfg, max(batches))
+    rows = []
+    for use in (False, True, False, True):
+        model.backend.gemm_table = table if use else DecodeGemmTable([])
+        runner = CudaGraphRunner(model, state, max_batch=max(batches), device=DEV, sizes=batches)
+        for ctx in (1024, 8192):
+            for batch in batches:
+                ids = torch.randint(0, 150000, (batch,), device=DEV)
+                pos = torch.full((3, batch), ctx, dtype=torch.int64, device=DEV)
+                slots = torch.arange(batch, device=DEV)
+                ctx_t = torch.full((batch,), ctx, dtype=torch.int64, device=DEV)
+                sec = cuda_time(lambda: runner.run(ids, pos, slots, ctx_t), reps=30)
+                row = {
+                    "table": use,
+                    "batch": batch,
+                    "ctx": ctx,
+                    "step_ms": sec * 1e3,
+                    "ratio": sec / decode_floor_s(batch, ctx),
+                }
+                rows.append(row)
+                print(f"step {row}", flush=True)
+        runner = None
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--table", default=str(TABLE_SM90))
+    ap.add_argument("--ab", action="store_true")
+    ap.add_argument("--batches", default="1,8,64,128")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.cuda.get_device_name()
+    entries = tune()
+    table = {"device": device, "measured_by": "benchmarks/tune_decode_gemm.py", "entries": entries}
+    Path(args.table).write_text(json.dumps(table, indent=1) + "\n")
+    (out / "decode_gemm_table.json").write_text(json.dumps(table, indent=1) + "\n")
+    if args.ab:
+        rows = step_ab(DecodeGemmTable(entries), [int(b) for b in args.batches.split(",")])
+        (out / "tune_decode_gemm_ab.json").write_text(json.dumps({"device": device, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

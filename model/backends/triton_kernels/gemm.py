@@ -1,0 +1,101 @@
+"""Persistent GEMM for decode batches: y [M, N] = x [M, K] @ W[N, K]^T (+ bias), M small (<= 128).
+
+At decode the product streams the weight once; its speed is weight bytes over HBM bandwidth. A fixed
+number of programs (about one per SM) walk the BLOCK_N row tiles of W round-robin, and the tile and K
+loops are flattened into one software pipeline, so loads of the next tile are in flight while the
+current tile's epilogue runs and no program pays a pipeline ramp per tile.
+
+It is used only where it measured faster than cuBLAS (model.backends.gemm_table).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _decode_gemm_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_x, stride_w, stride_y, stride_ys, k_per_split,
+    split_k, num_progs,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr, FLATTEN: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    n_units = tl.cdiv(N, BLOCK_N) * split_k  # unit = (row tile, K split)
+    k_iters = k_per_split // BLOCK_K
+    offs_m = tl.arange(0, BLOCK_M)
+    mm = offs_m < M
+    for unit in tl.range(pid, n_units, num_progs, num_stages=NUM_STAGES, flatten=FLATTEN):
+        tile = unit // split_k
+        split = unit % split_k
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        mn = offs_n < N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for ki in range(k_iters):
+            offs_k = split * k_per_split + ki * BLOCK_K + tl.arange(0, BLOCK_K)
+            mk = offs_k < K
+            x = tl.load(
+                x_ptr + offs_m[:, None] * stride_x + offs_k[None, :],
+                mask=mm[:, None] & mk[None, :],
+                other=0.0,
+            )
+            w = tl.load(
+                w_ptr + offs_n[:, None].to(tl.int64) * stride_w + offs_k[None, :],
+                mask=mn[:, None] & mk[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(x, tl.trans(w), acc)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=mn, other=0.0).to(tl.float32)[None, :]
+        out = y_ptr + split * stride_ys + offs_m[:, None] * stride_y + offs_n[None, :]
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
+
+
+@triton.jit
+def _split_k_sum_kernel(p_ptr, y_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(p_ptr + s * MN + offs, mask=mask, other=0.0)
+    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def decode_gemm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    block_n: int = 128,
+    block_k: int = 128,
+    split_k: int = 1,
+    num_stages: int = 4,
+    num_warps: int = 4,
+    num_programs: int = 132,
+    flatten: bool = True,
+) -> torch.Tensor:
+    """x [M, K] (M <= 128, unit stride on K) times weight [N, K]^T (+ bias [N]) -> [M, N] in x's dtype.
+
+    split_k > 1 (no bias): each unit sums a K range into fp32 partials that a second kernel adds up."""
+    m, k = x.shape
+    n = weight.shape[0]
+    if m > 128 or x.stride(1) != 1 or weight.stride(1) != 1 or weight.shape[1] != k:
+        raise ValueError("decode_gemm expects M <= 128, matching K and unit stride on K")
+    if split_k > 1 and bias is not None:
+        raise ValueError("decode_gemm: split_k with a bias is not supported")
+    block_m = max(16, triton.next_power_of_2(m))
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    split_k = triton.cdiv(k, k_per_split)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    part = y if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
+    programs = min(num_programs, triton.cdiv(n, block_n) * split_k)
+    _decode_gemm_kernel[(programs,)](
+        x, weight, bias if bias is not None else weight, part, m, n, k, x.stride(0), weight.stride(0),
+        n, m * n, k_per_split, split_k, programs, HAS_BIAS=bias is not None, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages, FLATTEN=flatten, num_warps=num_warps,
+    )  # fmt: skip
+    if split_k > 1:
+        block = 1024
+        _split_k_sum_kernel[(triton.cdiv(m * n, block),)](part, y, m * n, SPLIT_K=split_k, BLOCK=block)
+    return y

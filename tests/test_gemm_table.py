@@ -1,0 +1,54 @@
+"""The decode GEMM table (model.backends.gemm_table): bucket lookup, validation, the shipped sm90 table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from model.backends.gemm_table import LAUNCH_KEYS, TABLE_SM90, DecodeGemmTable, default_table
+
+
+def test_lookup_takes_the_smallest_bucket_that_holds_the_batch() -> None:
+    a, b = {"block_n": 64}, {"block_n": 128, "num_warps": 8}
+    table = DecodeGemmTable(
+        [
+            {"N": 10, "K": 20, "max_m": 64, "config": b},
+            {"N": 10, "K": 20, "max_m": 8, "config": a},
+            {"N": 10, "K": 20, "max_m": 16, "config": None},  # cuBLAS won there
+            {"N": 10, "K": 20, "bias": True, "max_m": 8, "config": b},
+        ]
+    )
+    assert len(table) == 4
+    assert table.lookup(1, 10, 20, False) == a
+    assert table.lookup(8, 10, 20, False) == a
+    assert table.lookup(9, 10, 20, False) is None
+    assert table.lookup(17, 10, 20, False) == b
+    assert table.lookup(64, 10, 20, False) == b
+    assert table.lookup(65, 10, 20, False) is None  # past the last bucket
+    assert table.lookup(1, 10, 20, True) == b
+    assert table.lookup(1, 20, 10, False) is None  # another shape
+
+
+def test_unknown_launch_keys_are_rejected() -> None:
+    with pytest.raises(ValueError, match="block_q"):
+        DecodeGemmTable([{"N": 1, "K": 1, "max_m": 1, "config": {"block_q": 3}}])
+
+
+def test_cpu_gets_an_empty_table() -> None:
+    assert len(default_table(torch.device("cpu"))) == 0
+
+
+def test_shipped_sm90_table_is_well_formed() -> None:
+    with open(TABLE_SM90, encoding="utf-8") as f:
+        data = json.load(f)
+    table = DecodeGemmTable.load(TABLE_SM90)
+    assert len(table) == len(data["entries"]) > 0
+    for e in data["entries"]:
+        assert 1 <= e["max_m"] <= 128
+        cfg = e["config"]
+        if cfg is not None:
+            assert set(cfg) <= set(LAUNCH_KEYS)
+            assert e["N"] > 0 and e["K"] % cfg.get("block_k", 128) == 0
+        assert "cublas_us" in e and (cfg is None or e["triton_us"] < e["cublas_us"])
