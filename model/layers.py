@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.backends.base import Backend, PointwiseOps
+from model.backends.base import Backend, GateInputs, PointwiseOps, gate_values
 from model.batch import BatchMeta
 from model.config import TextConfig
 
@@ -275,10 +275,8 @@ class GatedDeltaNet(nn.Module):
     def gates_from(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`gates` from the projections a, b [N, H] (model dtype, any row stride)."""
         if self.neg_exp_a is not None:
-            # bf16 a + fp32 dt_bias promotes exactly to the fp32 sum: one kernel instead of cast + add
-            g = F.softplus(a + self.dt_bias_f32) * self.neg_exp_a
-        else:
-            g = F.softplus(a.float() + self.dt_bias.float()) * -torch.exp(self.A_log.float())
+            return gate_values(GateInputs(a, b, self.neg_exp_a, self.dt_bias_f32))
+        g = F.softplus(a.float() + self.dt_bias.float()) * -torch.exp(self.A_log.float())
         return g, torch.sigmoid(b)
 
     def gated_norm(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -313,11 +311,15 @@ class GatedDeltaNet(nn.Module):
         k = k.view(n, self.num_heads, self.head_k_dim)
         v = v.view(n, self.num_heads, self.head_v_dim)
         ops = backend.pointwise if self.neg_exp_a is not None else None  # fused ops need the fp32 constants
-        if ops is not None:
+        gates = None
+        if self.neg_exp_a is not None and backend.gates_in_delta_rule(meta):
+            g = beta = None  # the backend's delta-rule kernel computes them from the gate inputs
+            gates = GateInputs(a, b, self.neg_exp_a, self.dt_bias_f32)
+        elif ops is not None:
             g, beta = ops.gdn_gates(a, b, self.neg_exp_a, self.dt_bias_f32)
         else:
             g, beta = self.gates_from(a, b)
-        o = backend.gated_delta_rule(q, k, v, g, beta, meta, recurrent_state, norm_dim is not None)
+        o = backend.gated_delta_rule(q, k, v, g, beta, meta, recurrent_state, norm_dim is not None, gates)
         if ops is not None:
             return backend.linear(
                 ops.gated_rms_norm(o, z, self.o_norm_weight_f32, self.norm_eps), self.o_proj.weight

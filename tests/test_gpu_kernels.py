@@ -103,6 +103,41 @@ def test_gdn_decode(state_dtype: torch.dtype, seed: int, qk_normalized: bool) ->
     _compare_pools(pool, pool_ref, slots, TOL)
 
 
+@pytest.mark.parametrize("decode", [True, False])
+def test_gdn_gate_inputs(decode: bool) -> None:
+    """gated_delta_rule with the gate inputs (a, b and the constants, as the model passes them when
+    `gates_in_delta_rule` says yes) equals the torch backend, and in decode equals the Triton kernel
+    fed with the separate gates kernel's g and beta bit for bit."""
+    if not decode and INTERPRET and not HAS_CUDA:
+        pytest.skip("fla's chunk kernel needs a GPU")
+    from model.backends.base import GateInputs
+
+    tri, ref = _backends()
+    torch.manual_seed(3)
+    slots, lens, ctx, num_slots = _case(decode, 3)
+    meta = BatchMeta.build(slots, lens, ctx, DEVICE)
+    H, DK, DV = 3, 32, 64
+    n = sum(lens)
+    q = torch.randn(n, H, DK, dtype=DT, device=DEVICE)
+    k = torch.randn(n, H, DK, dtype=DT, device=DEVICE)
+    v = torch.randn(n, H, DV, dtype=DT, device=DEVICE)
+    proj = torch.randn(n, 2 * H + 5, device=DEVICE).to(DT) * 8  # a and b as row-strided column slices
+    proj[0, 0] = 30.0  # past softplus's linear threshold
+    a, b = proj[:, 1 : 1 + H], proj[:, 1 + H : 1 + 2 * H]
+    gates = GateInputs(a, b, -torch.rand(H, device=DEVICE) * 2, torch.randn(H, device=DEVICE))
+    pool = _pool((H, DK, DV), num_slots, torch.float32, slots, ctx)
+    pool_ref, pool_sep = pool.clone(), pool.clone()
+    out = tri.gated_delta_rule(q, k, v, None, None, meta, pool, gates=gates)
+    out_ref = ref.gated_delta_rule(q, k, v, None, None, meta, pool_ref, gates=gates)
+    assert rel_err(out, out_ref) < TOL
+    _compare_pools(pool, pool_ref, slots, TOL)
+    if decode:
+        g, beta = tri.pointwise.gdn_gates(*gates)
+        out_sep = tri.gated_delta_rule(q, k, v, g, beta, meta, pool_sep)
+        assert torch.equal(out, out_sep)
+        assert torch.equal(pool[slots], pool_sep[slots])
+
+
 @pytest.mark.skipif(INTERPRET and not torch.cuda.is_available(), reason="fla's chunk kernel needs a GPU")
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("dims", [(4, 128, 256), (2, 16, 32)])  # real head dims; the tiny model's

@@ -58,16 +58,20 @@ def reference_gdn(layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
 
 @torch.no_grad()
 @pytest.mark.parametrize("fused_norm", [False, True])
-def test_gdn_layer_matches_per_token_reference(tiny_model, fused_norm: bool):
+@pytest.mark.parametrize("gates_in_rule", [False, True])
+def test_gdn_layer_matches_per_token_reference(tiny_model, fused_norm: bool, gates_in_rule: bool):
     """fused_norm: the backend normalises q and k in short_conv (the GPU kernels' path) instead of in
-    gated_delta_rule; the layer must give the same result either way."""
+    gated_delta_rule; gates_in_rule: the model hands gated_delta_rule the gate inputs instead of g and
+    beta (the GPU decode path). The layer must give the same result every way."""
     layer = tiny_model.model.layers[1].self_attn
+    assert layer.neg_exp_a is not None  # fused constants: the path that can pass gate inputs
     hidden = tiny_model.config.text.hidden_size
     x = torch.randn(23, hidden, generator=torch.Generator().manual_seed(0))
     ref, ref_S, ref_conv = reference_gdn(layer, x)
 
     backend = TorchBackend("cpu")
     backend.qk_l2norm_in_conv = lambda meta: fused_norm  # prefill and decode calls alike
+    backend.gates_in_delta_rule = lambda meta: gates_in_rule
     conv_state = torch.zeros(3, tiny_model.config.text.conv_dim, 4)
     rec_state = torch.zeros(3, layer.num_heads, layer.head_k_dim, layer.head_v_dim)
     outs, done = [], 0

@@ -8,11 +8,28 @@ by `BatchMeta` and reads/writes pool rows `meta.slot_ids` of the per-layer state
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
+import torch.nn.functional as F
 
 from model.batch import BatchMeta
+
+
+class GateInputs(NamedTuple):
+    """What the Gated DeltaNet gates are computed from, for a backend that computes them inside its
+    delta-rule kernel (`Backend.gates_in_delta_rule`)."""
+
+    a: torch.Tensor  # [N, H] model dtype, any row stride: the a projection
+    b: torch.Tensor  # [N, H]: the b projection
+    neg_exp_a: torch.Tensor  # [H] fp32: -exp(A_log)
+    dt_bias: torch.Tensor  # [H] fp32
+
+
+def gate_values(gates: GateInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference gates: g = -exp(A_log) softplus(a + dt_bias) [N, H] fp32 (a model-dtype a plus
+    the fp32 dt_bias promotes exactly to the fp32 sum) and beta = sigmoid(b) [N, H] in b's dtype."""
+    return F.softplus(gates.a + gates.dt_bias) * gates.neg_exp_a, torch.sigmoid(gates.b)
 
 
 class PointwiseOps(Protocol):
@@ -75,6 +92,12 @@ class Backend(Protocol):
         kernels gain from it (one pass over q and k less)."""
         ...
 
+    def gates_in_delta_rule(self, meta: BatchMeta) -> bool:
+        """Whether the model should hand gated_delta_rule the gate inputs (`gates`) instead of g and
+        beta: both backends accept either; a backend says yes where its kernel computes the gates on
+        the fly (one launch less per layer)."""
+        ...
+
     def short_conv(
         self,
         x: torch.Tensor,  # [N, C] model dtype, pre-convolution projected stream (q|k|v concatenated)
@@ -92,11 +115,12 @@ class Backend(Protocol):
         q: torch.Tensor,  # [N, H, d_k] model dtype, before L2 normalisation (unless qk_normalized)
         k: torch.Tensor,  # [N, H, d_k]
         v: torch.Tensor,  # [N, H, d_v]
-        g: torch.Tensor,  # [N, H] fp32 log-decay (<= 0)
-        beta: torch.Tensor,  # [N, H] write strength in (0, 1)
+        g: torch.Tensor | None,  # [N, H] fp32 log-decay (<= 0); None with `gates`
+        beta: torch.Tensor | None,  # [N, H] write strength in (0, 1); None with `gates`
         meta: BatchMeta,
         state: torch.Tensor,  # [num_slots + 1, H, d_k, d_v] this layer's view, updated in place
         qk_normalized: bool = False,  # q and k come L2-normalised (short_conv's l2norm_head_dim)
+        gates: GateInputs | None = None,  # instead of g and beta: g, beta = gate_values(gates)
     ) -> torch.Tensor:  # [N, H, d_v] model dtype; q/k L2-normalised (eps 1e-6), scale d_k**-0.5
         ...
 

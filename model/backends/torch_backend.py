@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from model.backends.base import GateInputs, gate_values
 from model.batch import BatchMeta
 
 # Queries per block in sliding-window attention: bounds the score matrix to [H, block, block + W - 1].
@@ -41,6 +42,9 @@ class TorchBackend:
         self.device = torch.device(device)
 
     # -- short convolution ------------------------------------------------------------------------
+
+    def gates_in_delta_rule(self, meta: BatchMeta) -> bool:
+        return False
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return F.linear(x, weight, bias)
@@ -105,12 +109,15 @@ class TorchBackend:
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        g: torch.Tensor,
-        beta: torch.Tensor,
+        g: torch.Tensor | None,
+        beta: torch.Tensor | None,
         meta: BatchMeta,
         state: torch.Tensor,
         qk_normalized: bool = False,
+        gates: GateInputs | None = None,
     ) -> torch.Tensor:
+        if gates is not None:
+            g, beta = gate_values(gates)
         scale = q.shape[-1] ** -0.5
         qn = (q.float() if qk_normalized else l2_normalize(q.float())) * scale
         kn = k.float() if qk_normalized else l2_normalize(k.float())

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
+from model.backends.base import GateInputs, gate_values
 from model.backends.gemm_table import DecodeGemmTable, default_table
 from model.backends.triton_kernels.conv import conv_prefill, l2norm_args
 from model.backends.triton_kernels.gemm import decode_gemm
@@ -84,6 +85,11 @@ class TritonBackend:
         epilogue would only slow down (0.5-0.7% at batch 64-128, benchmarks/ab_qk_norm.py)."""
         return not meta.is_decode
 
+    def gates_in_delta_rule(self, meta: BatchMeta) -> bool:
+        """Decode: the delta-rule kernel computes g and beta from a and b (no gates kernel, one launch
+        less per GDN layer). Prefill: the gates kernel feeds fla's chunked kernel."""
+        return meta.is_decode
+
     def short_conv(
         self,
         x: torch.Tensor,
@@ -111,18 +117,26 @@ class TritonBackend:
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        g: torch.Tensor,
-        beta: torch.Tensor,
+        g: torch.Tensor | None,
+        beta: torch.Tensor | None,
         meta: BatchMeta,
         state: torch.Tensor,
         qk_normalized: bool = False,
+        gates: GateInputs | None = None,
     ) -> torch.Tensor:
         """Delta-rule output [N, H, d_v]; state rows meta.slot_ids updated in place."""
         scale = q.shape[-1] ** -0.5
         if meta.is_decode:
+            if gates is not None:  # the kernel computes g and beta from a and b
+                a, b, nea, dtb = gates
+                return gdn_decode_call(
+                    q, k, v, a, b, state, meta.slot_ids, meta.context_lens, scale, qk_normalized, nea, dtb
+                )
             return gdn_decode_call(
-                q, k, v, g, beta, state, meta.slot_ids, meta.context_lens, scale, qk_normalized
+                q, k, v, g, beta, state, meta.slot_ids, meta.context_lens, scale, qk_normalized, None, None
             )
+        if gates is not None:
+            g, beta = self.pointwise.gdn_gates(*gates) if self.pointwise else gate_values(gates)
         return self._gdn_prefill(q, k, v, g, beta, meta, state, scale, qk_normalized)
 
     def _gdn_prefill(

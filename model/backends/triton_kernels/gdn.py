@@ -15,9 +15,11 @@ import triton.language as tl
 @triton.jit
 def _gdn_decode_kernel(
     q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, state_ptr, out_ptr, slot_ptr, ctx_ptr,
+    nea_ptr, dtb_ptr,
     H, stride_q, stride_qh, stride_k, stride_kh, stride_v, stride_vh, stride_g, stride_beta,
     stride_s_slot, stride_s_h, stride_o, stride_oh, scale,
     DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, QK_NORMALIZED: tl.constexpr,
+    RAW_GATES: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     b = (pid // H).to(tl.int64)
@@ -36,6 +38,12 @@ def _gdn_decode_kernel(
     v = tl.load(v_ptr + b * stride_v + h * stride_vh + offs_v, mask=mv, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + b * stride_g + h).to(tl.float32)
     beta = tl.load(beta_ptr + b * stride_beta + h).to(tl.float32)
+    if RAW_GATES:  # g_ptr / beta_ptr hold the a / b projections: the gates of pointwise.gdn_gates
+        x = g + tl.load(dtb_ptr + h)
+        softplus = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))  # torch's threshold
+        g = softplus * tl.load(nea_ptr + h)
+        # beta rounded to the model dtype, as the separate gates kernel stores it
+        beta = (1.0 / (1.0 + tl.exp(-beta))).to(beta_ptr.dtype.element_ty).to(tl.float32)
     if QK_NORMALIZED:
         q = q * scale
     else:
@@ -61,9 +69,15 @@ def gdn_decode(
     context_lens: torch.Tensor,
     scale: float,
     qk_normalized: bool = False,
+    neg_exp_a: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q, k [B, H, d_k], v [B, H, d_v], g/beta [B, H]; state [S+1, H, d_k, d_v] updated in place.
-    q and k are L2-normalised here unless qk_normalized."""
+    q and k are L2-normalised here unless qk_normalized. With neg_exp_a and dt_bias ([H] fp32), g and
+    beta are the raw a and b projections and the kernel computes the gates (base.gate_values)."""
+    raw_gates = neg_exp_a is not None
+    if raw_gates != (dt_bias is not None):
+        raise ValueError("gdn_decode: give both neg_exp_a and dt_bias, or neither")
     num_rows, num_heads, dk = q.shape
     dv = v.shape[-1]
     if dk & (dk - 1):
@@ -84,8 +98,8 @@ def gdn_decode(
     grid = (num_rows * num_heads, triton.cdiv(dv, bv))
     _gdn_decode_kernel[grid](
         q, k, v, g, beta, state, out, slot_ids, context_lens,
-        num_heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        neg_exp_a if raw_gates else g, dt_bias if raw_gates else g, num_heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         g.stride(0), beta.stride(0), state.stride(0), state.stride(1), out.stride(0), out.stride(1), scale,
-        DK=dk, DV=dv, BV=bv, QK_NORMALIZED=qk_normalized, num_warps=4,
+        DK=dk, DV=dv, BV=bv, QK_NORMALIZED=qk_normalized, RAW_GATES=raw_gates, num_warps=4,
     )  # fmt: skip
     return out

@@ -58,13 +58,17 @@ def gdn_decode_op(
     context_lens: torch.Tensor,
     scale: float,
     qk_normalized: bool,
+    neg_exp_a: torch.Tensor | None,
+    dt_bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """See gdn.gdn_decode."""
-    return gdn_decode(q, k, v, g, beta, state, slot_ids, context_lens, scale, qk_normalized)
+    return gdn_decode(
+        q, k, v, g, beta, state, slot_ids, context_lens, scale, qk_normalized, neg_exp_a, dt_bias
+    )
 
 
 @gdn_decode_op.register_fake
-def _(q, k, v, g, beta, state, slot_ids, context_lens, scale, qk_normalized):
+def _(q, k, v, g, beta, state, slot_ids, context_lens, scale, qk_normalized, neg_exp_a, dt_bias):
     return v.new_empty((q.shape[0], q.shape[1], v.shape[2]))
 
 
