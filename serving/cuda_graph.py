@@ -5,6 +5,9 @@ static input buffers. A batch of B rows replays the smallest captured size >= B;
 dummy slot (state row num_slots) so padding reads and writes nothing else (design invariant 4).
 The decode path of the kernels reads only BatchMeta's device tensors, which here are slices of the
 static buffers; the host tuples of the captured BatchMeta are placeholders and are never read.
+
+The engine feeds a step with `run_host` (host lists: one pinned-memory copy fills every static input,
+padding included); `run` takes device tensors (four device copies).
 """
 
 from __future__ import annotations
@@ -65,11 +68,16 @@ class CudaGraphRunner:
         if not self.enabled:
             return
         n, dev = max_batch, self.device
-        # static inputs [n] / [3, n]; rows beyond the live batch hold the dummy slot
-        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(3, n, dtype=torch.int64, device=dev)
-        self.slot_ids = torch.full((n,), self.dummy_slot, dtype=torch.int64, device=dev)
-        self.context_lens = torch.zeros(n, dtype=torch.int64, device=dev)
+        # static inputs [n] / [3, n], rows of one buffer that run_host fills with one copy from its
+        # pinned twin; rows beyond the live batch hold the dummy slot
+        self._static = torch.zeros(6, n, dtype=torch.int64, device=dev)
+        self._staging = torch.zeros(6, n, dtype=torch.int64).pin_memory()
+        self._staging_free: torch.cuda.Event | None = None  # recorded after the staging copy
+        self.input_ids = self._static[0]
+        self.positions = self._static[1:4]
+        self.slot_ids = self._static[4]
+        self.context_lens = self._static[5]
+        self.slot_ids.fill_(self.dummy_slot)
         self.cu_seqlens = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.logits_indices = torch.arange(n, dtype=torch.int64, device=dev)
         vocab = model.config.text.vocab_size
@@ -126,6 +134,38 @@ class CudaGraphRunner:
 
     def can_run(self, num_rows: int) -> bool:
         return self.enabled and num_rows >= 1 and self.padded_size(num_rows) is not None
+
+    @torch.inference_mode()
+    def run_host(
+        self,
+        input_ids: list[int],  # [B] token ids
+        positions: list[int],  # [B] text positions (a decode token's M-RoPE triple is (p, p, p))
+        slot_ids: list[int],  # [B] live slots (distinct)
+        context_lens: list[int],  # [B] tokens already in each slot
+    ) -> torch.Tensor:
+        """`run` from host lists: the inputs and the padding rows are written into a pinned staging
+        buffer and reach the static buffers in one host-to-device copy (no per-input uploads or
+        device copies). Only for a batch that `can_run`."""
+        num_rows = len(input_ids)
+        size = self.padded_size(num_rows) if self.enabled else None
+        if size is None:
+            raise ValueError(f"no captured graph for {num_rows} rows")
+        if self._staging_free is not None:
+            self._staging_free.synchronize()  # the previous step's copy has read the staging buffer
+        host = self._staging
+        host[0, :num_rows] = torch.tensor(input_ids, dtype=torch.int64)
+        host[1:4, :num_rows] = torch.tensor(positions, dtype=torch.int64)
+        host[4, :num_rows] = torch.tensor(slot_ids, dtype=torch.int64)
+        host[5, :num_rows] = torch.tensor(context_lens, dtype=torch.int64)
+        if size > num_rows:  # padded rows: dummy slot, token 0 at position 0
+            host[:, num_rows:size] = 0
+            host[4, num_rows:size] = self.dummy_slot
+        self._static.copy_(host, non_blocking=True)
+        if self._staging_free is None:
+            self._staging_free = torch.cuda.Event()
+        self._staging_free.record()
+        self._graphs[size].replay()
+        return self.logits[:num_rows]
 
     @torch.inference_mode()
     def run(

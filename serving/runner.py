@@ -52,18 +52,18 @@ class ModelRunner:
         for row in batch.rows:
             if row.is_prefill:
                 self._ensure_vision(reqs[row.request_id])
-        input_ids, positions = self._inputs(batch, reqs)
-        meta = BatchMeta.build(
-            [r.slot for r in batch.rows],
-            [r.num_tokens for r in batch.rows],
-            [r.start for r in batch.rows],
-            device=self.device,
-        )
         sampled = [r for r in batch.rows if r.is_sampled]
         if self.graphs is not None and batch.is_decode_only and self.graphs.can_run(len(batch.rows)):
             # every decode row is sampled; the graph returns one logits row per batch row
-            logits = self.graphs.run(input_ids, positions, meta.slot_ids, meta.context_lens)
+            logits = self.graphs.run_host(*self._decode_inputs(batch, reqs))
         else:
+            input_ids, positions = self._inputs(batch, reqs)
+            meta = BatchMeta.build(
+                [r.slot for r in batch.rows],
+                [r.num_tokens for r in batch.rows],
+                [r.start for r in batch.rows],
+                device=self.device,
+            )
             embeds = self._embeds(batch, reqs, input_ids)
             hidden = self.model.forward(input_ids, positions, meta, self.pool.state, inputs_embeds=embeds)
             which = [i for i, r in enumerate(batch.rows) if r.is_sampled]
@@ -98,13 +98,20 @@ class ModelRunner:
             for (rid, c), tok, lp in zip(keys, out.token_ids, out.logprobs, strict=True)
         ]
 
+    def _decode_inputs(
+        self, batch: ScheduledBatch, reqs: dict[str, EngineRequest]
+    ) -> tuple[list[int], list[int], list[int], list[int]]:
+        """(token ids, text positions, slots, context lengths) of a decode-only batch as host ints."""
+        ids = [reqs[r.request_id].rows[r.choice].output_token_ids[-1] for r in batch.rows]
+        pos = [r.start + reqs[r.request_id].req.rope_delta for r in batch.rows]
+        return ids, pos, [r.slot for r in batch.rows], [r.start for r in batch.rows]
+
     def _inputs(
         self, batch: ScheduledBatch, reqs: dict[str, EngineRequest]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Packed token ids [N] and M-RoPE positions [3, N] on the device (one copy each)."""
-        if batch.is_decode_only:  # the hot path: host ints, no per-row tensors
-            ids = [reqs[r.request_id].rows[r.choice].output_token_ids[-1] for r in batch.rows]
-            pos = [r.start + reqs[r.request_id].req.rope_delta for r in batch.rows]
+        if batch.is_decode_only:  # host ints, no per-row tensors
+            ids, pos, _, _ = self._decode_inputs(batch, reqs)
             input_ids = torch.tensor(ids, dtype=torch.int64)
             positions = torch.tensor(pos, dtype=torch.int64).expand(3, len(pos))
         else:

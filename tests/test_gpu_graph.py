@@ -53,7 +53,9 @@ def _prompts(vocab: int, lens: list[int], seed: int) -> list[torch.Tensor]:
     return [torch.randint(0, vocab, (n,), generator=g) for n in lens]
 
 
-def test_replay_equals_eager_and_padding_is_confined(gpu_model) -> None:
+@pytest.mark.parametrize("host_inputs", [False, True])
+def test_replay_equals_eager_and_padding_is_confined(gpu_model, host_inputs: bool) -> None:
+    """host_inputs: the engine's path (run_host: host lists through one pinned staging copy)."""
     from serving.cuda_graph import CudaGraphRunner
 
     model = gpu_model
@@ -72,8 +74,11 @@ def test_replay_equals_eager_and_padding_is_confined(gpu_model) -> None:
     ctx = list(lens)
     for _ in range(20):  # cross the window (16) of the tiny model
         ref = _eager_decode(model, eager_state, ids, slots, ctx)
-        out = graphs.run(ids, _positions(ctx, [1, 1, 1]), live.to(DEV), torch.tensor(ctx, device=DEV))
-        assert torch.isfinite(out).all()
+        if host_inputs:
+            out = graphs.run_host(ids.tolist(), ctx, slots, ctx)
+        else:
+            out = graphs.run(ids, _positions(ctx, [1, 1, 1]), live.to(DEV), torch.tensor(ctx, device=DEV))
+        assert out.shape[0] == 3 and torch.isfinite(out).all()
         assert rel_err(out, ref) < 1e-2
         ids = ref.argmax(-1)
         ctx = [c + 1 for c in ctx]
@@ -81,6 +86,8 @@ def test_replay_equals_eager_and_padding_is_confined(gpu_model) -> None:
         t, e = getattr(state, name), getattr(eager_state, name)
         assert torch.isnan(t[:, others].float()).all(), f"{name}: a non-participating slot changed"
         assert rel_err(t[:, slots], e[:, slots]) < 1e-2, name
+    with pytest.raises(ValueError, match="no captured graph"):
+        graphs.run_host([1] * 9, [1] * 9, list(range(9)), [1] * 9)  # more rows than any graph
 
 
 @pytest.fixture(scope="module")
