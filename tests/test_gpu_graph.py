@@ -53,9 +53,20 @@ def _prompts(vocab: int, lens: list[int], seed: int) -> list[torch.Tensor]:
     return [torch.randint(0, vocab, (n,), generator=g) for n in lens]
 
 
-@pytest.mark.parametrize("host_inputs", [False, True])
-def test_replay_equals_eager_and_padding_is_confined(gpu_model, host_inputs: bool) -> None:
-    """host_inputs: the engine's path (run_host: host lists through one pinned staging copy)."""
+@pytest.mark.parametrize("host_inputs,use_pdl", [(False, False), (True, False), (True, True)])
+def test_replay_equals_eager_and_padding_is_confined(gpu_model, host_inputs: bool, use_pdl: bool) -> None:
+    """host_inputs: the engine's path (run_host: host lists through one pinned staging copy);
+    use_pdl: the Triton kernels captured with programmatic dependent launch (triton_kernels/pdl.py)."""
+    from model.backends.triton_kernels import pdl
+
+    saved_pdl, pdl.ENABLED = pdl.ENABLED, use_pdl
+    try:
+        _replay_case(gpu_model, host_inputs)
+    finally:
+        pdl.ENABLED = saved_pdl
+
+
+def _replay_case(gpu_model, host_inputs: bool) -> None:
     from serving.cuda_graph import CudaGraphRunner
 
     model = gpu_model

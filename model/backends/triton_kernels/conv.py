@@ -10,6 +10,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from model.backends.triton_kernels import pdl
 
 
 @triton.jit
@@ -126,8 +129,11 @@ def _conv_prefill_state_kernel(
 def _conv_decode_kernel(
     x_ptr, w_ptr, state_ptr, out_ptr, slot_ptr, ctx_ptr,
     C, NORM_CH, stride_x, stride_o, stride_s_slot, stride_s_c,
-    K: tl.constexpr, BC: tl.constexpr, NORM_HD: tl.constexpr,
+    K: tl.constexpr, BC: tl.constexpr, NORM_HD: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    if USE_PDL:  # wait for the previous kernel, then let the next one launch (pdl.py)
+        gdc_wait()
+        gdc_launch_dependents()
     b = tl.program_id(0)
     offs_c = tl.program_id(1) * BC + tl.arange(0, BC)
     mc = offs_c < C
@@ -203,6 +209,7 @@ def conv_decode(
         x, weight, conv_state, out, slot_ids, context_lens,
         num_ch, norm_channels, x.stride(0), out.stride(0), conv_state.stride(0), conv_state.stride(1),
         K=k, BC=bc, NORM_HD=norm_head_dim,
+        **pdl.launch_kwargs(),
     )  # fmt: skip
     return out
 

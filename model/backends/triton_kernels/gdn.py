@@ -10,6 +10,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from model.backends.triton_kernels import pdl
 
 
 @triton.jit
@@ -19,8 +22,11 @@ def _gdn_decode_kernel(
     H, stride_q, stride_qh, stride_k, stride_kh, stride_v, stride_vh, stride_g, stride_beta,
     stride_s_slot, stride_s_h, stride_o, stride_oh, scale,
     DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, QK_NORMALIZED: tl.constexpr,
-    RAW_GATES: tl.constexpr,
+    RAW_GATES: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    if USE_PDL:  # wait for the previous kernel, then let the next one launch (pdl.py)
+        gdc_wait()
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     b = (pid // H).to(tl.int64)
     h = (pid % H).to(tl.int64)
@@ -101,5 +107,6 @@ def gdn_decode(
         neg_exp_a if raw_gates else g, dt_bias if raw_gates else g, num_heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         g.stride(0), beta.stride(0), state.stride(0), state.stride(1), out.stride(0), out.stride(1), scale,
         DK=dk, DV=dv, BV=bv, QK_NORMALIZED=qk_normalized, RAW_GATES=raw_gates, num_warps=4,
+        **pdl.launch_kwargs(),
     )  # fmt: skip
     return out

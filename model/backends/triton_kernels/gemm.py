@@ -13,6 +13,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from model.backends.triton_kernels import pdl
 
 
 @triton.jit
@@ -20,8 +23,11 @@ def _decode_gemm_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_x, stride_w, stride_y, stride_ys, k_per_split,
     split_k, num_progs,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    NUM_STAGES: tl.constexpr, FLATTEN: tl.constexpr,
+    NUM_STAGES: tl.constexpr, FLATTEN: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    if USE_PDL:  # wait for the previous kernel, then let the next one launch (pdl.py)
+        gdc_wait()
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     n_units = tl.cdiv(N, BLOCK_N) * split_k  # unit = (row tile, K split)
     k_iters = k_per_split // BLOCK_K
@@ -54,7 +60,10 @@ def _decode_gemm_kernel(
 
 
 @triton.jit
-def _split_k_sum_kernel(p_ptr, y_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+def _split_k_sum_kernel(p_ptr, y_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:  # wait for the previous kernel, then let the next one launch (pdl.py)
+        gdc_wait()
+        gdc_launch_dependents()
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
     acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -94,8 +103,11 @@ def decode_gemm(
         x, weight, bias if bias is not None else weight, part, m, n, k, x.stride(0), weight.stride(0),
         n, m * n, k_per_split, split_k, programs, HAS_BIAS=bias is not None, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages, FLATTEN=flatten, num_warps=num_warps,
+        **pdl.launch_kwargs(),
     )  # fmt: skip
     if split_k > 1:
         block = 1024
-        _split_k_sum_kernel[(triton.cdiv(m * n, block),)](part, y, m * n, SPLIT_K=split_k, BLOCK=block)
+        _split_k_sum_kernel[(triton.cdiv(m * n, block),)](
+            part, y, m * n, SPLIT_K=split_k, BLOCK=block, **pdl.launch_kwargs()
+        )
     return y

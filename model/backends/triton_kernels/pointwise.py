@@ -22,13 +22,19 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from model.backends.triton_kernels import pdl
 
 
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr, D, stride_x, stride_res, stride_y, stride_ro, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    if USE_PDL:  # wait for the previous kernel, then let the next one launch (pdl.py)
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
     mask = offs < D
@@ -57,6 +63,7 @@ def rms_norm(
         _rms_norm_kernel[(n,)](
             x, res, weight, y, res_out, d, x.stride(0), res.stride(0), y.stride(0), res_out.stride(0), eps,
             HAS_RESIDUAL=residual is not None, BLOCK_D=triton.next_power_of_2(d), num_warps=_warps(d),
+            **pdl.launch_kwargs(),
         )  # fmt: skip
     return y, res_out
 
@@ -64,8 +71,11 @@ def rms_norm(
 @triton.jit
 def _gated_rms_norm_kernel(
     o_ptr, z_ptr, w_ptr, y_ptr, H, DV, stride_o, stride_oh, stride_z, stride_y, eps,
-    BLOCK_H: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_V: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    if USE_PDL:  # wait for the previous kernel, then let the next one launch (pdl.py)
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs_h = tl.arange(0, BLOCK_H)
     offs_v = tl.arange(0, BLOCK_V)
@@ -92,12 +102,16 @@ def gated_rms_norm(o: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: 
         _gated_rms_norm_kernel[(n,)](
             o, z, weight, y, h, dv, o.stride(0), o.stride(1), z.stride(0), y.stride(0), eps,
             BLOCK_H=triton.next_power_of_2(h), BLOCK_V=triton.next_power_of_2(dv), num_warps=_warps(h * dv),
+            **pdl.launch_kwargs(),
         )  # fmt: skip
     return y
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, y_ptr, INTER, stride_x, stride_y, BLOCK: tl.constexpr):
+def _silu_mul_kernel(x_ptr, y_ptr, INTER, stride_x, stride_y, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:  # wait for the previous kernel, then let the next one launch (pdl.py)
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < INTER
@@ -116,7 +130,9 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     block = min(1024, triton.next_power_of_2(inter))
     if n:
         grid = (n, triton.cdiv(inter, block))
-        _silu_mul_kernel[grid](gate_up, y, inter, gate_up.stride(0), y.stride(0), BLOCK=block, num_warps=4)
+        _silu_mul_kernel[grid](
+            gate_up, y, inter, gate_up.stride(0), y.stride(0), BLOCK=block, num_warps=4, **pdl.launch_kwargs()
+        )
     return y
 
 
@@ -161,8 +177,11 @@ def gdn_gates(
 @triton.jit
 def _rope_kernel(
     x_ptr, cos_ptr, sin_ptr, NH, stride_x, stride_xh, stride_c, stride_s,
-    HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_H: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    if USE_PDL:  # wait for the previous kernel, then let the next one launch (pdl.py)
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, HALF)
@@ -192,6 +211,7 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
         _rope_kernel[(n,)](
             x, cos, sin, nh, x.stride(0), x.stride(1), cos.stride(0), sin.stride(0),
             HALF=d // 2, BLOCK_H=triton.next_power_of_2(nh), num_warps=4,
+            **pdl.launch_kwargs(),
         )  # fmt: skip
     return x
 

@@ -12,6 +12,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from model.backends.triton_kernels import pdl
 
 LOG2E = 1.4426950408889634
 
@@ -36,8 +39,11 @@ def _swa_decode_split_kernel(
     W, HKV, G, NSPLIT, SPLIT_LEN,
     stride_q, stride_qh, stride_k, stride_kh, stride_v, stride_vh,
     stride_c_slot, stride_c_row, stride_c_h, qk_scale,
-    D: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr,
+    D: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    if USE_PDL:  # wait for the previous kernel, then let the next one launch (pdl.py)
+        gdc_wait()
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid // HKV).to(tl.int64)
@@ -90,8 +96,11 @@ def _swa_decode_split_kernel(
 @triton.jit
 def _swa_decode_reduce_kernel(
     m_ptr, l_ptr, acc_ptr, out_ptr, HQ, NSPLIT, stride_o, stride_oh,
-    D: tl.constexpr, BS: tl.constexpr,
+    D: tl.constexpr, BS: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    if USE_PDL:  # wait for the previous kernel, then let the next one launch (pdl.py)
+        gdc_wait()
+        gdc_launch_dependents()
     pid = tl.program_id(0).to(tl.int64)  # b * HQ + h
     offs_s = tl.arange(0, BS)
     offs_d = tl.arange(0, D)
@@ -148,11 +157,13 @@ def swa_decode(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), scale * LOG2E,
         D=dim, BG=bg, BN=64, num_warps=4,
+        **pdl.launch_kwargs(),
     )  # fmt: skip
     out = torch.empty_like(q)
     _swa_decode_reduce_kernel[(num_rows * num_q_heads,)](
         m, lsum, acc, out, num_q_heads, nsplit, out.stride(0), out.stride(1),
         D=dim, BS=triton.next_power_of_2(nsplit),
+        **pdl.launch_kwargs(),
     )  # fmt: skip
     return out
 
