@@ -72,6 +72,7 @@ class CudaGraphRunner:
         # pinned twin; rows beyond the live batch hold the dummy slot
         self._static = torch.zeros(6, n, dtype=torch.int64, device=dev)
         self._staging = torch.zeros(6, n, dtype=torch.int64).pin_memory()
+        self._staging_np = self._staging.numpy()  # the same memory: numpy writes lists without torch ops
         self._staging_free: torch.cuda.Event | None = None  # recorded after the staging copy
         self.input_ids = self._static[0]
         self.positions = self._static[1:4]
@@ -152,15 +153,15 @@ class CudaGraphRunner:
             raise ValueError(f"no captured graph for {num_rows} rows")
         if self._staging_free is not None:
             self._staging_free.synchronize()  # the previous step's copy has read the staging buffer
-        host = self._staging
-        host[0, :num_rows] = torch.tensor(input_ids, dtype=torch.int64)
-        host[1:4, :num_rows] = torch.tensor(positions, dtype=torch.int64)
-        host[4, :num_rows] = torch.tensor(slot_ids, dtype=torch.int64)
-        host[5, :num_rows] = torch.tensor(context_lens, dtype=torch.int64)
+        host = self._staging_np
+        host[0, :num_rows] = input_ids
+        host[1:4, :num_rows] = positions  # the same position on the three M-RoPE axes
+        host[4, :num_rows] = slot_ids
+        host[5, :num_rows] = context_lens
         if size > num_rows:  # padded rows: dummy slot, token 0 at position 0
             host[:, num_rows:size] = 0
             host[4, num_rows:size] = self.dummy_slot
-        self._static.copy_(host, non_blocking=True)
+        self._static.copy_(self._staging, non_blocking=True)
         if self._staging_free is None:
             self._staging_free = torch.cuda.Event()
         self._staging_free.record()
