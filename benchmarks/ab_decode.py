@@ -18,12 +18,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from bench_gpu import DEV, build_model, decode_floor_s, load_cfg, random_state
+from bench_gpu import build_model, decode_floor_s, decode_inputs, load_cfg, random_state
 from profile_decode import graph_ms_with
 
 from model.backends.gemm_table import DecodeGemmTable
 from model.backends.triton_kernels import pdl
-from model.batch import BatchMeta
 
 SWITCHES = ("gates", "table", "pdl")
 
@@ -64,9 +63,7 @@ def main() -> None:
     combos = list(itertools.product((False, True), repeat=len(names)))
     rows = []
     for batch in batches:
-        meta = BatchMeta.build(list(range(batch)), [1] * batch, [1024] * batch, DEV)
-        ids = torch.randint(0, 150000, (batch,), device=DEV)
-        pos = torch.full((3, batch), 1024, dtype=torch.int64, device=DEV)
+        ids, pos, meta = decode_inputs(batch, 1024)
 
         def step():
             return model.compute_logits(model.forward(ids, pos, meta, state))

@@ -15,10 +15,8 @@ import statistics
 from pathlib import Path
 
 import torch
-from bench_gpu import DEV, build_model, chunk_inputs, cuda_time, load_cfg, random_state
+from bench_gpu import build_model, chunk_inputs, cuda_time, decode_inputs, load_cfg, random_state
 from profile_decode import graph_ms_with
-
-from model.batch import BatchMeta
 
 
 @torch.inference_mode()
@@ -31,9 +29,7 @@ def main() -> None:
     state = random_state(cfg, 128)
     res: dict = {"decode": [], "prefill": {}}
     for batch in (1, 64, 128):
-        meta = BatchMeta.build(list(range(batch)), [1] * batch, [1024] * batch, DEV)
-        ids = torch.randint(0, 150000, (batch,), device=DEV)
-        pos = torch.full((3, batch), 1024, dtype=torch.int64, device=DEV)
+        ids, pos, meta = decode_inputs(batch, 1024)
 
         def step():
             return model.compute_logits(model.forward(ids, pos, meta, state))

@@ -114,6 +114,13 @@ def text_positions(starts: list[int], lens: list[int]) -> torch.Tensor:
     return torch.cat(cols).expand(3, -1).contiguous()
 
 
+def decode_inputs(batch: int, ctx: int) -> tuple[torch.Tensor, torch.Tensor, BatchMeta]:
+    """(random token ids, positions, BatchMeta) of one decode step of slots 0..batch-1, each at context ctx."""
+    meta = BatchMeta.build(list(range(batch)), [1] * batch, [ctx] * batch, DEV)
+    ids = torch.randint(0, 150000, (batch,), device=DEV)
+    return ids, torch.full((3, batch), ctx, dtype=torch.int64, device=DEV), meta
+
+
 def chunk_inputs(n: int, ctx: int) -> tuple[torch.Tensor, torch.Tensor, BatchMeta]:
     """(random token ids, text positions, BatchMeta) of one n-token prefill call of slot 0 at context ctx."""
     meta = BatchMeta.build([0], [n], [ctx], DEV)

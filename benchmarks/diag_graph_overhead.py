@@ -16,9 +16,8 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from bench_gpu import DEV, build_model, cuda_time, load_cfg, random_state
+from bench_gpu import DEV, build_model, cuda_time, decode_inputs, load_cfg, random_state
 
-from model.batch import BatchMeta
 from serving.cuda_graph import CudaGraphRunner
 
 
@@ -52,11 +51,9 @@ def main() -> None:
     runner = CudaGraphRunner(model, state, max_batch=max(batches), device=DEV, sizes=batches)
     res = []
     for batch in batches:
-        ids = torch.randint(0, 150000, (batch,), device=DEV)
-        pos = torch.full((3, batch), 1024, dtype=torch.int64, device=DEV)
+        ids, pos, meta = decode_inputs(batch, 1024)
         slots = torch.arange(batch, device=DEV)
         ctx = torch.full((batch,), 1024, dtype=torch.int64, device=DEV)
-        meta = BatchMeta.build(list(range(batch)), [1] * batch, [1024] * batch, DEV)
 
         def step():
             return model.compute_logits(model.forward(ids, pos, meta, state))

@@ -13,10 +13,16 @@ import json
 from pathlib import Path
 
 import torch
-from bench_gpu import DEV, build_model, chunk_inputs, cuda_time, decode_floor_s, load_cfg, random_state
+from bench_gpu import (
+    build_model,
+    chunk_inputs,
+    cuda_time,
+    decode_floor_s,
+    decode_inputs,
+    load_cfg,
+    random_state,
+)
 from profile_decode import graph_ms_with
-
-from model.batch import BatchMeta
 
 
 def weight_slots(model) -> list[tuple[torch.nn.Module, str]]:
@@ -59,9 +65,7 @@ def main() -> None:
         set_layout(model, transposed, saved)
         torch.cuda.empty_cache()
         for batch in batches:
-            meta = BatchMeta.build(list(range(batch)), [1] * batch, [1024] * batch, DEV)
-            ids = torch.randint(0, 150000, (batch,), device=DEV)
-            pos = torch.full((3, batch), 1024, dtype=torch.int64, device=DEV)
+            ids, pos, meta = decode_inputs(batch, 1024)
 
             def step():
                 return model.compute_logits(model.forward(ids, pos, meta, state))

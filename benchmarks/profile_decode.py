@@ -13,9 +13,15 @@ import time
 from pathlib import Path
 
 import torch
-from bench_gpu import DEV, build_model, chunk_inputs, cuda_time, decode_floor_s, load_cfg, random_state
-
-from model.batch import BatchMeta
+from bench_gpu import (
+    build_model,
+    chunk_inputs,
+    cuda_time,
+    decode_floor_s,
+    decode_inputs,
+    load_cfg,
+    random_state,
+)
 
 
 def kernel_table(step, top: int = 25) -> tuple[list[dict], int, float]:
@@ -97,9 +103,7 @@ def main() -> None:
             "top": top,
         }
     for batch in batches:
-        meta = BatchMeta.build(list(range(batch)), [1] * batch, [args.ctx] * batch, DEV)
-        ids = torch.randint(0, 150000, (batch,), device=DEV)
-        pos = torch.full((3, batch), args.ctx, dtype=torch.int64, device=DEV)
+        ids, pos, meta = decode_inputs(batch, args.ctx)
 
         def step(fwd=model.forward):
             return model.compute_logits(fwd(ids, pos, meta, state))

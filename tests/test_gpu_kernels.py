@@ -52,6 +52,13 @@ def _case(decode: bool, seed: int) -> tuple[list[int], list[int], list[int], int
     return slots, lens, ctx, num_slots
 
 
+def _qkv(n: int, heads: int, dk: int, dv: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random q, k [n, heads, dk] and v [n, heads, dv] in the test dtype."""
+    q = torch.randn(n, heads, dk, dtype=DT, device=DEVICE)
+    k = torch.randn(n, heads, dk, dtype=DT, device=DEVICE)
+    return q, k, torch.randn(n, heads, dv, dtype=DT, device=DEVICE)
+
+
 def _compare_pools(a: torch.Tensor, b: torch.Tensor, live: list[int], tol: float) -> None:
     for s in live:
         assert rel_err(a[s], b[s]) < tol, f"slot {s}"
@@ -87,9 +94,7 @@ def test_gdn_decode(state_dtype: torch.dtype, seed: int, qk_normalized: bool) ->
     meta = BatchMeta.build(slots, lens, ctx, DEVICE)
     H, DK, DV = 3, 32, 64
     n = len(slots)
-    q = torch.randn(n, H, DK, dtype=DT, device=DEVICE)
-    k = torch.randn(n, H, DK, dtype=DT, device=DEVICE)
-    v = torch.randn(n, H, DV, dtype=DT, device=DEVICE)
+    q, k, v = _qkv(n, H, DK, DV)
     g = -torch.rand(n, H, device=DEVICE) * 2
     beta = torch.rand(n, H, dtype=DT, device=DEVICE)
     if qk_normalized:  # what short_conv returns with l2norm_head_dim
@@ -118,9 +123,7 @@ def test_gdn_gate_inputs(decode: bool) -> None:
     meta = BatchMeta.build(slots, lens, ctx, DEVICE)
     H, DK, DV = 3, 32, 64
     n = sum(lens)
-    q = torch.randn(n, H, DK, dtype=DT, device=DEVICE)
-    k = torch.randn(n, H, DK, dtype=DT, device=DEVICE)
-    v = torch.randn(n, H, DV, dtype=DT, device=DEVICE)
+    q, k, v = _qkv(n, H, DK, DV)
     proj = torch.randn(n, 2 * H + 5, device=DEVICE).to(DT) * 8  # a and b as row-strided column slices
     proj[0, 0] = 30.0  # past softplus's linear threshold
     a, b = proj[:, 1 : 1 + H], proj[:, 1 + H : 1 + 2 * H]
@@ -149,9 +152,7 @@ def test_gdn_prefill(seed: int, dims: tuple[int, int, int], qk_normalized: bool)
     meta = BatchMeta.build(slots, lens, ctx, DEVICE)
     H, DK, DV = dims
     n = sum(lens)
-    q = torch.randn(n, H, DK, dtype=DT, device=DEVICE)
-    k = torch.randn(n, H, DK, dtype=DT, device=DEVICE)
-    v = torch.randn(n, H, DV, dtype=DT, device=DEVICE)
+    q, k, v = _qkv(n, H, DK, DV)
     g = torch.nn.functional.logsigmoid(torch.randn(n, H, device=DEVICE)) * 0.3
     beta = torch.rand(n, H, dtype=DT, device=DEVICE)
     if qk_normalized:
