@@ -312,3 +312,5 @@ def test_backend_linear_follows_the_gemm_table(monkeypatch: pytest.MonkeyPatch) 
     calls.clear()
     backend.linear(torch.randn(2, 256, device=DEVICE).to(DT), w, torch.zeros(96, device=DEVICE).to(DT))
     assert calls == []  # the table entry is for the shape without a bias
+    empty = backend.linear(torch.randn(0, 256, device=DEVICE).to(DT), w)  # no rows: nothing to stream
+    assert calls == [] and empty.shape == (0, 96)

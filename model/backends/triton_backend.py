@@ -73,7 +73,7 @@ class TritonBackend:
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """F.linear, or the persistent Triton GEMM for the (shape, batch) pairs of `gemm_table`."""
-        if x.dim() == 2 and x.shape[0] <= DECODE_GEMM_MAX_M and not torch.compiler.is_compiling():
+        if x.dim() == 2 and 0 < x.shape[0] <= DECODE_GEMM_MAX_M and not torch.compiler.is_compiling():
             cfg = self.gemm_table.lookup(x.shape[0], weight.shape[0], weight.shape[1], bias is not None)
             if cfg is not None and x.stride(1) == 1 and weight.stride(1) == 1:
                 return decode_gemm(x, weight, bias, **cfg)
