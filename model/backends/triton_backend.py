@@ -17,7 +17,7 @@ from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 from model.backends.base import GateInputs, gate_values
 from model.backends.gemm_table import DecodeGemmTable, default_table
 from model.backends.triton_kernels.conv import conv_prefill, l2norm_args
-from model.backends.triton_kernels.gemm import decode_gemm
+from model.backends.triton_kernels.gemm import DECODE_GEMM_MAX_M, decode_gemm
 from model.backends.triton_kernels.ops import (
     TritonPointwise,
     conv_decode_call,
@@ -34,7 +34,6 @@ SWA_BLOCK_M = 128  # queries per prefill attention program (the host tables are 
 SWA_PREFILL_LAUNCH = {"block_n": 64, "num_warps": 8, "num_stages": 3}
 CONV_PREFILL_LAUNCH = {"block_t": 32, "block_c": 256}
 FLA_CHUNK = 64  # chunk size of fla's chunked delta-rule kernel (its default)
-DECODE_GEMM_MAX_M = 128  # rows up to which a GEMM may take the tuned Triton path (gemm.py)
 
 
 class TritonBackend:
@@ -126,15 +125,12 @@ class TritonBackend:
     ) -> torch.Tensor:
         """Delta-rule output [N, H, d_v]; state rows meta.slot_ids updated in place."""
         scale = q.shape[-1] ** -0.5
-        if meta.is_decode:
-            if gates is not None:  # the kernel computes g and beta from a and b
-                a, b, nea, dtb = gates
-                return gdn_decode_call(
-                    q, k, v, a, b, state, meta.slot_ids, meta.context_lens, scale, qk_normalized, nea, dtb
-                )
+        if meta.is_decode:  # with gate inputs the kernel computes g and beta from a and b
+            g_in, beta_in, nea, dtb = gates if gates is not None else (g, beta, None, None)
             return gdn_decode_call(
-                q, k, v, g, beta, state, meta.slot_ids, meta.context_lens, scale, qk_normalized, None, None
-            )
+                q, k, v, g_in, beta_in, state, meta.slot_ids, meta.context_lens, scale, qk_normalized,
+                nea, dtb,
+            )  # fmt: skip
         if gates is not None:
             g, beta = self.pointwise.gdn_gates(*gates) if self.pointwise else gate_values(gates)
         return self._gdn_prefill(q, k, v, g, beta, meta, state, scale, qk_normalized)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from model.backends.triton_kernels import pdl
 
@@ -131,9 +130,7 @@ def _conv_decode_kernel(
     C, NORM_CH, stride_x, stride_o, stride_s_slot, stride_s_c,
     K: tl.constexpr, BC: tl.constexpr, NORM_HD: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
-    if USE_PDL:  # wait for the previous kernel, then let the next one launch (pdl.py)
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl.prologue(USE_PDL)
     b = tl.program_id(0)
     offs_c = tl.program_id(1) * BC + tl.arange(0, BC)
     mc = offs_c < C

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from model.backends.triton_kernels import pdl
+from model.backends.triton_kernels.pointwise import gate_math
 
 
 @triton.jit
@@ -24,9 +24,7 @@ def _gdn_decode_kernel(
     DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, QK_NORMALIZED: tl.constexpr,
     RAW_GATES: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
-    if USE_PDL:  # wait for the previous kernel, then let the next one launch (pdl.py)
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl.prologue(USE_PDL)
     pid = tl.program_id(0)
     b = (pid // H).to(tl.int64)
     h = (pid % H).to(tl.int64)
@@ -45,11 +43,8 @@ def _gdn_decode_kernel(
     g = tl.load(g_ptr + b * stride_g + h).to(tl.float32)
     beta = tl.load(beta_ptr + b * stride_beta + h).to(tl.float32)
     if RAW_GATES:  # g_ptr / beta_ptr hold the a / b projections: the gates of pointwise.gdn_gates
-        x = g + tl.load(dtb_ptr + h)
-        softplus = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))  # torch's threshold
-        g = softplus * tl.load(nea_ptr + h)
-        # beta rounded to the model dtype, as the separate gates kernel stores it
-        beta = (1.0 / (1.0 + tl.exp(-beta))).to(beta_ptr.dtype.element_ty).to(tl.float32)
+        g, beta = gate_math(g, beta, tl.load(dtb_ptr + h), tl.load(nea_ptr + h))
+        beta = beta.to(beta_ptr.dtype.element_ty).to(tl.float32)  # rounded, as the gates kernel stores it
     if QK_NORMALIZED:
         q = q * scale
     else:
@@ -104,7 +99,8 @@ def gdn_decode(
     grid = (num_rows * num_heads, triton.cdiv(dv, bv))
     _gdn_decode_kernel[grid](
         q, k, v, g, beta, state, out, slot_ids, context_lens,
-        neg_exp_a if raw_gates else g, dt_bias if raw_gates else g, num_heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        neg_exp_a if raw_gates else g, dt_bias if raw_gates else g,  # placeholders without raw gates
+        num_heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         g.stride(0), beta.stride(0), state.stride(0), state.stride(1), out.stride(0), out.stride(1), scale,
         DK=dk, DV=dv, BV=bv, QK_NORMALIZED=qk_normalized, RAW_GATES=raw_gates, num_warps=4,
         **pdl.launch_kwargs(),

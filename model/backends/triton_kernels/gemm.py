@@ -13,9 +13,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from model.backends.triton_kernels import pdl
+
+DECODE_GEMM_MAX_M = 128  # the most rows decode_gemm takes (one BLOCK_M tile)
 
 
 @triton.jit
@@ -25,9 +26,7 @@ def _decode_gemm_kernel(
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NUM_STAGES: tl.constexpr, FLATTEN: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
-    if USE_PDL:  # wait for the previous kernel, then let the next one launch (pdl.py)
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl.prologue(USE_PDL)
     pid = tl.program_id(0)
     n_units = tl.cdiv(N, BLOCK_N) * split_k  # unit = (row tile, K split)
     k_iters = k_per_split // BLOCK_K
@@ -61,9 +60,7 @@ def _decode_gemm_kernel(
 
 @triton.jit
 def _split_k_sum_kernel(p_ptr, y_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-    if USE_PDL:  # wait for the previous kernel, then let the next one launch (pdl.py)
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl.prologue(USE_PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
     acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -89,7 +86,7 @@ def decode_gemm(
     split_k > 1 (no bias): each unit sums a K range into fp32 partials that a second kernel adds up."""
     m, k = x.shape
     n = weight.shape[0]
-    if m > 128 or x.stride(1) != 1 or weight.stride(1) != 1 or weight.shape[1] != k:
+    if m > DECODE_GEMM_MAX_M or x.stride(1) != 1 or weight.stride(1) != 1 or weight.shape[1] != k:
         raise ValueError("decode_gemm expects M <= 128, matching K and unit stride on K")
     if split_k > 1 and bias is not None:
         raise ValueError("decode_gemm: split_k with a bias is not supported")

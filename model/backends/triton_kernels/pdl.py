@@ -11,9 +11,21 @@ from __future__ import annotations
 
 import os
 
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
 ENABLED = os.environ.get("INFINITEVL_PDL") == "1"
 
 
 def launch_kwargs() -> dict:
     """Extra launch arguments of a PDL-aware kernel: its USE_PDL constexpr and Triton's launch_pdl."""
     return {"USE_PDL": True, "launch_pdl": True} if ENABLED else {"USE_PDL": False}
+
+
+@triton.jit
+def prologue(USE_PDL: tl.constexpr):
+    """First statement of a PDL-aware kernel: wait for the previous kernel, then let the next launch."""
+    if USE_PDL:
+        gdc_wait()
+        gdc_launch_dependents()

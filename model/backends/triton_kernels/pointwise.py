@@ -22,7 +22,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from model.backends.triton_kernels import pdl
 
@@ -32,9 +31,7 @@ def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr, D, stride_x, stride_res, stride_y, stride_ro, eps,
     HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
-    if USE_PDL:  # wait for the previous kernel, then let the next one launch (pdl.py)
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl.prologue(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
     mask = offs < D
@@ -73,9 +70,7 @@ def _gated_rms_norm_kernel(
     o_ptr, z_ptr, w_ptr, y_ptr, H, DV, stride_o, stride_oh, stride_z, stride_y, eps,
     BLOCK_H: tl.constexpr, BLOCK_V: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
-    if USE_PDL:  # wait for the previous kernel, then let the next one launch (pdl.py)
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl.prologue(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs_h = tl.arange(0, BLOCK_H)
     offs_v = tl.arange(0, BLOCK_V)
@@ -109,9 +104,7 @@ def gated_rms_norm(o: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: 
 
 @triton.jit
 def _silu_mul_kernel(x_ptr, y_ptr, INTER, stride_x, stride_y, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-    if USE_PDL:  # wait for the previous kernel, then let the next one launch (pdl.py)
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl.prologue(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < INTER
@@ -137,6 +130,15 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def gate_math(a, b, dt_bias, neg_exp_a):
+    """(g, beta) in fp32 from fp32 a, b: -exp(A_log) softplus(a + dt_bias) (torch's threshold 20) and
+    sigmoid(b); shared by the gates kernel and the delta-rule kernel that computes its own gates."""
+    x = a + dt_bias
+    softplus = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+    return softplus * neg_exp_a, 1.0 / (1.0 + tl.exp(-b))
+
+
+@triton.jit
 def _gdn_gates_kernel(
     a_ptr, b_ptr, neg_exp_a_ptr, dt_bias_ptr, g_ptr, beta_ptr, N, H, stride_a, stride_b,
     BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -149,11 +151,10 @@ def _gdn_gates_kernel(
     b = tl.load(b_ptr + rows64[:, None] * stride_b + offs_h[None, :], mask=mask, other=0.0).to(tl.float32)
     dt = tl.load(dt_bias_ptr + offs_h, mask=offs_h < H, other=0.0)
     nea = tl.load(neg_exp_a_ptr + offs_h, mask=offs_h < H, other=0.0)
-    x = a + dt[None, :]
-    softplus = tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))  # torch's threshold
+    g, beta = gate_math(a, b, dt[None, :], nea[None, :])
     out = rows64[:, None] * H + offs_h[None, :]
-    tl.store(g_ptr + out, softplus * nea[None, :], mask=mask)
-    tl.store(beta_ptr + out, (1.0 / (1.0 + tl.exp(-b))).to(beta_ptr.dtype.element_ty), mask=mask)
+    tl.store(g_ptr + out, g, mask=mask)
+    tl.store(beta_ptr + out, beta.to(beta_ptr.dtype.element_ty), mask=mask)
 
 
 def gdn_gates(
@@ -179,9 +180,7 @@ def _rope_kernel(
     x_ptr, cos_ptr, sin_ptr, NH, stride_x, stride_xh, stride_c, stride_s,
     HALF: tl.constexpr, BLOCK_H: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
-    if USE_PDL:  # wait for the previous kernel, then let the next one launch (pdl.py)
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl.prologue(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, HALF)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from model.backends.triton_kernels import pdl
 
@@ -41,9 +40,7 @@ def _swa_decode_split_kernel(
     stride_c_slot, stride_c_row, stride_c_h, qk_scale,
     D: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
-    if USE_PDL:  # wait for the previous kernel, then let the next one launch (pdl.py)
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl.prologue(USE_PDL)
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid // HKV).to(tl.int64)
@@ -98,9 +95,7 @@ def _swa_decode_reduce_kernel(
     m_ptr, l_ptr, acc_ptr, out_ptr, HQ, NSPLIT, stride_o, stride_oh,
     D: tl.constexpr, BS: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
-    if USE_PDL:  # wait for the previous kernel, then let the next one launch (pdl.py)
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl.prologue(USE_PDL)
     pid = tl.program_id(0).to(tl.int64)  # b * HQ + h
     offs_s = tl.arange(0, BS)
     offs_d = tl.arange(0, D)
