@@ -1,11 +1,14 @@
 # ruff: noqa: B023  (closures are called at once, inside the loop that binds their variables)
 """A/B of decode-path switches of the Triton backend, on one GPU in one process: the gates computed
-inside the delta-rule kernel (`gates_in_delta_rule`), the tuned decode GEMM table (`gemm_table`) and
-programmatic dependent launch of the Triton kernels (`pdl`, triton_kernels/pdl.py). Graph-captured
+inside the delta-rule kernel (`gates`: `gates_in_delta_rule`), the linear entries of the tuned decode
+GEMM table (`table`), its fused gate|up + silu_mul entries (`silu`), programmatic dependent launch of
+the Triton kernels (`pdl`, triton_kernels/pdl.py) and decoder weights that cuBLAS multiplies stored
+transposed (`transposed`: [in, out] storage read through a `.t()` view, cuBLAS's "NN" kernels; the
+MLP gate|up, which the Triton GEMM reads row-major, and the LM head keep their layout). Graph-captured
 steps at context 1K for every on/off combination of the chosen switches, in rounds (every
 combination once per round, three rounds), median per combination.
 
-    python benchmarks/ab_decode.py --out DIR [--batches 1,8,64,128] [--switches gates,table,pdl]
+    python benchmarks/ab_decode.py --out DIR [--batches 1,8,64,128] [--switches gates,table,silu,pdl,transposed]
 """
 
 from __future__ import annotations
@@ -24,17 +27,53 @@ from profile_decode import graph_ms_with
 from model.backends.gemm_table import DecodeGemmTable
 from model.backends.triton_kernels import pdl
 
-SWITCHES = ("gates", "table", "pdl")
+SWITCHES = ("gates", "table", "silu", "pdl", "transposed")
 
 
-def backend_attrs(on: dict[str, bool]) -> dict:
-    """Backend attributes that turn switches off (an absent key keeps the backend's own choice)."""
+def backend_attrs(on: dict[str, bool], table: DecodeGemmTable) -> dict:
+    """Backend attributes that turn switches off (an absent key keeps the backend's own choice);
+    `table` is the backend's own GEMM table."""
     attrs: dict = {}
     if not on.get("gates", True):
         attrs["gates_in_delta_rule"] = lambda meta: False
     if not on.get("table", True):
-        attrs["gemm_table"] = DecodeGemmTable([])
+        table = table.without("linear")
+    if not on.get("silu", True):
+        table = table.without("silu_mul")
+    attrs["gemm_table"] = table
     return attrs
+
+
+def transposed_slots(model) -> list[tuple[torch.nn.Module, str]]:
+    """(module, attribute) of the decoder weights that cuBLAS multiplies at decode."""
+    out = []
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        fused = "in_proj_weight" if hasattr(attn, "in_proj_weight") else "qkv_weight"
+        out += [(attn, fused), (attn.o_proj, "weight"), (layer.mlp.down_proj, "weight")]
+    return out
+
+
+@contextmanager
+def transposed(model, enabled: bool):
+    """Store `transposed_slots` as [in, out] (same logical tensor, a `.t()` view) inside the block."""
+    if not enabled:
+        yield
+        return
+    saved = [(m, a, getattr(m, a)) for m, a in transposed_slots(model)]
+    for mod, attr, w in saved:
+        new = w.t().contiguous().t()
+        setattr(
+            mod,
+            attr,
+            torch.nn.Parameter(new, requires_grad=False) if isinstance(w, torch.nn.Parameter) else new,
+        )
+    try:
+        yield
+    finally:
+        for mod, attr, w in saved:
+            setattr(mod, attr, w)
+        torch.cuda.empty_cache()
 
 
 @contextmanager
@@ -61,6 +100,7 @@ def main() -> None:
     model = build_model(cfg)
     state = random_state(cfg, max(batches))
     combos = list(itertools.product((False, True), repeat=len(names)))
+    table = model.backend.gemm_table
     rows = []
     for batch in batches:
         ids, pos, meta = decode_inputs(batch, 1024)
@@ -72,8 +112,8 @@ def main() -> None:
         for _ in range(3):
             for c in combos:
                 on = dict(zip(names, c, strict=True))
-                with pdl_set(on.get("pdl", pdl.ENABLED)):
-                    times[c].append(graph_ms_with(model, step, **backend_attrs(on)))
+                with pdl_set(on.get("pdl", pdl.ENABLED)), transposed(model, on.get("transposed", False)):
+                    times[c].append(graph_ms_with(model, step, **backend_attrs(on, table)))
         floor_ms = decode_floor_s(batch, 1024) * 1e3
         for c, ms in times.items():
             med = statistics.median(ms)

@@ -1,14 +1,17 @@
 # ruff: noqa: B023  (closures are called at once, inside the loop that binds their variables)
 """Tune the decode GEMM table: for every projection of the 4B text decoder and the LM head, and for
 each batch bucket, time cuBLAS (F.linear) against the persistent Triton GEMM over its launch
-parameters and keep the Triton config only where it wins by 3% or more. Writes the table that the
-Triton backend loads on Hopper (model/backends/decode_gemm_sm90.json by default).
+parameters and keep the Triton config only where it wins by 3% or more ("linear" entries). For the
+MLP gate|up, time the fused gate|up GEMM with the silu_mul epilogue against the unfused path as the
+backend runs it with the linear entries (linear, then the silu_mul kernel): "silu_mul" entries.
+Writes the table that the Triton backend loads on Hopper (model/backends/decode_gemm_sm90.json by
+default). `--ops silu_mul` keeps the table's linear entries and tunes only the fused op.
 
 Timings replay a CUDA graph of 20 calls cycling through 256 MB or more of weight copies (no L2 reuse),
 as sweep_gemm.py does. With --ab, then times graph-captured decode steps with the new table against an
 empty one (all cuBLAS), alternating, in the same process.
 
-    python benchmarks/tune_decode_gemm.py --out DIR [--table PATH] [--ab]
+    python benchmarks/tune_decode_gemm.py --out DIR [--table PATH] [--ops linear,silu_mul] [--ab]
 """
 
 from __future__ import annotations
@@ -108,6 +111,79 @@ def tune() -> list[dict]:
     return entries
 
 
+def silu_mul_configs(m: int) -> list[dict]:
+    out = []
+    for bn, stages, nw, progs in itertools.product((16, 32, 64, 128), (3, 4, 5), (4, 8), (132, 264)):
+        if (nw == 8 and m < 64) or (bn == 128 and m >= 64) or (bn == 16 and m < 16):
+            continue
+        if progs == 264 and bn > 32:
+            continue  # two programs per SM only fit with small tiles
+        out.append(
+            {"block_n": bn, "block_k": 128, "num_stages": stages, "num_warps": nw, "num_programs": progs}
+        )
+    return out
+
+
+@torch.inference_mode()
+def tune_silu_mul(linear_entries: list[dict]) -> list[dict]:
+    """ "silu_mul" entries for the MLP gate|up: the fused GEMM against the backend's unfused path."""
+    from model.backends.triton_backend import TritonBackend
+
+    backend = TritonBackend(DEV)
+    backend.gemm_table = DecodeGemmTable(linear_entries)  # no silu_mul entries: the unfused path
+    (name, n, k, _calls, _bias) = next(s for s in shapes() if s[0] == "mlp_gate_up")
+    ws = [
+        torch.randn(n, k, dtype=BF16, device=DEV) * 0.02
+        for _ in range(max(2, -(-ROTATE_BYTES // (n * k * 2))))
+    ]
+    entries = []
+    for m in BUCKETS:
+        t0 = time.perf_counter()
+        x = torch.randn(m, k, dtype=BF16, device=DEV)
+        ref = backend.linear_silu_mul(x, ws[0]).float()
+        unfused_s = min(graph_time([lambda w=w: backend.linear_silu_mul(x, w) for w in ws]) for _ in range(2))
+        best, best_s = None, None
+        for cfg in silu_mul_configs(m):
+            try:
+                out = decode_gemm(x, ws[0], None, silu_mul=True, **cfg).float()
+                err = ((out - ref).norm() / ref.norm()).item()
+                if not err < 1e-2:
+                    print(f"  silu_mul M={m} {cfg}: rel err {err:.1e}", flush=True)
+                    continue
+                s = graph_time([lambda w=w: decode_gemm(x, w, None, silu_mul=True, **cfg) for w in ws])
+            except Exception as e:  # a config the compiler rejects (shared memory): skip it
+                print(f"  silu_mul M={m} {cfg}: {type(e).__name__}", flush=True)
+                continue
+            if best_s is None or s < best_s:
+                best, best_s = cfg, s
+        if best is not None:
+            best_s = min(
+                best_s, graph_time([lambda w=w: decode_gemm(x, w, None, silu_mul=True, **best) for w in ws])
+            )
+        win = best is not None and best_s < MARGIN * unfused_s
+        entries.append(
+            {
+                "op": "silu_mul",
+                "name": name,
+                "N": n,
+                "K": k,
+                "bias": False,
+                "max_m": m,
+                "config": best if win else None,
+                "unfused_us": round(unfused_s * 1e6, 2),
+                "triton_us": round(best_s * 1e6, 2) if best_s is not None else None,
+                "triton_config": best,
+            }
+        )
+        e = entries[-1]
+        print(
+            f"silu_mul M={m}: unfused {e['unfused_us']} us, fused {e['triton_us']} us -> "
+            f"{'fused' if win else 'unfused'} ({time.perf_counter() - t0:.1f} s)",
+            flush=True,
+        )
+    return entries
+
+
 @torch.inference_mode()
 def step_ab(table: DecodeGemmTable, batches: list[int]) -> list[dict]:
     """Decode steps (CUDA graphs) with `table` vs an empty table, alternating A B A B."""
@@ -146,12 +222,22 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--table", default=str(TABLE_SM90))
     ap.add_argument("--ab", action="store_true")
+    ap.add_argument("--ops", default="linear,silu_mul")
     ap.add_argument("--batches", default="1,8,64,128")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name()
-    entries = tune()
+    ops = args.ops.split(",")
+    if "linear" in ops:
+        linear = tune()
+    else:  # keep the table's linear entries
+        linear = [
+            e
+            for e in json.loads(Path(args.table).read_text())["entries"]
+            if e.get("op", "linear") == "linear"
+        ]
+    entries = linear + (tune_silu_mul(linear) if "silu_mul" in ops else [])
     table = {"device": device, "measured_by": "benchmarks/tune_decode_gemm.py", "entries": entries}
     Path(args.table).write_text(json.dumps(table, indent=1) + "\n")
     (out / "decode_gemm_table.json").write_text(json.dumps(table, indent=1) + "\n")

@@ -107,12 +107,12 @@ class MLP(nn.Module):
         self.gate_up_weight = _fuse_rows([self.gate_proj, self.up_proj], "weight", self.gate_up_weight)
 
     def forward(self, x: torch.Tensor, backend: Backend) -> torch.Tensor:
-        gate_up = _project(x, self.gate_up_weight, None, [self.gate_proj, self.up_proj], backend)  # [N, 2 I]
-        ops = backend.pointwise
-        if ops is not None:
-            return backend.linear(ops.silu_mul(gate_up), self.down_proj.weight)
-        gate, up = gate_up.chunk(2, dim=-1)
-        return backend.linear(F.silu(gate) * up, self.down_proj.weight)
+        if self.gate_up_weight is not None:  # fused: the backend may keep gate|up out of memory
+            act = backend.linear_silu_mul(x, self.gate_up_weight)
+        else:
+            gate = backend.linear(x, self.gate_proj.weight)
+            act = F.silu(gate) * backend.linear(x, self.up_proj.weight)
+        return backend.linear(act, self.down_proj.weight)
 
 
 # ---------------------------------------------------------------------------------------------------

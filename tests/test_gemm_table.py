@@ -31,6 +31,24 @@ def test_lookup_takes_the_smallest_bucket_that_holds_the_batch() -> None:
     assert table.lookup(1, 20, 10, False) is None  # another shape
 
 
+def test_ops_are_looked_up_apart() -> None:
+    lin, fused = {"block_n": 64}, {"block_n": 32}
+    table = DecodeGemmTable(
+        [
+            {"N": 10, "K": 20, "max_m": 8, "config": lin},  # "op" defaults to linear
+            {"op": "silu_mul", "N": 10, "K": 20, "max_m": 4, "config": fused},
+        ]
+    )
+    assert table.lookup(2, 10, 20, False) == lin
+    assert table.lookup(2, 10, 20, False, op="silu_mul") == fused
+    assert table.lookup(8, 10, 20, False, op="silu_mul") is None
+    plain = table.without("silu_mul")
+    assert len(plain) == 1 and plain.lookup(2, 10, 20, False, op="silu_mul") is None
+    assert plain.lookup(2, 10, 20, False) == lin
+    with pytest.raises(ValueError, match="op 'gelu'"):
+        DecodeGemmTable([{"op": "gelu", "N": 1, "K": 1, "max_m": 1, "config": None}])
+
+
 def test_unknown_launch_keys_are_rejected() -> None:
     with pytest.raises(ValueError, match="block_q"):
         DecodeGemmTable([{"N": 1, "K": 1, "max_m": 1, "config": {"block_q": 3}}])
@@ -51,4 +69,6 @@ def test_shipped_sm90_table_is_well_formed() -> None:
         if cfg is not None:
             assert set(cfg) <= set(LAUNCH_KEYS)
             assert e["N"] > 0 and e["K"] % cfg.get("block_k", 128) == 0
-        assert "cublas_us" in e and (cfg is None or e["triton_us"] < e["cublas_us"])
+        assert e.get("op", "linear") in ("linear", "silu_mul")
+        base_us = e["cublas_us"] if e.get("op", "linear") == "linear" else e["unfused_us"]
+        assert cfg is None or e["triton_us"] < base_us

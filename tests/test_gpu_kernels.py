@@ -283,6 +283,63 @@ def test_decode_gemm(m: int, n: int, k: int, bias: bool, cfg: dict) -> None:
     assert rel_err(out, ref) < (TOL if HAS_CUDA else 1e-5)
 
 
+@pytest.mark.parametrize(
+    "m,inter,k,cfg",
+    [
+        (1, 100, 256, {"block_n": 32}),  # a ragged last tile: up rows start mid-tile
+        (7, 64, 384, {"block_n": 16, "num_programs": 3}),  # several units per program
+        (64, 96, 256, {"block_n": 64, "flatten": False, "num_warps": 8}),
+    ],
+)
+def test_decode_gemm_silu_mul(m: int, inter: int, k: int, cfg: dict) -> None:
+    """silu_mul=True equals the unfused path: gate|up product, gate and up rounded, silu(gate) * up."""
+    from model.backends.triton_kernels.gemm import decode_gemm
+
+    g = torch.Generator(DEVICE).manual_seed(m * 1000 + inter)
+    x = torch.randn(m, k, generator=g, device=DEVICE).to(DT)
+    w = (torch.randn(2 * inter, k, generator=g, device=DEVICE) * 0.1).to(DT)
+    gate_up = torch.nn.functional.linear(x.float(), w.float()).to(DT)
+    gate, up = gate_up.chunk(2, dim=-1)
+    ref = torch.nn.functional.silu(gate) * up
+    out = decode_gemm(x, w, None, block_k=128, silu_mul=True, **cfg)
+    assert out.shape == (m, inter) and out.dtype == DT
+    assert rel_err(out, ref) < (TOL if HAS_CUDA else 1e-5)
+    plain = decode_gemm(x, w, None, block_k=128, **cfg)  # the same launch without the epilogue
+    assert rel_err(plain, gate_up) < (TOL if HAS_CUDA else 1e-5)
+    with pytest.raises(ValueError, match="silu_mul"):
+        decode_gemm(x, w, None, split_k=2, silu_mul=True)
+
+
+def test_backend_linear_silu_mul_follows_the_gemm_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TritonBackend.linear_silu_mul fuses where the table has a "silu_mul" config for the shape and
+    batch, and otherwise runs linear then the silu_mul kernel; both equal the torch backend."""
+    import model.backends.triton_backend as tb
+    from model.backends.gemm_table import DecodeGemmTable
+
+    calls: list[tuple[bool, dict]] = []
+    real = tb.decode_gemm
+
+    def spy(x, w, b=None, silu_mul=False, **cfg):
+        calls.append((silu_mul, cfg))
+        return real(x, w, b, silu_mul=silu_mul, **cfg)
+
+    monkeypatch.setattr(tb, "decode_gemm", spy)
+    backend, ref_backend = _backends()
+    fused = {"block_n": 32, "num_stages": 3}
+    backend.gemm_table = DecodeGemmTable(
+        [{"op": "silu_mul", "N": 128, "K": 256, "max_m": 4, "config": fused}]
+    )
+    w = (torch.randn(128, 256, device=DEVICE) * 0.1).to(DT)
+    for m, expect in ((1, [(True, fused)]), (4, [(True, fused)]), (8, []), (0, [])):
+        calls.clear()
+        x = torch.randn(m, 256, device=DEVICE).to(DT)
+        out = backend.linear_silu_mul(x, w)
+        assert calls == expect, m
+        assert out.shape == (m, 64)
+        if m:
+            assert rel_err(out, ref_backend.linear_silu_mul(x, w)) < TOL
+
+
 def test_backend_linear_follows_the_gemm_table(monkeypatch: pytest.MonkeyPatch) -> None:
     """TritonBackend.linear sends a (shape, batch) of its table to decode_gemm with the table's launch
     parameters, and everything else (other shapes, larger batches, bias mismatch) to F.linear."""

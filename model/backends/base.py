@@ -32,6 +32,16 @@ def gate_values(gates: GateInputs) -> tuple[torch.Tensor, torch.Tensor]:
     return F.softplus(gates.a + gates.dt_bias) * gates.neg_exp_a, torch.sigmoid(gates.b)
 
 
+def linear_silu_mul(backend: Backend, x: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor:
+    """The unfused MLP activation, the reference of `Backend.linear_silu_mul`: the gate|up product,
+    then silu(gate) * up (the backend's fused op, or plain PyTorch without pointwise ops)."""
+    gate_up = backend.linear(x, gate_up_weight)
+    if backend.pointwise is not None:
+        return backend.pointwise.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class PointwiseOps(Protocol):
     """Fused elementwise steps of the decoder block and the vision tower; each equals the plain-PyTorch
     code for the same step (model.layers, transformers' vision blocks) up to reduction order. A backend
@@ -84,6 +94,13 @@ class Backend(Protocol):
     def linear(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:  # F.linear(x, weight, bias): every projection of the text decoder and the LM head
+        ...
+
+    def linear_silu_mul(
+        self,
+        x: torch.Tensor,  # [N, K]
+        gate_up_weight: torch.Tensor,  # [2 I, K]: gate rows, then up rows
+    ) -> torch.Tensor:  # silu(gate) * up [N, I], gate and up rounded to x's dtype first (linear_silu_mul)
         ...
 
     def qk_l2norm_in_conv(self, meta: BatchMeta) -> bool:

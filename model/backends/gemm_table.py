@@ -1,7 +1,9 @@
 """Which decode GEMMs take the persistent Triton GEMM (triton_kernels/gemm.py) instead of cuBLAS.
 
-A `DecodeGemmTable` maps a weight shape (N, K, has bias) and a batch bucket to the launch parameters
-that beat cuBLAS there; `decode_gemm_sm90.json` holds the table measured on an H100 by
+A `DecodeGemmTable` maps an op, a weight shape (N, K, has bias) and a batch bucket to the launch
+parameters that beat cuBLAS there. Ops: "linear" (y = x W^T + b) and "silu_mul" (an MLP's gate|up
+weight, N = 2 I: the fused silu(gate) * up against cuBLAS or the table's linear followed by the
+silu_mul kernel); `decode_gemm_sm90.json` holds the table measured on an H100 by
 benchmarks/tune_decode_gemm.py (the 4B shapes). Anything not in it goes to cuBLAS. No triton import
 here: the table is plain data, tested on CPU.
 """
@@ -16,24 +18,30 @@ import torch
 TABLE_SM90 = Path(__file__).with_name("decode_gemm_sm90.json")
 # decode_gemm's launch parameters
 LAUNCH_KEYS = ("block_n", "block_k", "split_k", "num_stages", "num_warps", "num_programs", "flatten")
+OPS = ("linear", "silu_mul")
 
 
 class DecodeGemmTable:
-    """Launch parameters of `decode_gemm` per (N, K, has bias) and batch bucket; None means cuBLAS.
+    """Launch parameters of `decode_gemm` per (op, N, K, has bias) and batch bucket; None means the
+    unfused path (cuBLAS).
 
-    JSON: {"entries": [{"N": n, "K": k, "bias": false, "max_m": m, "config": {...}}, ...]}; a batch
-    of M rows uses the entry with the smallest max_m >= M, if that entry has a config.
+    JSON: {"entries": [{"op": "linear", "N": n, "K": k, "bias": false, "max_m": m, "config": {...}},
+    ...]} ("op" defaults to "linear"); a batch of M rows uses the entry with the smallest max_m >= M,
+    if that entry has a config.
     """
 
     def __init__(self, entries: list[dict]) -> None:
-        self._by_shape: dict[tuple[int, int, bool], list[tuple[int, dict | None]]] = {}
+        self._by_shape: dict[tuple[str, int, int, bool], list[tuple[int, dict | None]]] = {}
         for e in entries:
+            op = e.get("op", "linear")
+            if op not in OPS:
+                raise ValueError(f"decode GEMM table: unknown op {op!r}")
             cfg = e.get("config")
             if cfg is not None:
                 unknown = set(cfg) - set(LAUNCH_KEYS)
                 if unknown:
                     raise ValueError(f"decode GEMM table: unknown launch keys {sorted(unknown)}")
-            key = (int(e["N"]), int(e["K"]), bool(e.get("bias", False)))
+            key = (op, int(e["N"]), int(e["K"]), bool(e.get("bias", False)))
             self._by_shape.setdefault(key, []).append((int(e["max_m"]), cfg))
         for buckets in self._by_shape.values():
             buckets.sort(key=lambda b: b[0])
@@ -43,11 +51,17 @@ class DecodeGemmTable:
         with open(path, encoding="utf-8") as f:
             return cls(json.load(f)["entries"])
 
+    def without(self, op: str) -> DecodeGemmTable:
+        """The same table with no entries for `op` (A/B switches)."""
+        kept = DecodeGemmTable([])
+        kept._by_shape = {key: b for key, b in self._by_shape.items() if key[0] != op}
+        return kept
+
     def __len__(self) -> int:
         return sum(len(b) for b in self._by_shape.values())
 
-    def lookup(self, m: int, n: int, k: int, has_bias: bool) -> dict | None:
-        for max_m, cfg in self._by_shape.get((n, k, has_bias), ()):
+    def lookup(self, m: int, n: int, k: int, has_bias: bool, op: str = "linear") -> dict | None:
+        for max_m, cfg in self._by_shape.get((op, n, k, has_bias), ()):
             if m <= max_m:
                 return cfg
         return None

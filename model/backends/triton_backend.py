@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
-from model.backends.base import GateInputs, gate_values
+from model.backends.base import GateInputs, gate_values, linear_silu_mul
 from model.backends.gemm_table import DecodeGemmTable, default_table
 from model.backends.triton_kernels.conv import conv_prefill, l2norm_args
 from model.backends.triton_kernels.gemm import DECODE_GEMM_MAX_M, decode_gemm
@@ -77,6 +77,16 @@ class TritonBackend:
             if cfg is not None and x.stride(1) == 1 and weight.stride(1) == 1:
                 return decode_gemm(x, weight, bias, **cfg)
         return F.linear(x, weight, bias)
+
+    def linear_silu_mul(self, x: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up in one persistent GEMM where `gemm_table` has a "silu_mul" config for the
+        shape and batch, else the gate|up product (linear) and the silu_mul kernel."""
+        if x.dim() == 2 and 0 < x.shape[0] <= DECODE_GEMM_MAX_M and not torch.compiler.is_compiling():
+            n, k = gate_up_weight.shape
+            cfg = self.gemm_table.lookup(x.shape[0], n, k, False, op="silu_mul")
+            if cfg is not None and x.stride(1) == 1 and gate_up_weight.stride(1) == 1:
+                return decode_gemm(x, gate_up_weight, None, silu_mul=True, **cfg)
+        return linear_silu_mul(self, x, gate_up_weight)
 
     def qk_l2norm_in_conv(self, meta: BatchMeta) -> bool:
         """Prefill: the conv epilogue normalises q and k, so fla skips its l2norm pass (1.3% of an 8K

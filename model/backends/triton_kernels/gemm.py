@@ -1,4 +1,6 @@
 """Persistent GEMM for decode batches: y [M, N] = x [M, K] @ W[N, K]^T (+ bias), M small (<= 128).
+With SILU_MUL, W is an MLP's stacked gate|up weight [2 I, K] and y [M, I] = silu(x Wg^T) * (x Wu^T):
+each unit streams the matching gate and up row tiles, so the [M, 2 I] product never goes to memory.
 
 At decode the product streams the weight once; its speed is weight bytes over HBM bandwidth. A fixed
 number of programs (about one per SM) walk the BLOCK_N row tiles of W round-robin, and the tile and K
@@ -24,8 +26,9 @@ def _decode_gemm_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_x, stride_w, stride_y, stride_ys, k_per_split,
     split_k, num_progs,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    NUM_STAGES: tl.constexpr, FLATTEN: tl.constexpr, USE_PDL: tl.constexpr,
+    NUM_STAGES: tl.constexpr, FLATTEN: tl.constexpr, SILU_MUL: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    # N: output columns (I with SILU_MUL: W's up rows start at row N)
     pdl.prologue(USE_PDL)
     pid = tl.program_id(0)
     n_units = tl.cdiv(N, BLOCK_N) * split_k  # unit = (row tile, K split)
@@ -38,6 +41,7 @@ def _decode_gemm_kernel(
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         mn = offs_n < N
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for ki in range(k_iters):
             offs_k = split * k_per_split + ki * BLOCK_K + tl.arange(0, BLOCK_K)
             mk = offs_k < K
@@ -52,6 +56,18 @@ def _decode_gemm_kernel(
                 other=0.0,
             )
             acc = tl.dot(x, tl.trans(w), acc)
+            if SILU_MUL:
+                w_up = tl.load(
+                    w_ptr + (offs_n[:, None] + N).to(tl.int64) * stride_w + offs_k[None, :],
+                    mask=mn[:, None] & mk[None, :],
+                    other=0.0,
+                )
+                acc_up = tl.dot(x, tl.trans(w_up), acc_up)
+        if SILU_MUL:  # the unfused path's roundings: gate and up to the model dtype, then silu(gate)
+            dt = y_ptr.dtype.element_ty
+            gate = acc.to(dt).to(tl.float32)
+            act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
+            acc = act * acc_up.to(dt).to(tl.float32)
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=mn, other=0.0).to(tl.float32)[None, :]
         out = y_ptr + split * stride_ys + offs_m[:, None] * stride_y + offs_n[None, :]
@@ -80,16 +96,23 @@ def decode_gemm(
     num_warps: int = 4,
     num_programs: int = 132,
     flatten: bool = True,
+    silu_mul: bool = False,
 ) -> torch.Tensor:
     """x [M, K] (M <= 128, unit stride on K) times weight [N, K]^T (+ bias [N]) -> [M, N] in x's dtype.
 
-    split_k > 1 (no bias): each unit sums a K range into fp32 partials that a second kernel adds up."""
+    split_k > 1 (no bias): each unit sums a K range into fp32 partials that a second kernel adds up.
+    silu_mul (no bias, split_k 1): weight is gate|up [2 I, K]; returns silu(gate) * up [M, I], rounded
+    as `pointwise.silu_mul` rounds the unfused product."""
     m, k = x.shape
     n = weight.shape[0]
     if m > DECODE_GEMM_MAX_M or x.stride(1) != 1 or weight.stride(1) != 1 or weight.shape[1] != k:
         raise ValueError("decode_gemm expects M <= 128, matching K and unit stride on K")
     if split_k > 1 and bias is not None:
         raise ValueError("decode_gemm: split_k with a bias is not supported")
+    if silu_mul:
+        if bias is not None or split_k != 1 or n % 2:
+            raise ValueError("decode_gemm: silu_mul needs an even number of weight rows, no bias, split_k 1")
+        n //= 2
     block_m = max(16, triton.next_power_of_2(m))
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     split_k = triton.cdiv(k, k_per_split)
@@ -99,7 +122,8 @@ def decode_gemm(
     _decode_gemm_kernel[(programs,)](
         x, weight, bias if bias is not None else weight, part, m, n, k, x.stride(0), weight.stride(0),
         n, m * n, k_per_split, split_k, programs, HAS_BIAS=bias is not None, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages, FLATTEN=flatten, num_warps=num_warps,
+        BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages, FLATTEN=flatten, SILU_MUL=silu_mul,
+        num_warps=num_warps,
         **pdl.launch_kwargs(),
     )  # fmt: skip
     if split_k > 1:
