@@ -5,13 +5,13 @@ parameters and keep the Triton config only where it wins by 3% or more ("linear"
 MLP gate|up, time the fused gate|up GEMM with the silu_mul epilogue against the unfused path as the
 backend runs it with the linear entries (linear, then the silu_mul kernel): "silu_mul" entries.
 Writes the table that the Triton backend loads on Hopper (model/backends/decode_gemm_sm90.json by
-default). `--ops silu_mul` keeps the table's linear entries and tunes only the fused op.
+default). `--ops` and `--shapes` choose what to tune; the table's other entries are kept.
 
 Timings replay a CUDA graph of 20 calls cycling through 256 MB or more of weight copies (no L2 reuse),
 as sweep_gemm.py does. With --ab, then times graph-captured decode steps with the new table against an
 empty one (all cuBLAS), alternating, in the same process.
 
-    python benchmarks/tune_decode_gemm.py --out DIR [--table PATH] [--ops linear,silu_mul] [--ab]
+    python benchmarks/tune_decode_gemm.py --out DIR [--table PATH] [--ops linear,silu_mul] [--shapes all] [--ab]
 """
 
 from __future__ import annotations
@@ -35,6 +35,15 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128)
 MARGIN = 0.97  # Triton must take at most this fraction of cuBLAS's time
 
 
+def program_counts(units: int, two_per_sm: bool = False, num_sms: int = 132) -> list[int]:
+    """Persistent program counts worth timing for `units` work units: one per SM, two per SM (small
+    tiles), and the fewest that give every program the same number of units."""
+    balanced = -(-units // -(-units // num_sms))
+    return sorted(
+        {min(num_sms, units), balanced} | ({2 * num_sms} if two_per_sm and units > num_sms else set())
+    )
+
+
 def configs(m: int, n: int, has_bias: bool) -> list[dict]:
     out = []
     warps = (4, 8) if m >= 64 else (4,)
@@ -45,16 +54,20 @@ def configs(m: int, n: int, has_bias: bool) -> list[dict]:
         for split in (1, 2, 4):
             if split > 1 and (has_bias or tiles >= 132 or tiles * split > 4 * 132):
                 continue
-            out.append(
-                {"block_n": bn, "block_k": 128, "num_stages": stages, "num_warps": nw, "split_k": split}
-            )
+            for progs in program_counts(tiles * split):
+                out.append(
+                    {"block_n": bn, "block_k": 128, "num_stages": stages, "num_warps": nw, "split_k": split}
+                    | ({"num_programs": progs} if progs != 132 else {})
+                )
     return out
 
 
 @torch.inference_mode()
-def tune() -> list[dict]:
+def tune(names: set[str]) -> list[dict]:
     entries = []
     for name, n, k, _calls, has_bias in shapes():
+        if name not in names:
+            continue
         nbytes = n * k * 2
         ws = [
             torch.randn(n, k, dtype=BF16, device=DEV) * 0.02
@@ -111,16 +124,18 @@ def tune() -> list[dict]:
     return entries
 
 
-def silu_mul_configs(m: int) -> list[dict]:
+def silu_mul_configs(m: int, inter: int) -> list[dict]:
+    """Launch parameters of the fused gate|up + silu_mul GEMM worth timing at batch m."""
     out = []
-    for bn, stages, nw, progs in itertools.product((16, 32, 64, 128), (3, 4, 5), (4, 8), (132, 264)):
+    for bn, bk, stages, nw in itertools.product((16, 32, 64, 128), (64, 128), (3, 4, 5), (4, 8)):
         if (nw == 8 and m < 64) or (bn == 128 and m >= 64) or (bn == 16 and m < 16):
             continue
-        if progs == 264 and bn > 32:
-            continue  # two programs per SM only fit with small tiles
-        out.append(
-            {"block_n": bn, "block_k": 128, "num_stages": stages, "num_warps": nw, "num_programs": progs}
-        )
+        if bk == 64 and (m < 32 or stages < 4):
+            continue  # half-depth K tiles only pay where deeper pipelines do (large M)
+        for p in program_counts(-(-inter // bn), two_per_sm=bn <= 32):
+            out.append(
+                {"block_n": bn, "block_k": bk, "num_stages": stages, "num_warps": nw, "num_programs": p}
+            )
     return out
 
 
@@ -143,7 +158,7 @@ def tune_silu_mul(linear_entries: list[dict]) -> list[dict]:
         ref = backend.linear_silu_mul(x, ws[0]).float()
         unfused_s = min(graph_time([lambda w=w: backend.linear_silu_mul(x, w) for w in ws]) for _ in range(2))
         best, best_s = None, None
-        for cfg in silu_mul_configs(m):
+        for cfg in silu_mul_configs(m, n // 2):
             try:
                 out = decode_gemm(x, ws[0], None, silu_mul=True, **cfg).float()
                 err = ((out - ref).norm() / ref.norm()).item()
@@ -223,21 +238,23 @@ def main() -> None:
     ap.add_argument("--table", default=str(TABLE_SM90))
     ap.add_argument("--ab", action="store_true")
     ap.add_argument("--ops", default="linear,silu_mul")
+    ap.add_argument("--shapes", default="all", help="linear shapes to tune (sweep_gemm.shapes names)")
     ap.add_argument("--batches", default="1,8,64,128")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name()
     ops = args.ops.split(",")
-    if "linear" in ops:
-        linear = tune()
-    else:  # keep the table's linear entries
-        linear = [
-            e
-            for e in json.loads(Path(args.table).read_text())["entries"]
-            if e.get("op", "linear") == "linear"
-        ]
-    entries = linear + (tune_silu_mul(linear) if "silu_mul" in ops else [])
+    names = {s[0] for s in shapes()} if args.shapes == "all" else set(args.shapes.split(","))
+    old = json.loads(Path(args.table).read_text())["entries"] if Path(args.table).exists() else []
+    linear = tune(names) if "linear" in ops else []
+    tuned = {e["name"] for e in linear}
+    linear += [e for e in old if e.get("op", "linear") == "linear" and e["name"] not in tuned]
+    if "silu_mul" in ops:
+        fused = tune_silu_mul(linear)
+    else:  # keep the table's silu_mul entries
+        fused = [e for e in old if e.get("op") == "silu_mul"]
+    entries = linear + fused
     table = {"device": device, "measured_by": "benchmarks/tune_decode_gemm.py", "entries": entries}
     Path(args.table).write_text(json.dumps(table, indent=1) + "\n")
     (out / "decode_gemm_table.json").write_text(json.dumps(table, indent=1) + "\n")
