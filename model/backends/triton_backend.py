@@ -70,22 +70,28 @@ class TritonBackend:
 
     # --- seam ---
 
+    def _gemm_config(self, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, op: str) -> dict | None:
+        """`gemm_table`'s launch parameters for x [M, K] times weight when M is a decode batch (0 < M
+        <= DECODE_GEMM_MAX_M) and both have unit stride on K; None sends the product to cuBLAS."""
+        if x.dim() != 2 or not 0 < x.shape[0] <= DECODE_GEMM_MAX_M or torch.compiler.is_compiling():
+            return None
+        if x.stride(1) != 1 or weight.stride(1) != 1:
+            return None
+        return self.gemm_table.lookup(x.shape[0], weight.shape[0], weight.shape[1], has_bias, op=op)
+
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """F.linear, or the persistent Triton GEMM for the (shape, batch) pairs of `gemm_table`."""
-        if x.dim() == 2 and 0 < x.shape[0] <= DECODE_GEMM_MAX_M and not torch.compiler.is_compiling():
-            cfg = self.gemm_table.lookup(x.shape[0], weight.shape[0], weight.shape[1], bias is not None)
-            if cfg is not None and x.stride(1) == 1 and weight.stride(1) == 1:
-                return decode_gemm(x, weight, bias, **cfg)
+        cfg = self._gemm_config(x, weight, bias is not None, "linear")
+        if cfg is not None:
+            return decode_gemm(x, weight, bias, **cfg)
         return F.linear(x, weight, bias)
 
     def linear_silu_mul(self, x: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up in one persistent GEMM where `gemm_table` has a "silu_mul" config for the
         shape and batch, else the gate|up product (linear) and the silu_mul kernel."""
-        if x.dim() == 2 and 0 < x.shape[0] <= DECODE_GEMM_MAX_M and not torch.compiler.is_compiling():
-            n, k = gate_up_weight.shape
-            cfg = self.gemm_table.lookup(x.shape[0], n, k, False, op="silu_mul")
-            if cfg is not None and x.stride(1) == 1 and gate_up_weight.stride(1) == 1:
-                return decode_gemm(x, gate_up_weight, None, silu_mul=True, **cfg)
+        cfg = self._gemm_config(x, gate_up_weight, False, "silu_mul")
+        if cfg is not None:
+            return decode_gemm(x, gate_up_weight, None, silu_mul=True, **cfg)
         return linear_silu_mul(self, x, gate_up_weight)
 
     def qk_l2norm_in_conv(self, meta: BatchMeta) -> bool:
