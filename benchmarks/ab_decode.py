@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from bench_gpu import build_model, decode_floor_s, decode_inputs, load_cfg, random_state
+from exp_transposed_weights import set_layout
 from profile_decode import graph_ms_with
 
 from model.backends.gemm_table import DecodeGemmTable
@@ -44,35 +45,19 @@ def backend_attrs(on: dict[str, bool], table: DecodeGemmTable) -> dict:
     return attrs
 
 
-def transposed_slots(model) -> list[tuple[torch.nn.Module, str]]:
-    """(module, attribute) of the decoder weights that cuBLAS multiplies at decode."""
-    out = []
-    for layer in model.model.layers:
-        attn = layer.self_attn
-        fused = "in_proj_weight" if hasattr(attn, "in_proj_weight") else "qkv_weight"
-        out += [(attn, fused), (attn.o_proj, "weight"), (layer.mlp.down_proj, "weight")]
-    return out
-
-
 @contextmanager
 def transposed(model, enabled: bool):
-    """Store `transposed_slots` as [in, out] (same logical tensor, a `.t()` view) inside the block."""
+    """Inside the block, the decoder weights that cuBLAS multiplies (all but the MLP gate|up) stored
+    [in, out] and read through a `.t()` view (exp_transposed_weights.set_layout)."""
     if not enabled:
         yield
         return
-    saved = [(m, a, getattr(m, a)) for m, a in transposed_slots(model)]
-    for mod, attr, w in saved:
-        new = w.t().contiguous().t()
-        setattr(
-            mod,
-            attr,
-            torch.nn.Parameter(new, requires_grad=False) if isinstance(w, torch.nn.Parameter) else new,
-        )
+    saved: dict = {}
+    set_layout(model, True, saved, gate_up=False)
     try:
         yield
     finally:
-        for mod, attr, w in saved:
-            setattr(mod, attr, w)
+        set_layout(model, False, saved, gate_up=False)
         torch.cuda.empty_cache()
 
 

@@ -25,19 +25,24 @@ from bench_gpu import (
 from profile_decode import graph_ms_with
 
 
-def weight_slots(model) -> list[tuple[torch.nn.Module, str]]:
-    """(module, attribute) of every GEMM weight the decoder's forward reads."""
+def weight_slots(model, gate_up: bool = True) -> list[tuple[torch.nn.Module, str]]:
+    """(module, attribute) of every GEMM weight the decoder's forward reads (without the MLP's
+    gate|up when `gate_up` is False)."""
     out = []
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         fused = "in_proj_weight" if hasattr(attn, "in_proj_weight") else "qkv_weight"
-        out += [(attn, fused), (attn.o_proj, "weight"), (mlp, "gate_up_weight"), (mlp.down_proj, "weight")]
+        out += [(attn, fused), (attn.o_proj, "weight"), (mlp.down_proj, "weight")]
+        if gate_up:
+            out.append((mlp, "gate_up_weight"))
     return out
 
 
 @torch.no_grad()
-def set_layout(model, transposed: bool, saved: dict) -> None:
-    for mod, attr in weight_slots(model):
+def set_layout(model, transposed: bool, saved: dict, gate_up: bool = True) -> None:
+    """Every `weight_slots` weight stored [in, out] and read through a `.t()` view (transposed), or
+    back to the original tensors kept in `saved`."""
+    for mod, attr in weight_slots(model, gate_up):
         key = (id(mod), attr)
         if key not in saved:
             saved[key] = getattr(mod, attr)

@@ -62,45 +62,56 @@ def configs(m: int, n: int, has_bias: bool) -> list[dict]:
     return out
 
 
+def weight_copies(n: int, k: int) -> list[torch.Tensor]:
+    """Random [n, k] weights, enough copies to cycle through ROTATE_BYTES (no L2 reuse)."""
+    return [
+        torch.randn(n, k, dtype=BF16, device=DEV) * 0.02
+        for _ in range(max(2, -(-ROTATE_BYTES // (n * k * 2))))
+    ]
+
+
+def search(label: str, cfgs: list[dict], run, ws: list[torch.Tensor], ref: torch.Tensor):
+    """(best config, its seconds per call) of `run(w, cfg)` over `cfgs`, timed over the weight copies
+    `ws`; configs the compiler rejects or whose output is off `ref` by 1% or more are skipped. The
+    winner is timed twice, as the baselines are. (None, None) when nothing ran."""
+
+    def seconds(cfg: dict) -> float:
+        return graph_time([lambda w=w: run(w, cfg) for w in ws])
+
+    best, best_s = None, None
+    for cfg in cfgs:
+        try:
+            err = ((run(ws[0], cfg).float() - ref).norm() / ref.norm()).item()
+            if not err < 1e-2:
+                print(f"  {label} {cfg}: rel err {err:.1e}", flush=True)
+                continue
+            s = seconds(cfg)
+        except Exception as e:  # a config the compiler rejects (shared memory, registers): skip it
+            print(f"  {label} {cfg}: {type(e).__name__}", flush=True)
+            continue
+        if best_s is None or s < best_s:
+            best, best_s = cfg, s
+    if best is not None:
+        best_s = min(best_s, seconds(best))
+    return best, best_s
+
+
 @torch.inference_mode()
 def tune(names: set[str]) -> list[dict]:
     entries = []
     for name, n, k, _calls, has_bias in shapes():
         if name not in names:
             continue
-        nbytes = n * k * 2
-        ws = [
-            torch.randn(n, k, dtype=BF16, device=DEV) * 0.02
-            for _ in range(max(2, -(-ROTATE_BYTES // nbytes)))
-        ]
+        ws = weight_copies(n, k)
         b = torch.randn(n, dtype=BF16, device=DEV) if has_bias else None
         for m in BUCKETS:
             t0 = time.perf_counter()
             x = torch.randn(m, k, dtype=BF16, device=DEV)
             ref = F.linear(x.float(), ws[0].float(), None if b is None else b.float())
-
-            def cublas():
-                return graph_time([lambda w=w: F.linear(x, w, b) for w in ws])
-
-            def triton(cfg):
-                return graph_time([lambda w=w: decode_gemm(x, w, b, **cfg) for w in ws])
-
-            cublas_s = min(cublas(), cublas())
-            best, best_s = None, None
-            for cfg in configs(m, n, has_bias):
-                try:
-                    err = ((decode_gemm(x, ws[0], b, **cfg).float() - ref).norm() / ref.norm()).item()
-                    if not err < 1e-2:
-                        print(f"  {name} M={m} {cfg}: rel err {err:.1e}", flush=True)
-                        continue
-                    s = triton(cfg)
-                except Exception as e:  # a config the compiler rejects: skip it
-                    print(f"  {name} M={m} {cfg}: {type(e).__name__}", flush=True)
-                    continue
-                if best_s is None or s < best_s:
-                    best, best_s = cfg, s
-            if best is not None:
-                best_s = min(best_s, triton(best))  # the winner timed twice, as cuBLAS was
+            cublas_s = min(graph_time([lambda w=w: F.linear(x, w, b) for w in ws]) for _ in range(2))
+            best, best_s = search(
+                f"{name} M={m}", configs(m, n, has_bias), lambda w, cfg: decode_gemm(x, w, b, **cfg), ws, ref
+            )
             win = best is not None and best_s < MARGIN * cublas_s
             entry = {
                 "name": name,
@@ -147,52 +158,36 @@ def tune_silu_mul(linear_entries: list[dict]) -> list[dict]:
     backend = TritonBackend(DEV)
     backend.gemm_table = DecodeGemmTable(linear_entries)  # no silu_mul entries: the unfused path
     (name, n, k, _calls, _bias) = next(s for s in shapes() if s[0] == "mlp_gate_up")
-    ws = [
-        torch.randn(n, k, dtype=BF16, device=DEV) * 0.02
-        for _ in range(max(2, -(-ROTATE_BYTES // (n * k * 2))))
-    ]
+    ws = weight_copies(n, k)
     entries = []
     for m in BUCKETS:
         t0 = time.perf_counter()
         x = torch.randn(m, k, dtype=BF16, device=DEV)
         ref = backend.linear_silu_mul(x, ws[0]).float()
         unfused_s = min(graph_time([lambda w=w: backend.linear_silu_mul(x, w) for w in ws]) for _ in range(2))
-        best, best_s = None, None
-        for cfg in silu_mul_configs(m, n // 2):
-            try:
-                out = decode_gemm(x, ws[0], None, silu_mul=True, **cfg).float()
-                err = ((out - ref).norm() / ref.norm()).item()
-                if not err < 1e-2:
-                    print(f"  silu_mul M={m} {cfg}: rel err {err:.1e}", flush=True)
-                    continue
-                s = graph_time([lambda w=w: decode_gemm(x, w, None, silu_mul=True, **cfg) for w in ws])
-            except Exception as e:  # a config the compiler rejects (shared memory): skip it
-                print(f"  silu_mul M={m} {cfg}: {type(e).__name__}", flush=True)
-                continue
-            if best_s is None or s < best_s:
-                best, best_s = cfg, s
-        if best is not None:
-            best_s = min(
-                best_s, graph_time([lambda w=w: decode_gemm(x, w, None, silu_mul=True, **best) for w in ws])
-            )
-        win = best is not None and best_s < MARGIN * unfused_s
-        entries.append(
-            {
-                "op": "silu_mul",
-                "name": name,
-                "N": n,
-                "K": k,
-                "bias": False,
-                "max_m": m,
-                "config": best if win else None,
-                "unfused_us": round(unfused_s * 1e6, 2),
-                "triton_us": round(best_s * 1e6, 2) if best_s is not None else None,
-                "triton_config": best,
-            }
+        best, best_s = search(
+            f"silu_mul M={m}",
+            silu_mul_configs(m, n // 2),
+            lambda w, cfg: decode_gemm(x, w, None, silu_mul=True, **cfg),
+            ws,
+            ref,
         )
-        e = entries[-1]
+        win = best is not None and best_s < MARGIN * unfused_s
+        entry = {
+            "op": "silu_mul",
+            "name": name,
+            "N": n,
+            "K": k,
+            "bias": False,
+            "max_m": m,
+            "config": best if win else None,
+            "unfused_us": round(unfused_s * 1e6, 2),
+            "triton_us": round(best_s * 1e6, 2) if best_s is not None else None,
+            "triton_config": best,
+        }
+        entries.append(entry)
         print(
-            f"silu_mul M={m}: unfused {e['unfused_us']} us, fused {e['triton_us']} us -> "
+            f"silu_mul M={m}: unfused {entry['unfused_us']} us, fused {entry['triton_us']} us -> "
             f"{'fused' if win else 'unfused'} ({time.perf_counter() - t0:.1f} s)",
             flush=True,
         )
