@@ -62,12 +62,17 @@ def transposed(model, enabled: bool):
 
 
 @contextmanager
-def pdl_set(enabled: bool):
-    saved, pdl.ENABLED = pdl.ENABLED, enabled
+def pdl_set(mode: str, prefetch_bytes: int | None = None):
+    """Inside the block, kernels are launched (and graphs captured) with PDL mode `mode` and GEMM L2
+    prefetch size `prefetch_bytes` (None keeps it)."""
+    saved = pdl.MODE, pdl.GEMM_PREFETCH_BYTES
+    pdl.MODE = mode
+    if prefetch_bytes is not None:
+        pdl.GEMM_PREFETCH_BYTES = prefetch_bytes
     try:
         yield
     finally:
-        pdl.ENABLED = saved
+        pdl.MODE, pdl.GEMM_PREFETCH_BYTES = saved
 
 
 @torch.inference_mode()
@@ -97,7 +102,8 @@ def main() -> None:
         for _ in range(3):
             for c in combos:
                 on = dict(zip(names, c, strict=True))
-                with pdl_set(on.get("pdl", pdl.ENABLED)), transposed(model, on.get("transposed", False)):
+                mode = ("wait_first" if on["pdl"] else "off") if "pdl" in on else pdl.MODE
+                with pdl_set(mode), transposed(model, on.get("transposed", False)):
                     times[c].append(graph_ms_with(model, step, **backend_attrs(on, table)))
         floor_ms = decode_floor_s(batch, 1024) * 1e3
         for c, ms in times.items():

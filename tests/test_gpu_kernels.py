@@ -265,12 +265,14 @@ def test_prefill_tables_chunk_indices_match_fla() -> None:
         (1, 200, 256, False, {"block_n": 64}),  # a ragged last row tile
         (5, 96, 384, True, {"block_n": 32, "num_programs": 2}),  # several tiles per program, bias
         (64, 130, 256, False, {"block_n": 64, "flatten": False}),
-        (3, 64, 1100, False, {"block_n": 32, "split_k": 4}),  # K not a multiple of the K block
+        (3, 64, 1096, False, {"block_n": 32, "split_k": 4}),  # K not a multiple of the K block
         (128, 48, 512, False, {"block_n": 32, "split_k": 3, "num_warps": 8}),
     ],
 )
-def test_decode_gemm(m: int, n: int, k: int, bias: bool, cfg: dict) -> None:
-    """The persistent decode GEMM equals F.linear (fp32 reference), with split-K, bias, ragged tiles."""
+@pytest.mark.parametrize("tma", [False, True])
+def test_decode_gemm(m: int, n: int, k: int, bias: bool, cfg: dict, tma: bool) -> None:
+    """The persistent decode GEMM equals F.linear (fp32 reference), with split-K, bias, ragged tiles;
+    tma: the tiles loaded by the tensor memory accelerator."""
     from model.backends.triton_kernels.gemm import decode_gemm
 
     g = torch.Generator(DEVICE).manual_seed(m * 1000 + n)
@@ -278,7 +280,7 @@ def test_decode_gemm(m: int, n: int, k: int, bias: bool, cfg: dict) -> None:
     w = (torch.randn(n, k, generator=g, device=DEVICE) * 0.05).to(DT)
     b = torch.randn(n, generator=g, device=DEVICE).to(DT) if bias else None
     ref = torch.nn.functional.linear(x.float(), w.float(), None if b is None else b.float())
-    out = decode_gemm(x, w, b, block_k=128, **cfg)
+    out = decode_gemm(x, w, b, block_k=128, tma=tma, **cfg)
     assert out.shape == (m, n) and out.dtype == DT
     assert rel_err(out, ref) < (TOL if HAS_CUDA else 1e-5)
 
@@ -289,6 +291,8 @@ def test_decode_gemm(m: int, n: int, k: int, bias: bool, cfg: dict) -> None:
         (1, 100, 256, {"block_n": 32}),  # a ragged last tile: up rows start mid-tile
         (7, 64, 384, {"block_n": 16, "num_programs": 3}),  # several units per program
         (64, 96, 256, {"block_n": 64, "flatten": False, "num_warps": 8}),
+        (1, 100, 256, {"block_n": 32, "tma": True}),
+        (7, 64, 384, {"block_n": 16, "num_programs": 3, "tma": True}),
     ],
 )
 def test_decode_gemm_silu_mul(m: int, inter: int, k: int, cfg: dict) -> None:
@@ -308,6 +312,54 @@ def test_decode_gemm_silu_mul(m: int, inter: int, k: int, cfg: dict) -> None:
     assert rel_err(plain, gate_up) < (TOL if HAS_CUDA else 1e-5)
     with pytest.raises(ValueError, match="silu_mul"):
         decode_gemm(x, w, None, split_k=2, silu_mul=True)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="programmatic dependent launch needs a GPU (sm_90)")
+@pytest.mark.parametrize(
+    "mode,prefetch", [("wait_first", 0), ("trigger_first", 0), ("trigger_first", 1 << 20)]
+)
+def test_decode_gemm_chain_under_pdl_equals_plain_launches(mode: str, prefetch: int) -> None:
+    """A graph-captured chain of dependent decode GEMMs (split-K and its sum kernel, the silu_mul
+    epilogue, bias) gives bit-identical results with PDL in either order and with the L2 prefetch of
+    the weights before the wait: no kernel reads its predecessor's output early."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("PDL needs Hopper or later")
+    from model.backends.triton_kernels import pdl
+    from model.backends.triton_kernels.gemm import decode_gemm
+
+    g = torch.Generator(DEVICE).manual_seed(7)
+    inputs = [torch.randn(8, 1024, generator=g, device=DEVICE).to(DT) for _ in range(3)]
+    w_up = (torch.randn(2 * 2048, 1024, generator=g, device=DEVICE) * 0.05).to(DT)
+    w_down = (torch.randn(1024, 2048, generator=g, device=DEVICE) * 0.05).to(DT)
+    w_out = (torch.randn(3000, 1024, generator=g, device=DEVICE) * 0.05).to(DT)
+    bias = torch.randn(3000, generator=g, device=DEVICE).to(DT)
+    x = inputs[0].clone()
+
+    def chain():
+        act = decode_gemm(x, w_up, None, block_n=32, num_programs=40, silu_mul=True)
+        h = decode_gemm(act, w_down, None, block_n=64, split_k=4, num_programs=64)
+        return decode_gemm(h, w_out, bias, block_n=64, num_programs=30)
+
+    saved = pdl.MODE, pdl.GEMM_PREFETCH_BYTES
+    try:
+        refs = []
+        for inp in inputs:  # plain launches
+            x.copy_(inp)
+            refs.append(chain())
+        pdl.MODE, pdl.GEMM_PREFETCH_BYTES = mode, prefetch
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain()
+        # each replay's input differs: a kernel that read its predecessor's output before the wait
+        # would see the previous replay's values
+        for inp, ref in zip(inputs, refs, strict=True):
+            x.copy_(inp)
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out, ref)
+            assert torch.equal(chain(), ref)  # eager launches with PDL too
+    finally:
+        pdl.MODE, pdl.GEMM_PREFETCH_BYTES = saved
 
 
 def test_backend_linear_silu_mul_follows_the_gemm_table(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from model.backends.triton_kernels import pdl
 
@@ -27,10 +28,18 @@ def _decode_gemm_kernel(
     split_k, num_progs,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NUM_STAGES: tl.constexpr, FLATTEN: tl.constexpr, SILU_MUL: tl.constexpr, USE_PDL: tl.constexpr,
+    PREFETCH_LINES: tl.constexpr, LINE_ELEMS: tl.constexpr,
 ):  # fmt: skip
     # N: output columns (I with SILU_MUL: W's up rows start at row N)
-    pdl.prologue(USE_PDL)
     pid = tl.program_id(0)
+    if PREFETCH_LINES > 0:  # before the wait: the head of the first unit's weight rows into L2
+        rows = tl.minimum(pid // split_k * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)
+        cols = tl.minimum(pid % split_k * k_per_split + tl.arange(0, PREFETCH_LINES) * LINE_ELEMS, K - 1)
+        lines = w_ptr + rows[:, None].to(tl.int64) * stride_w + cols[None, :]
+        pdl.prefetch_l2(lines)
+        if SILU_MUL:
+            pdl.prefetch_l2(lines + N * stride_w)
+    pdl.prologue(USE_PDL)
     n_units = tl.cdiv(N, BLOCK_N) * split_k  # unit = (row tile, K split)
     k_iters = k_per_split // BLOCK_K
     offs_m = tl.arange(0, BLOCK_M)
@@ -75,6 +84,47 @@ def _decode_gemm_kernel(
 
 
 @triton.jit
+def _decode_gemm_tma_kernel(
+    x_desc, w_desc, b_ptr, y_ptr, M, N, stride_y, stride_ys, k_per_split, split_k, num_progs,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr, FLATTEN: tl.constexpr, SILU_MUL: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):  # fmt: skip
+    # _decode_gemm_kernel with the x and W tiles loaded by the tensor memory accelerator (TMA): one
+    # instruction per tile instead of per-thread loads; rows and columns past the end read as zero
+    pdl.prologue(USE_PDL)
+    pid = tl.program_id(0)
+    n_units = tl.cdiv(N, BLOCK_N) * split_k
+    k_iters = k_per_split // BLOCK_K
+    offs_m = tl.arange(0, BLOCK_M)
+    mm = offs_m < M
+    for unit in tl.range(
+        pid, n_units, num_progs, num_stages=NUM_STAGES, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE
+    ):
+        tile = unit // split_k
+        split = unit % split_k
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for ki in range(k_iters):
+            k0 = split * k_per_split + ki * BLOCK_K
+            x = x_desc.load([0, k0])
+            acc = tl.dot(x, tl.trans(w_desc.load([tile * BLOCK_N, k0])), acc)
+            if SILU_MUL:  # a ragged last gate tile reads up rows: their columns are never stored
+                acc_up = tl.dot(x, tl.trans(w_desc.load([tile * BLOCK_N + N, k0])), acc_up)
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        mn = offs_n < N
+        if SILU_MUL:
+            dt = y_ptr.dtype.element_ty
+            gate = acc.to(dt).to(tl.float32)
+            act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
+            acc = act * acc_up.to(dt).to(tl.float32)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=mn, other=0.0).to(tl.float32)[None, :]
+        out = y_ptr + split * stride_ys + offs_m[:, None] * stride_y + offs_n[None, :]
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
+
+
+@triton.jit
 def _split_k_sum_kernel(p_ptr, y_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     pdl.prologue(USE_PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -97,6 +147,8 @@ def decode_gemm(
     num_programs: int = 132,
     flatten: bool = True,
     silu_mul: bool = False,
+    tma: bool = False,
+    warp_specialize: bool = False,
 ) -> torch.Tensor:
     """x [M, K] (M <= 128, unit stride on K) times weight [N, K]^T (+ bias [N]) -> [M, N] in x's dtype.
 
@@ -119,16 +171,42 @@ def decode_gemm(
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     part = y if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
     programs = min(num_programs, triton.cdiv(n, block_n) * split_k)
+    launch = pdl.launch_kwargs()
+    if tma and _tma_aligned(x, weight):
+        x_desc = TensorDescriptor(x, [m, k], [x.stride(0), 1], [block_m, block_k])
+        w_desc = TensorDescriptor(weight, list(weight.shape), [weight.stride(0), 1], [block_n, block_k])
+        _decode_gemm_tma_kernel[(programs,)](
+            x_desc, w_desc, bias if bias is not None else weight, part, m, n, n, m * n, k_per_split,
+            split_k, programs, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_K=block_k, NUM_STAGES=num_stages, FLATTEN=flatten, SILU_MUL=silu_mul,
+            WARP_SPECIALIZE=warp_specialize, num_warps=num_warps, **launch,
+        )  # fmt: skip
+        return _sum_splits(part, y, m * n, split_k)
+    line_elems = 128 // weight.element_size()
+    prefetch_lines = 0
+    if launch["USE_PDL"] == 2 and pdl.GEMM_PREFETCH_BYTES > 0:  # lines per row: a power of two
+        per_line = block_n * 128 * (2 if silu_mul else 1)  # bytes of one line in every row of the unit
+        wanted = min(pdl.GEMM_PREFETCH_BYTES // per_line, triton.cdiv(k_per_split, line_elems))
+        prefetch_lines = 1 << (wanted.bit_length() - 1) if wanted > 0 else 0
     _decode_gemm_kernel[(programs,)](
         x, weight, bias if bias is not None else weight, part, m, n, k, x.stride(0), weight.stride(0),
         n, m * n, k_per_split, split_k, programs, HAS_BIAS=bias is not None, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages, FLATTEN=flatten, SILU_MUL=silu_mul,
-        num_warps=num_warps,
-        **pdl.launch_kwargs(),
+        PREFETCH_LINES=prefetch_lines, LINE_ELEMS=line_elems, num_warps=num_warps, **launch,
     )  # fmt: skip
+    return _sum_splits(part, y, m * n, split_k)
+
+
+def _tma_aligned(*tensors: torch.Tensor) -> bool:
+    """TMA needs 16-byte aligned bases and row strides."""
+    return all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 for t in tensors)
+
+
+def _sum_splits(part: torch.Tensor, y: torch.Tensor, mn: int, split_k: int) -> torch.Tensor:
+    """y = the sum of the split-K partials (y itself when there is one split)."""
     if split_k > 1:
         block = 1024
-        _split_k_sum_kernel[(triton.cdiv(m * n, block),)](
-            part, y, m * n, SPLIT_K=split_k, BLOCK=block, **pdl.launch_kwargs()
+        _split_k_sum_kernel[(triton.cdiv(mn, block),)](
+            part, y, mn, SPLIT_K=split_k, BLOCK=block, **pdl.launch_kwargs()
         )
     return y
