@@ -22,7 +22,7 @@ def _gdn_decode_kernel(
     H, stride_q, stride_qh, stride_k, stride_kh, stride_v, stride_vh, stride_g, stride_beta,
     stride_s_slot, stride_s_h, stride_o, stride_oh, scale,
     DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, QK_NORMALIZED: tl.constexpr,
-    RAW_GATES: tl.constexpr, STREAM: tl.constexpr, USE_PDL: tl.constexpr,
+    RAW_GATES: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     pdl.prologue(USE_PDL)
     pid = tl.program_id(0)
@@ -35,11 +35,7 @@ def _gdn_decode_kernel(
     has_ctx = tl.load(ctx_ptr + b) > 0
 
     s_ptrs = state_ptr + slot * stride_s_slot + h * stride_s_h + offs_k[:, None] * DV + offs_v[None, :]
-    if STREAM:  # the state is read once and written once per step: keep it from crowding L2
-        s = tl.load(s_ptrs, mask=mv[None, :] & has_ctx, other=0.0, eviction_policy="evict_first")
-    else:
-        s = tl.load(s_ptrs, mask=mv[None, :] & has_ctx, other=0.0)
-    s = s.to(tl.float32)  # [DK, BV]
+    s = tl.load(s_ptrs, mask=mv[None, :] & has_ctx, other=0.0).to(tl.float32)  # [DK, BV]
 
     q = tl.load(q_ptr + b * stride_q + h * stride_qh + offs_k).to(tl.float32)
     k = tl.load(k_ptr + b * stride_k + h * stride_kh + offs_k).to(tl.float32)
@@ -60,10 +56,17 @@ def _gdn_decode_kernel(
     s = s + k[:, None] * u[None, :]
     o = tl.sum(s * q[:, None], axis=0)
     tl.store(out_ptr + b * stride_o + h * stride_oh + offs_v, o.to(out_ptr.dtype.element_ty), mask=mv)
-    if STREAM:
-        tl.store(s_ptrs, s.to(state_ptr.dtype.element_ty), mask=mv[None, :], cache_modifier=".cs")
-    else:
-        tl.store(s_ptrs, s.to(state_ptr.dtype.element_ty), mask=mv[None, :])
+    tl.store(s_ptrs, s.to(state_ptr.dtype.element_ty), mask=mv[None, :])
+
+
+def decode_launch(rows_heads: int) -> dict:
+    """d_v block and warps per (row, head) count: small batches take small tiles (more programs to
+    fill the SMs), large ones large tiles (H100 sweep at d_k 128, d_v 256: sweep_gdn_decode.py)."""
+    if rows_heads < 128:
+        return {"bv": 16, "num_warps": 1}
+    if rows_heads < 512:
+        return {"bv": 32, "num_warps": 4}
+    return {"bv": 64 if rows_heads < 2048 else 128, "num_warps": 4}
 
 
 def gdn_decode(
@@ -84,7 +87,7 @@ def gdn_decode(
     """q, k [B, H, d_k], v [B, H, d_v], g/beta [B, H]; state [S+1, H, d_k, d_v] updated in place.
     q and k are L2-normalised here unless qk_normalized. With neg_exp_a and dt_bias ([H] fp32), g and
     beta are the raw a and b projections and the kernel computes the gates (base.gate_values).
-    launch: overrides of the launch parameters (bv, num_warps, stream), for benchmarks/sweep_gdn_decode.py."""
+    launch: {"bv": ..., "num_warps": ...} instead of `decode_launch` (benchmarks/sweep_gdn_decode.py)."""
     raw_gates = neg_exp_a is not None
     if raw_gates != (dt_bias is not None):
         raise ValueError("gdn_decode: give both neg_exp_a and dt_bias, or neither")
@@ -103,8 +106,7 @@ def gdn_decode(
     if g.stride(1) != 1 or beta.stride(1) != 1:
         raise ValueError("gdn_decode expects g and beta with unit head stride")
     out = torch.empty((num_rows, num_heads, dv), dtype=v.dtype, device=v.device)
-    params = {"bv": 32 if num_rows * num_heads < 512 else 64, "num_warps": 4, "stream": False}
-    params.update(launch or {})  # small batches: smaller tiles, more programs to fill the SMs
+    params = launch or decode_launch(num_rows * num_heads)
     bv = min(params["bv"], triton.next_power_of_2(dv))
     grid = (num_rows * num_heads, triton.cdiv(dv, bv))
     _gdn_decode_kernel[grid](
@@ -112,8 +114,7 @@ def gdn_decode(
         neg_exp_a if raw_gates else g, dt_bias if raw_gates else g,  # placeholders without raw gates
         num_heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         g.stride(0), beta.stride(0), state.stride(0), state.stride(1), out.stride(0), out.stride(1), scale,
-        DK=dk, DV=dv, BV=bv, QK_NORMALIZED=qk_normalized, RAW_GATES=raw_gates, STREAM=params["stream"],
-        num_warps=params["num_warps"],
+        DK=dk, DV=dv, BV=bv, QK_NORMALIZED=qk_normalized, RAW_GATES=raw_gates, num_warps=params["num_warps"],
         **pdl.launch_kwargs(),
     )  # fmt: skip
     return out
