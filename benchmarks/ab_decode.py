@@ -9,6 +9,7 @@ steps at context 1K for every on/off combination of the chosen switches, in roun
 combination once per round, three rounds), median per combination.
 
     python benchmarks/ab_decode.py --out DIR [--batches 1,8,64,128] [--switches gates,table,silu,pdl,transposed]
+        [--old-table PATH]
 """
 
 from __future__ import annotations
@@ -31,14 +32,17 @@ from model.backends.triton_kernels import pdl
 SWITCHES = ("gates", "table", "silu", "pdl", "transposed")
 
 
-def backend_attrs(on: dict[str, bool], table: DecodeGemmTable) -> dict:
+def backend_attrs(
+    on: dict[str, bool], table: DecodeGemmTable, old_table: DecodeGemmTable | None = None
+) -> dict:
     """Backend attributes that turn switches off (an absent key keeps the backend's own choice);
-    `table` is the backend's own GEMM table."""
+    `table` is the backend's own GEMM table; with `old_table`, "table" off means that table instead
+    of no linear entries."""
     attrs: dict = {}
     if not on.get("gates", True):
         attrs["gates_in_delta_rule"] = lambda meta: False
     if not on.get("table", True):
-        table = table.without("linear")
+        table = old_table if old_table is not None else table.without("linear")
     if not on.get("silu", True):
         table = table.without("silu_mul")
     attrs["gemm_table"] = table
@@ -62,17 +66,15 @@ def transposed(model, enabled: bool):
 
 
 @contextmanager
-def pdl_set(mode: str, prefetch_bytes: int | None = None):
-    """Inside the block, kernels are launched (and graphs captured) with PDL mode `mode` and GEMM L2
-    prefetch size `prefetch_bytes` (None keeps it)."""
-    saved = pdl.MODE, pdl.GEMM_PREFETCH_BYTES
-    pdl.MODE = mode
-    if prefetch_bytes is not None:
-        pdl.GEMM_PREFETCH_BYTES = prefetch_bytes
+def pdl_set(enabled: bool | None):
+    """Inside the block, kernels are launched (and graphs captured) with PDL on or off (None: as is)."""
+    saved = pdl.ENABLED
+    if enabled is not None:
+        pdl.ENABLED = enabled
     try:
         yield
     finally:
-        pdl.MODE, pdl.GEMM_PREFETCH_BYTES = saved
+        pdl.ENABLED = saved
 
 
 @torch.inference_mode()
@@ -81,7 +83,11 @@ def main() -> None:
     ap.add_argument("--out", default=".")
     ap.add_argument("--batches", default="1,8,64,128")
     ap.add_argument("--switches", default="gates,table")
+    ap.add_argument(
+        "--old-table", help="GEMM table JSON that `table` off stands for (default: no linear entries)"
+    )
     args = ap.parse_args()
+    old_table = DecodeGemmTable.load(Path(args.old_table)) if args.old_table else None
     batches = [int(b) for b in args.batches.split(",")]
     names = args.switches.split(",")
     if not set(names) <= set(SWITCHES):
@@ -102,9 +108,8 @@ def main() -> None:
         for _ in range(3):
             for c in combos:
                 on = dict(zip(names, c, strict=True))
-                mode = ("wait_first" if on["pdl"] else "off") if "pdl" in on else pdl.MODE
-                with pdl_set(mode), transposed(model, on.get("transposed", False)):
-                    times[c].append(graph_ms_with(model, step, **backend_attrs(on, table)))
+                with pdl_set(on.get("pdl")), transposed(model, on.get("transposed", False)):
+                    times[c].append(graph_ms_with(model, step, **backend_attrs(on, table, old_table)))
         floor_ms = decode_floor_s(batch, 1024) * 1e3
         for c, ms in times.items():
             med = statistics.median(ms)

@@ -5,13 +5,16 @@ parameters and keep the Triton config only where it wins by 3% or more ("linear"
 MLP gate|up, time the fused gate|up GEMM with the silu_mul epilogue against the unfused path as the
 backend runs it with the linear entries (linear, then the silu_mul kernel): "silu_mul" entries.
 Writes the table that the Triton backend loads on Hopper (model/backends/decode_gemm_sm90.json by
-default). `--ops` and `--shapes` choose what to tune; the table's other entries are kept.
+default). `--ops`, `--shapes` and `--max-m` choose what to tune; the table's other entries are kept.
+Triton kernels are timed with programmatic dependent launch where the backend would use it (`--pdl`):
+with PDL a Triton GEMM's launch overlaps its predecessor's tail, which cuBLAS cannot do.
 
 Timings replay a CUDA graph of 20 calls cycling through 256 MB or more of weight copies (no L2 reuse),
 as sweep_gemm.py does. With --ab, then times graph-captured decode steps with the new table against an
 empty one (all cuBLAS), alternating, in the same process.
 
-    python benchmarks/tune_decode_gemm.py --out DIR [--table PATH] [--ops linear,silu_mul] [--shapes all] [--ab]
+    python benchmarks/tune_decode_gemm.py --out DIR [--table PATH] [--ops linear,silu_mul] [--shapes all]
+        [--max-m 128] [--pdl auto|on|off] [--ab]
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from bench_gpu import DEV, build_model, cuda_time, decode_floor_s, load_cfg, ran
 from sweep_gemm import ROTATE_BYTES, graph_time, shapes
 
 from model.backends.gemm_table import TABLE_SM90, DecodeGemmTable
+from model.backends.triton_kernels import pdl
 from model.backends.triton_kernels.gemm import decode_gemm
 
 BF16 = torch.bfloat16
@@ -97,14 +101,14 @@ def search(label: str, cfgs: list[dict], run, ws: list[torch.Tensor], ref: torch
 
 
 @torch.inference_mode()
-def tune(names: set[str]) -> list[dict]:
+def tune(names: set[str], buckets: tuple[int, ...] = BUCKETS) -> list[dict]:
     entries = []
     for name, n, k, _calls, has_bias in shapes():
         if name not in names:
             continue
         ws = weight_copies(n, k)
         b = torch.randn(n, dtype=BF16, device=DEV) if has_bias else None
-        for m in BUCKETS:
+        for m in buckets:
             t0 = time.perf_counter()
             x = torch.randn(m, k, dtype=BF16, device=DEV)
             ref = F.linear(x.float(), ws[0].float(), None if b is None else b.float())
@@ -136,7 +140,8 @@ def tune(names: set[str]) -> list[dict]:
 
 
 def silu_mul_configs(m: int, inter: int) -> list[dict]:
-    """Launch parameters of the fused gate|up + silu_mul GEMM worth timing at batch m."""
+    """Launch parameters of the fused gate|up + silu_mul GEMM worth timing at batch m (at 48 rows
+    and more also with TMA tile loads, which measured faster there: exp_tma_gemm.py)."""
     out = []
     for bn, bk, stages, nw in itertools.product((16, 32, 64, 128), (64, 128), (3, 4, 5), (4, 8)):
         if (nw == 8 and m < 64) or (bn == 128 and m >= 64) or (bn == 16 and m < 16):
@@ -144,14 +149,13 @@ def silu_mul_configs(m: int, inter: int) -> list[dict]:
         if bk == 64 and (m < 32 or stages < 4):
             continue  # half-depth K tiles only pay where deeper pipelines do (large M)
         for p in program_counts(-(-inter // bn), two_per_sm=bn <= 32):
-            out.append(
-                {"block_n": bn, "block_k": bk, "num_stages": stages, "num_warps": nw, "num_programs": p}
-            )
+            cfg = {"block_n": bn, "block_k": bk, "num_stages": stages, "num_warps": nw, "num_programs": p}
+            out += [cfg, cfg | {"tma": True}] if m >= 48 else [cfg]
     return out
 
 
 @torch.inference_mode()
-def tune_silu_mul(linear_entries: list[dict]) -> list[dict]:
+def tune_silu_mul(linear_entries: list[dict], buckets: tuple[int, ...] = BUCKETS) -> list[dict]:
     """ "silu_mul" entries for the MLP gate|up: the fused GEMM against the backend's unfused path."""
     from model.backends.triton_backend import TritonBackend
 
@@ -160,7 +164,7 @@ def tune_silu_mul(linear_entries: list[dict]) -> list[dict]:
     (name, n, k, _calls, _bias) = next(s for s in shapes() if s[0] == "mlp_gate_up")
     ws = weight_copies(n, k)
     entries = []
-    for m in BUCKETS:
+    for m in buckets:
         t0 = time.perf_counter()
         x = torch.randn(m, k, dtype=BF16, device=DEV)
         ref = backend.linear_silu_mul(x, ws[0]).float()
@@ -227,6 +231,12 @@ def step_ab(table: DecodeGemmTable, batches: list[int]) -> list[dict]:
     return rows
 
 
+def kept(old: list[dict], op: str, tuned: list[dict]) -> list[dict]:
+    """The `op` entries of the old table that `tuned` does not replace (same name and bucket)."""
+    done = {(e["name"], e["max_m"]) for e in tuned}
+    return [e for e in old if e.get("op", "linear") == op and (e["name"], e["max_m"]) not in done]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -235,22 +245,36 @@ def main() -> None:
     ap.add_argument("--ops", default="linear,silu_mul")
     ap.add_argument("--shapes", default="all", help="linear shapes to tune (sweep_gemm.shapes names)")
     ap.add_argument("--batches", default="1,8,64,128")
+    ap.add_argument("--max-m", type=int, default=max(BUCKETS), help="tune the buckets up to this batch only")
+    ap.add_argument(
+        "--pdl",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="time the Triton kernels with PDL (pdl.py)",
+    )
     args = ap.parse_args()
+    if args.pdl != "auto":
+        pdl.ENABLED = args.pdl == "on"
+    buckets = tuple(m for m in BUCKETS if m <= args.max_m)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name()
     ops = args.ops.split(",")
     names = {s[0] for s in shapes()} if args.shapes == "all" else set(args.shapes.split(","))
     old = json.loads(Path(args.table).read_text())["entries"] if Path(args.table).exists() else []
-    linear = tune(names) if "linear" in ops else []
-    tuned = {e["name"] for e in linear}
-    linear += [e for e in old if e.get("op", "linear") == "linear" and e["name"] not in tuned]
-    if "silu_mul" in ops:
-        fused = tune_silu_mul(linear)
-    else:  # keep the table's silu_mul entries
-        fused = [e for e in old if e.get("op") == "silu_mul"]
-    entries = linear + fused
-    table = {"device": device, "measured_by": "benchmarks/tune_decode_gemm.py", "entries": entries}
+    linear = tune(names, buckets) if "linear" in ops else []
+    fused = tune_silu_mul(linear + kept(old, "linear", linear), buckets) if "silu_mul" in ops else []
+    # the table's other entries stay: other shapes, other ops, buckets above --max-m
+    entries = sorted(
+        linear + kept(old, "linear", linear) + fused + kept(old, "silu_mul", fused),
+        key=lambda e: (e.get("op", "linear"), e["name"], e["max_m"]),
+    )
+    table = {
+        "device": device,
+        "measured_by": "benchmarks/tune_decode_gemm.py",
+        "pdl": bool(pdl.launch_kwargs()["USE_PDL"]),
+        "entries": entries,
+    }
     Path(args.table).write_text(json.dumps(table, indent=1) + "\n")
     (out / "decode_gemm_table.json").write_text(json.dumps(table, indent=1) + "\n")
     if args.ab:

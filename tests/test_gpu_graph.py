@@ -53,22 +53,17 @@ def _prompts(vocab: int, lens: list[int], seed: int) -> list[torch.Tensor]:
     return [torch.randint(0, vocab, (n,), generator=g) for n in lens]
 
 
-@pytest.mark.parametrize(
-    "host_inputs,pdl_mode",
-    [(False, "off"), (True, "off"), (True, "wait_first"), (True, "trigger_first")],
-)
-def test_replay_equals_eager_and_padding_is_confined(gpu_model, host_inputs: bool, pdl_mode: str) -> None:
+@pytest.mark.parametrize("host_inputs,use_pdl", [(False, False), (True, False), (True, True)])
+def test_replay_equals_eager_and_padding_is_confined(gpu_model, host_inputs: bool, use_pdl: bool) -> None:
     """host_inputs: the engine's path (run_host: host lists through one pinned staging copy);
-    pdl_mode: the Triton kernels captured with programmatic dependent launch in that order
-    (triton_kernels/pdl.py); trigger_first with the GEMMs' L2 prefetch before their wait."""
+    use_pdl: the Triton kernels captured with programmatic dependent launch (triton_kernels/pdl.py)."""
     from model.backends.triton_kernels import pdl
 
-    saved = pdl.MODE, pdl.GEMM_PREFETCH_BYTES
-    pdl.MODE, pdl.GEMM_PREFETCH_BYTES = pdl_mode, 64 * 1024
+    saved_pdl, pdl.ENABLED = pdl.ENABLED, use_pdl
     try:
         _replay_case(gpu_model, host_inputs)
     finally:
-        pdl.MODE, pdl.GEMM_PREFETCH_BYTES = saved
+        pdl.ENABLED = saved_pdl
 
 
 def _replay_case(gpu_model, host_inputs: bool) -> None:

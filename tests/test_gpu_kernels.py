@@ -108,6 +108,30 @@ def test_gdn_decode(state_dtype: torch.dtype, seed: int, qk_normalized: bool) ->
     _compare_pools(pool, pool_ref, slots, TOL)
 
 
+@pytest.mark.parametrize("rows_heads", [1, 128, 512, 4096])
+def test_gdn_decode_launch_sizes(rows_heads: int) -> None:
+    """Every d_v block / warp count that `decode_launch` picks (by batch x heads) gives the torch
+    backend's output and states; d_v 256 so that the largest block still splits d_v in two."""
+    from model.backends.triton_kernels.gdn import decode_launch, gdn_decode
+
+    _, ref = _backends()
+    torch.manual_seed(rows_heads)
+    slots, lens, ctx, num_slots = _case(True, 3)
+    meta = BatchMeta.build(slots, lens, ctx, DEVICE)
+    H, DK, DV = 2, 32, 256
+    n = len(slots)
+    q, k, v = _qkv(n, H, DK, DV)
+    g = -torch.rand(n, H, device=DEVICE) * 2
+    beta = torch.rand(n, H, dtype=DT, device=DEVICE)
+    pool = _pool((H, DK, DV), num_slots, torch.float32, slots, ctx)
+    pool_ref = pool.clone()
+    launch = decode_launch(rows_heads)
+    out = gdn_decode(q, k, v, g, beta, pool, meta.slot_ids, meta.context_lens, DK**-0.5, launch=launch)
+    out_ref = ref.gated_delta_rule(q, k, v, g, beta, meta, pool_ref)
+    assert rel_err(out, out_ref) < TOL
+    _compare_pools(pool, pool_ref, slots, TOL)
+
+
 @pytest.mark.parametrize("decode", [True, False])
 def test_gdn_gate_inputs(decode: bool) -> None:
     """gated_delta_rule with the gate inputs (a, b and the constants, as the model passes them when
@@ -315,16 +339,15 @@ def test_decode_gemm_silu_mul(m: int, inter: int, k: int, cfg: dict) -> None:
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="programmatic dependent launch needs a GPU (sm_90)")
-@pytest.mark.parametrize(
-    "mode,prefetch", [("wait_first", 0), ("trigger_first", 0), ("trigger_first", 1 << 20)]
-)
-def test_decode_gemm_chain_under_pdl_equals_plain_launches(mode: str, prefetch: int) -> None:
+@pytest.mark.parametrize("tma", [False, True])
+def test_decode_gemm_chain_under_pdl_equals_plain_launches(tma: bool) -> None:
     """A graph-captured chain of dependent decode GEMMs (split-K and its sum kernel, the silu_mul
-    epilogue, bias) gives bit-identical results with PDL in either order and with the L2 prefetch of
-    the weights before the wait: no kernel reads its predecessor's output early."""
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("PDL needs Hopper or later")
+    epilogue, bias) launched with PDL gives bit-identical results to plain launches: no kernel reads
+    its predecessor's output before the predecessor finished."""
     from model.backends.triton_kernels import pdl
+
+    if not pdl.supported():
+        pytest.skip("PDL needs compute capability 9.0 or later")
     from model.backends.triton_kernels.gemm import decode_gemm
 
     g = torch.Generator(DEVICE).manual_seed(7)
@@ -336,17 +359,18 @@ def test_decode_gemm_chain_under_pdl_equals_plain_launches(mode: str, prefetch: 
     x = inputs[0].clone()
 
     def chain():
-        act = decode_gemm(x, w_up, None, block_n=32, num_programs=40, silu_mul=True)
-        h = decode_gemm(act, w_down, None, block_n=64, split_k=4, num_programs=64)
-        return decode_gemm(h, w_out, bias, block_n=64, num_programs=30)
+        act = decode_gemm(x, w_up, None, block_n=32, num_programs=40, silu_mul=True, tma=tma)
+        h = decode_gemm(act, w_down, None, block_n=64, split_k=4, num_programs=64, tma=tma)
+        return decode_gemm(h, w_out, bias, block_n=64, num_programs=30, tma=tma)
 
-    saved = pdl.MODE, pdl.GEMM_PREFETCH_BYTES
+    saved = pdl.ENABLED
     try:
+        pdl.ENABLED = False
         refs = []
         for inp in inputs:  # plain launches
             x.copy_(inp)
             refs.append(chain())
-        pdl.MODE, pdl.GEMM_PREFETCH_BYTES = mode, prefetch
+        pdl.ENABLED = True
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = chain()
@@ -359,7 +383,7 @@ def test_decode_gemm_chain_under_pdl_equals_plain_launches(mode: str, prefetch: 
             assert torch.equal(out, ref)
             assert torch.equal(chain(), ref)  # eager launches with PDL too
     finally:
-        pdl.MODE, pdl.GEMM_PREFETCH_BYTES = saved
+        pdl.ENABLED = saved
 
 
 def test_backend_linear_silu_mul_follows_the_gemm_table(monkeypatch: pytest.MonkeyPatch) -> None:

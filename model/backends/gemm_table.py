@@ -17,7 +17,10 @@ import torch
 
 TABLE_SM90 = Path(__file__).with_name("decode_gemm_sm90.json")
 # decode_gemm's launch parameters
-LAUNCH_KEYS = ("block_n", "block_k", "split_k", "num_stages", "num_warps", "num_programs", "flatten")
+LAUNCH_KEYS = (
+    "block_n", "block_k", "split_k", "num_stages", "num_warps", "num_programs", "flatten", "tma",
+    "warp_specialize",
+)  # fmt: skip
 OPS = ("linear", "silu_mul")
 
 

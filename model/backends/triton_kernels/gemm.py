@@ -7,6 +7,10 @@ number of programs (about one per SM) walk the BLOCK_N row tiles of W round-robi
 loops are flattened into one software pipeline, so loads of the next tile are in flight while the
 current tile's epilogue runs and no program pays a pipeline ramp per tile.
 
+With `tma`, the tensor memory accelerator loads the x and W tiles (one instruction per tile, rows and
+columns past the end read as zero), optionally with Triton's warp specialization (producer warps issue
+the loads, consumer warps multiply). Results equal the pointer-load kernel's.
+
 It is used only where it measured faster than cuBLAS (model.backends.gemm_table).
 """
 
@@ -23,23 +27,32 @@ DECODE_GEMM_MAX_M = 128  # the most rows decode_gemm takes (one BLOCK_M tile)
 
 
 @triton.jit
+def _store_unit(
+    acc, acc_up, b_ptr, y_ptr, offs_m, mm, offs_n, mn, split, stride_y, stride_ys,
+    HAS_BIAS: tl.constexpr, SILU_MUL: tl.constexpr,
+):  # fmt: skip
+    """Epilogue of one work unit: silu(gate) * up (SILU_MUL) or + bias, stored to its split's rows."""
+    if SILU_MUL:  # the unfused path's roundings: gate and up to the model dtype, then silu(gate)
+        dt = y_ptr.dtype.element_ty
+        gate = acc.to(dt).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
+        acc = act * acc_up.to(dt).to(tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mn, other=0.0).to(tl.float32)[None, :]
+    out = y_ptr + split * stride_ys + offs_m[:, None] * stride_y + offs_n[None, :]
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
+
+
+@triton.jit
 def _decode_gemm_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_x, stride_w, stride_y, stride_ys, k_per_split,
     split_k, num_progs,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NUM_STAGES: tl.constexpr, FLATTEN: tl.constexpr, SILU_MUL: tl.constexpr, USE_PDL: tl.constexpr,
-    PREFETCH_LINES: tl.constexpr, LINE_ELEMS: tl.constexpr,
 ):  # fmt: skip
     # N: output columns (I with SILU_MUL: W's up rows start at row N)
-    pid = tl.program_id(0)
-    if PREFETCH_LINES > 0:  # before the wait: the head of the first unit's weight rows into L2
-        rows = tl.minimum(pid // split_k * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)
-        cols = tl.minimum(pid % split_k * k_per_split + tl.arange(0, PREFETCH_LINES) * LINE_ELEMS, K - 1)
-        lines = w_ptr + rows[:, None].to(tl.int64) * stride_w + cols[None, :]
-        pdl.prefetch_l2(lines)
-        if SILU_MUL:
-            pdl.prefetch_l2(lines + N * stride_w)
     pdl.prologue(USE_PDL)
+    pid = tl.program_id(0)
     n_units = tl.cdiv(N, BLOCK_N) * split_k  # unit = (row tile, K split)
     k_iters = k_per_split // BLOCK_K
     offs_m = tl.arange(0, BLOCK_M)
@@ -72,15 +85,9 @@ def _decode_gemm_kernel(
                     other=0.0,
                 )
                 acc_up = tl.dot(x, tl.trans(w_up), acc_up)
-        if SILU_MUL:  # the unfused path's roundings: gate and up to the model dtype, then silu(gate)
-            dt = y_ptr.dtype.element_ty
-            gate = acc.to(dt).to(tl.float32)
-            act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
-            acc = act * acc_up.to(dt).to(tl.float32)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=mn, other=0.0).to(tl.float32)[None, :]
-        out = y_ptr + split * stride_ys + offs_m[:, None] * stride_y + offs_n[None, :]
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
+        _store_unit(
+            acc, acc_up, b_ptr, y_ptr, offs_m, mm, offs_n, mn, split, stride_y, stride_ys, HAS_BIAS, SILU_MUL
+        )
 
 
 @triton.jit
@@ -112,16 +119,21 @@ def _decode_gemm_tma_kernel(
             if SILU_MUL:  # a ragged last gate tile reads up rows: their columns are never stored
                 acc_up = tl.dot(x, tl.trans(w_desc.load([tile * BLOCK_N + N, k0])), acc_up)
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        mn = offs_n < N
-        if SILU_MUL:
-            dt = y_ptr.dtype.element_ty
-            gate = acc.to(dt).to(tl.float32)
-            act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
-            acc = act * acc_up.to(dt).to(tl.float32)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=mn, other=0.0).to(tl.float32)[None, :]
-        out = y_ptr + split * stride_ys + offs_m[:, None] * stride_y + offs_n[None, :]
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
+        _store_unit(
+            acc,
+            acc_up,
+            b_ptr,
+            y_ptr,
+            offs_m,
+            mm,
+            offs_n,
+            offs_n < N,
+            split,
+            stride_y,
+            stride_ys,
+            HAS_BIAS,
+            SILU_MUL,
+        )
 
 
 @triton.jit
@@ -154,7 +166,8 @@ def decode_gemm(
 
     split_k > 1 (no bias): each unit sums a K range into fp32 partials that a second kernel adds up.
     silu_mul (no bias, split_k 1): weight is gate|up [2 I, K]; returns silu(gate) * up [M, I], rounded
-    as `pointwise.silu_mul` rounds the unfused product."""
+    as `pointwise.silu_mul` rounds the unfused product.
+    tma: TMA tile loads (x and weight 16-byte aligned, else the pointer-load kernel runs)."""
     m, k = x.shape
     n = weight.shape[0]
     if m > DECODE_GEMM_MAX_M or x.stride(1) != 1 or weight.stride(1) != 1 or weight.shape[1] != k:
@@ -182,17 +195,11 @@ def decode_gemm(
             WARP_SPECIALIZE=warp_specialize, num_warps=num_warps, **launch,
         )  # fmt: skip
         return _sum_splits(part, y, m * n, split_k)
-    line_elems = 128 // weight.element_size()
-    prefetch_lines = 0
-    if launch["USE_PDL"] == 2 and pdl.GEMM_PREFETCH_BYTES > 0:  # lines per row: a power of two
-        per_line = block_n * 128 * (2 if silu_mul else 1)  # bytes of one line in every row of the unit
-        wanted = min(pdl.GEMM_PREFETCH_BYTES // per_line, triton.cdiv(k_per_split, line_elems))
-        prefetch_lines = 1 << (wanted.bit_length() - 1) if wanted > 0 else 0
     _decode_gemm_kernel[(programs,)](
         x, weight, bias if bias is not None else weight, part, m, n, k, x.stride(0), weight.stride(0),
         n, m * n, k_per_split, split_k, programs, HAS_BIAS=bias is not None, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages, FLATTEN=flatten, SILU_MUL=silu_mul,
-        PREFETCH_LINES=prefetch_lines, LINE_ELEMS=line_elems, num_warps=num_warps, **launch,
+        num_warps=num_warps, **launch,
     )  # fmt: skip
     return _sum_splits(part, y, m * n, split_k)
 

@@ -1,65 +1,47 @@
-"""Programmatic dependent launch (PDL, Hopper and later) for the kernels of the decode path.
+"""Programmatic dependent launch (PDL, Hopper and later) for the Triton kernels of the decode path.
 
-With PDL a kernel is launched while its predecessor still runs. Its programs call
-`griddepcontrol.wait` before they read anything the predecessor writes (the wait returns once the
-predecessor has finished and its writes are visible), and `griddepcontrol.launch_dependents` lets
-their own successor launch. Two orders (`MODES`):
-- "wait_first": wait, then let the successor launch: only the launch latency overlaps;
-- "trigger_first": let the successor launch at once, then wait. A chain of small kernels is then
-  resident ahead of time, and a GEMM behind them starts pulling its first weight tiles into L2 (reads
-  of constant weights only, see `gemm.py`) while the kernels before it still run, when HBM idles.
-Either order is safe: every kernel waits before its first dependent read and before its first write,
-and a kernel completes only after its own wait returned, so completion is transitive down the chain.
+With PDL a kernel is launched while its predecessor still runs: its programs start with
+`griddepcontrol.wait` (nothing is read before the predecessor has finished and its writes are
+visible) and then let their own successor launch, so the launch latency of each kernel overlaps the
+previous one's tail instead of adding a gap. A kernel launched without PDL (cuBLAS, torch) waits for
+its predecessor as usual, so a chain may mix both.
 
-Experimental: off unless INFINITEVL_PDL is "1"/"wait_first" or "trigger_first" (or `MODE` is set
-before the kernels are launched or a graph is captured); measured by benchmarks/ab_decode.py.
+On where the GPU supports it (compute capability 9.0 or later), unless INFINITEVL_PDL=0;
+INFINITEVL_PDL=1 forces it on. `ENABLED` may be set before kernels are launched or a graph is
+captured (benchmarks/ab_decode.py, the graph tests).
 """
 
 from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-MODES = ("off", "wait_first", "trigger_first")
-_ENV = {"": "off", "0": "off", "1": "wait_first"}
-MODE = _ENV.get(os.environ.get("INFINITEVL_PDL", ""), os.environ.get("INFINITEVL_PDL", ""))
-if MODE not in MODES:
-    raise ValueError(f"INFINITEVL_PDL={MODE!r}: choose 0, 1 or one of {MODES}")
-# bytes of its first work unit's weight rows a GEMM program prefetches into L2 before its wait
-# (trigger_first only; 0: none)
-GEMM_PREFETCH_BYTES = int(os.environ.get("INFINITEVL_PDL_PREFETCH", "0"))
+_ENV = os.environ.get("INFINITEVL_PDL")
+ENABLED: bool | None = None if _ENV in (None, "") else _ENV == "1"  # None: decided on first launch
+
+
+def supported() -> bool:
+    """Whether the current CUDA device can launch with PDL (not in Triton's CPU interpreter)."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability()[0] >= 9
 
 
 def launch_kwargs() -> dict:
-    """Extra launch arguments of a PDL-aware kernel: its USE_PDL constexpr (0 off, 1 wait first,
-    2 trigger first) and Triton's launch_pdl."""
-    if MODE == "off":
-        return {"USE_PDL": 0}
-    return {"USE_PDL": MODES.index(MODE), "launch_pdl": True}
+    """Extra launch arguments of a PDL-aware kernel: its USE_PDL constexpr and Triton's launch_pdl."""
+    global ENABLED
+    if ENABLED is None:
+        ENABLED = supported()
+    return {"USE_PDL": True, "launch_pdl": True} if ENABLED else {"USE_PDL": False}
 
 
 @triton.jit
 def prologue(USE_PDL: tl.constexpr):
-    """First statement of a PDL-aware kernel (before any read of a predecessor's output)."""
-    if USE_PDL == 1:
+    """First statement of a PDL-aware kernel: wait for the previous kernel, then let the next launch."""
+    if USE_PDL:
         gdc_wait()
         gdc_launch_dependents()
-    elif USE_PDL == 2:
-        gdc_launch_dependents()
-        gdc_wait()
-
-
-@triton.jit
-def prefetch_l2(ptrs):
-    """Fire-and-forget L2 prefetch of the 128-byte lines at `ptrs` (valid addresses: clamp, don't mask)."""
-    tl.inline_asm_elementwise(
-        "prefetch.global.L2 [$1]; mov.u32 $0, 0;",
-        "=r,l",
-        [ptrs],
-        dtype=tl.int32,
-        is_pure=False,
-        pack=1,
-    )
