@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from bench_gpu import DEV, build_model, cuda_time, decode_inputs, load_cfg, random_state
 
+from model.backends.triton_kernels import pdl
 from serving.cuda_graph import CudaGraphRunner
 
 
@@ -58,7 +59,8 @@ def main() -> None:
         def step():
             return model.compute_logits(model.forward(ids, pos, meta, state))
 
-        step()
+        with pdl.warmup():  # the kernel variants the capture launches
+            step()
         bare = torch.cuda.CUDAGraph()
         with torch.cuda.graph(bare):
             step()

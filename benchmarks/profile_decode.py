@@ -23,6 +23,8 @@ from bench_gpu import (
     random_state,
 )
 
+from model.backends.triton_kernels import pdl
+
 
 def kernel_table(step, top: int = 25) -> tuple[list[dict], int, float]:
     """(top kernels by total GPU time, kernels per step, GPU busy ms per step) of one eager step."""
@@ -54,7 +56,8 @@ def graph_ms_with(model, step, **backend_attrs) -> float:
     for name, value in backend_attrs.items():
         setattr(model.backend, name, value)
     try:
-        step()
+        with pdl.warmup():  # the kernel variants the capture launches
+            step()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             step()
@@ -119,7 +122,8 @@ def main() -> None:
         for row in top:
             print(f"  {row['us']:9.1f} us {row['calls']:5d}x  {row['name']}")
         graph = torch.cuda.CUDAGraph()
-        step()
+        with pdl.warmup():  # the kernel variants the capture launches
+            step()
         torch.cuda.synchronize()
         with torch.cuda.graph(graph):
             step()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from model.backends.triton_kernels import pdl
 from model.backends.triton_kernels.gdn import gdn_decode
 
 H, DK, DV = 16, 128, 256
@@ -24,7 +25,8 @@ CALLS = 20
 
 def graph_us(fn) -> float:
     """Per-call µs of `fn` replayed CALLS times inside one CUDA graph (median of 5 replays)."""
-    fn()
+    with pdl.warmup():  # the kernel variants the capture launches
+        fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

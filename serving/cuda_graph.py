@@ -12,6 +12,7 @@ padding included); `run` takes device tensors (four device copies).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -21,6 +22,15 @@ from model.batch import BatchMeta
 from model.state import StateTensors
 
 logger = logging.getLogger(__name__)
+
+
+def _pdl_warmup() -> contextlib.AbstractContextManager:
+    """The Triton kernels' PDL warm-up context (triton_kernels/pdl.py), a no-op without Triton."""
+    try:
+        from model.backends.triton_kernels import pdl
+    except ImportError:
+        return contextlib.nullcontext()
+    return pdl.warmup()
 
 
 def capture_sizes(max_batch: int) -> list[int]:
@@ -112,9 +122,9 @@ class CudaGraphRunner:
         pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
+        with torch.cuda.stream(side), _pdl_warmup():
             for size in reversed(self.sizes):
-                self._step(size)  # compiles/autotunes kernels outside the capture
+                self._step(size)  # compiles/autotunes kernels (their captured variants) outside the capture
         torch.cuda.current_stream(self.device).wait_stream(side)
         for size in reversed(self.sizes):
             graph = torch.cuda.CUDAGraph()

@@ -338,12 +338,33 @@ def test_decode_gemm_silu_mul(m: int, inter: int, k: int, cfg: dict) -> None:
         decode_gemm(x, w, None, split_k=2, silu_mul=True)
 
 
+def test_pdl_only_in_captures_and_warmups() -> None:
+    """Eager launches never carry the PDL attribute (it doubles their host cost); launches inside
+    `warmup()` do, as captured ones would; nothing does with PDL off."""
+    from model.backends.triton_kernels import pdl
+
+    saved = pdl.ENABLED
+    try:
+        pdl.ENABLED = True
+        assert pdl.launch_kwargs() == {"USE_PDL": False}
+        with pdl.warmup():
+            with pdl.warmup():
+                assert pdl.launch_kwargs() == {"USE_PDL": True, "launch_pdl": True}
+            assert pdl.launch_kwargs()["USE_PDL"]
+        assert pdl.launch_kwargs() == {"USE_PDL": False}
+        pdl.ENABLED = False
+        with pdl.warmup():
+            assert pdl.launch_kwargs() == {"USE_PDL": False}
+    finally:
+        pdl.ENABLED = saved
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="programmatic dependent launch needs a GPU (sm_90)")
 @pytest.mark.parametrize("tma", [False, True])
 def test_decode_gemm_chain_under_pdl_equals_plain_launches(tma: bool) -> None:
-    """A graph-captured chain of dependent decode GEMMs (split-K and its sum kernel, the silu_mul
-    epilogue, bias) launched with PDL gives bit-identical results to plain launches: no kernel reads
-    its predecessor's output before the predecessor finished."""
+    """A chain of dependent decode GEMMs (split-K and its sum kernel, the silu_mul epilogue, bias)
+    launched with PDL, eagerly in `pdl.warmup()` and captured in a graph, gives bit-identical results
+    to plain launches: no kernel reads its predecessor's output before the predecessor finished."""
     from model.backends.triton_kernels import pdl
 
     if not pdl.supported():
@@ -371,6 +392,8 @@ def test_decode_gemm_chain_under_pdl_equals_plain_launches(tma: bool) -> None:
             x.copy_(inp)
             refs.append(chain())
         pdl.ENABLED = True
+        with pdl.warmup():  # eager launches with PDL (and the variants the capture launches compiled)
+            assert torch.equal(chain(), refs[-1])
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = chain()
@@ -381,7 +404,6 @@ def test_decode_gemm_chain_under_pdl_equals_plain_launches(tma: bool) -> None:
             graph.replay()
             torch.cuda.synchronize()
             assert torch.equal(out, ref)
-            assert torch.equal(chain(), ref)  # eager launches with PDL too
     finally:
         pdl.ENABLED = saved
 
