@@ -122,9 +122,11 @@ class CudaGraphRunner:
         pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side), _pdl_warmup():
-            for size in reversed(self.sizes):
-                self._step(size)  # compiles/autotunes kernels (their captured variants) outside the capture
+        with torch.cuda.stream(side):
+            for size in reversed(self.sizes):  # compiles/autotunes kernels outside the capture:
+                self._step(size)  # the plain variants, which eager calls of these shapes launch (logits
+                with _pdl_warmup():  # of a prefill, graphs off), and the PDL ones the capture launches
+                    self._step(size)
         torch.cuda.current_stream(self.device).wait_stream(side)
         for size in reversed(self.sizes):
             graph = torch.cuda.CUDAGraph()
