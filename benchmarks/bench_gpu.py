@@ -46,10 +46,33 @@ PREFILL_FLOPS_PER_TOKEN = 7e9
 MATMUL_FLOPS = 780e12
 
 
-def decode_floor_s(batch: int, ctx: int, lm_head_bytes: float = 0.0) -> float:
-    """design.md: (6.9 GB + B (113 MB + 9 KiB min(ctx, 8192))) / 2.95 TB/s (+ optional LM-head read)."""
+def decode_floor_s(batch: int, ctx: int, lm_head_bytes: float = 0.0, copy_bw: float = COPY_BW) -> float:
+    """design.md: (6.9 GB + B (113 MB + 9 KiB min(ctx, 8192))) / 2.95 TB/s (+ optional LM-head read).
+
+    copy_bw replaces the H100's 2.95 TB/s with another device's measured copy bandwidth (section_device).
+    """
     per_req = STATE_BYTES + KV_BYTES_PER_TOKEN * min(ctx, 8192)
-    return (LM_WEIGHT_BYTES + lm_head_bytes + batch * per_req) / COPY_BW
+    return (LM_WEIGHT_BYTES + lm_head_bytes + batch * per_req) / copy_bw
+
+
+@torch.inference_mode()
+def section_device() -> dict[str, Any]:
+    """This device's ceilings, measured as design.md measured the H100's: a device-to-device copy of
+    4 GiB (bytes read + written over time) and an 8192^3 bf16 matrix product on random data."""
+    src = torch.empty(4 << 30, dtype=torch.uint8, device=DEV).random_(0, 255)
+    dst = torch.empty_like(src)
+    sec = cuda_time(lambda: dst.copy_(src), reps=10)
+    copy_bw = 2 * src.numel() / sec
+    del src, dst
+    a = torch.randn(8192, 8192, dtype=BF16, device=DEV)
+    b = torch.randn(8192, 8192, dtype=BF16, device=DEV)
+    sec = cuda_time(lambda: a @ b, reps=10)
+    matmul = 2 * 8192**3 / sec
+    del a, b
+    torch.cuda.empty_cache()
+    res = {"copy_TBps": copy_bw / 1e12, "matmul_TFLOPs": matmul / 1e12}
+    print(f"device {res}", flush=True)
+    return res
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -231,7 +254,11 @@ def kernel_times(cfg: ModelConfig) -> dict[str, Any]:
 
 @torch.inference_mode()
 def section_decode(
-    model: InfiniteVLForCausalLM, cfg: ModelConfig, batches: list[int], compile_model: bool = False
+    model: InfiniteVLForCausalLM,
+    cfg: ModelConfig,
+    batches: list[int],
+    compile_model: bool = False,
+    copy_bw: float = COPY_BW,
 ) -> dict[str, Any]:
     from serving.cuda_graph import CudaGraphRunner
 
@@ -258,6 +285,9 @@ def section_decode(
                 "floor_ms": floor * 1e3,
                 "ratio": sec / floor,
                 "ratio_with_lm_head": sec / decode_floor_s(batch, ctx, lm_head),
+                # the same floor at this device's measured copy bandwidth (equal to ratio on the H100)
+                "device_floor_ms": decode_floor_s(batch, ctx, copy_bw=copy_bw) * 1e3,
+                "ratio_device": sec / decode_floor_s(batch, ctx, copy_bw=copy_bw),
                 "tok_per_s": batch / sec,
             }
             rows.append(row)
@@ -292,7 +322,7 @@ def prefill(model, state, slots: list[int], prompt_len: int, chunk: int) -> floa
     return time.perf_counter() - t0
 
 
-def section_prefill(model, cfg: ModelConfig, chunk: int) -> dict[str, Any]:
+def section_prefill(model, cfg: ModelConfig, chunk: int, matmul_flops: float = MATMUL_FLOPS) -> dict[str, Any]:
     state = random_state(cfg, 16)
     # warm-up (compiles and autotunes): a two-chunk prompt, so chunks with a context are covered too
     prefill(model, state, [0], 2 * chunk, chunk)
@@ -314,13 +344,18 @@ def section_prefill(model, cfg: ModelConfig, chunk: int) -> dict[str, Any]:
             "runs_s": runs,
             "tok_per_s": tps,
             "fraction_of_floor": tps / floor_tps,
+            "fraction_of_device_floor": tps / (matmul_flops / PREFILL_FLOPS_PER_TOKEN),
             "chunk": chunk,
         }
         rows.append(row)
         print(f"prefill {row}", flush=True)
     del state
     torch.cuda.empty_cache()
-    return {"rows": rows, "floor_tok_per_s": floor_tps}
+    return {
+        "rows": rows,
+        "floor_tok_per_s": floor_tps,
+        "device_floor_tok_per_s": matmul_flops / PREFILL_FLOPS_PER_TOKEN,
+    }
 
 
 @torch.inference_mode()
@@ -459,23 +494,40 @@ def markdown(results: dict[str, Any]) -> str:
         f"# GPU benchmark ({results['meta']['device']}, {results['meta']['date']}, commit {results['meta']['commit'][:10]})",
         "",
     ]
+    if "device" in results:
+        d = results["device"]
+        lines += [
+            f"Device ceilings measured here: copy {d['copy_TBps']:.2f} TB/s (read + written), "
+            f"bf16 matmul {d['matmul_TFLOPs']:.0f} TFLOP/s (8192^3, random data).",
+            "",
+        ]
     if "decode" in results:
         lines += [
             "## Decode step (CUDA graph)",
             "",
-            "| batch | ctx | step ms | floor ms | ratio | ratio incl. LM head | tok/s |",
-            "|---|---|---|---|---|---|---|",
+            "floor: design.md's formula at 2.95 TB/s (the H100); device floor: at this device's measured copy",
+            "bandwidth (the two agree on the H100).",
+            "",
+            "| batch | ctx | step ms | floor ms | ratio | ratio incl. LM head | device floor ms | device ratio | tok/s |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in results["decode"]["rows"]:
+            dev_floor, dev_ratio = r.get("device_floor_ms", r["floor_ms"]), r.get("ratio_device", r["ratio"])
             lines.append(
-                f"| {r['batch']} | {r['ctx']} | {r['step_ms']:.2f} | {r['floor_ms']:.2f} | {r['ratio']:.2f} | {r['ratio_with_lm_head']:.2f} | {r['tok_per_s']:.0f} |"
+                f"| {r['batch']} | {r['ctx']} | {r['step_ms']:.2f} | {r['floor_ms']:.2f} | {r['ratio']:.2f} | {r['ratio_with_lm_head']:.2f} | {dev_floor:.2f} | {dev_ratio:.2f} | {r['tok_per_s']:.0f} |"
             )
         lines += ["", f"eager batch 1 (no graph): {results['decode']['eager_b1_ctx1k_ms']:.2f} ms", ""]
     if "prefill" in results:
-        lines += ["## Prefill", "", "| case | s | tok/s | of floor |", "|---|---|---|---|"]
+        lines += [
+            "## Prefill",
+            "",
+            "| case | s | tok/s | of floor (780 TFLOP/s) | of device floor |",
+            "|---|---|---|---|---|",
+        ]
         for r in results["prefill"]["rows"]:
+            dev = r.get("fraction_of_device_floor", r["fraction_of_floor"])
             lines.append(
-                f"| {r['case']} | {r['seconds']:.2f} | {r['tok_per_s']:.0f} | {r['fraction_of_floor']:.2f} |"
+                f"| {r['case']} | {r['seconds']:.2f} | {r['tok_per_s']:.0f} | {r['fraction_of_floor']:.2f} | {dev:.2f} |"
             )
         lines.append("")
     if "memory" in results:
@@ -508,7 +560,7 @@ def markdown(results: dict[str, Any]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    ap.add_argument("--sections", default="check,decode,prefill,memory,video")
+    ap.add_argument("--sections", default="device,check,decode,prefill,memory,video")
     ap.add_argument("--batches", default="1,8,32,64,128,256")
     ap.add_argument("--chunk", type=int, default=8192, help="prefill chunk (tokens per call)")
     ap.add_argument("--frames", type=int, default=20)
@@ -534,6 +586,11 @@ def main() -> None:
         }
     }
     cfg = load_cfg()
+    copy_bw, matmul_flops = COPY_BW, MATMUL_FLOPS
+    if "device" in sections:
+        results["device"] = section_device()
+        copy_bw = results["device"]["copy_TBps"] * 1e12
+        matmul_flops = results["device"]["matmul_TFLOPs"] * 1e12
 
     def save() -> None:
         (out / "bench_gpu.json").write_text(json.dumps(results, indent=1))
@@ -545,10 +602,10 @@ def main() -> None:
     model = build_model(cfg)
     if "decode" in sections:
         batches = [int(b) for b in args.batches.split(",")]
-        results["decode"] = section_decode(model, cfg, batches, args.compile)
+        results["decode"] = section_decode(model, cfg, batches, args.compile, copy_bw)
         save()
     if "prefill" in sections:
-        results["prefill"] = section_prefill(model, cfg, args.chunk)
+        results["prefill"] = section_prefill(model, cfg, args.chunk, matmul_flops)
         save()
     if "memory" in sections:
         results["memory"] = section_memory(model, cfg, args.chunk)

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One device call: device ceilings, kernel checks and the decode / prefill / video / memory tables
+# (bench_gpu.py, saved after each section), then the GPU tests with the time that is left, then the
+# decode kernel profile if time still remains (results under $OUT).
+#   COMMIT=$(git rev-parse --short HEAD) BUDGET=570 bash benchmarks/gpu_campaign_bench.sh     (.whl/ carried)
+set -uo pipefail
+source benchmarks/device_setup.sh
+timeout $(( $(left) - ${TEST_S:-120} )) python3 benchmarks/bench_gpu.py --out "$OUT" --commit "$COMMIT" \
+  --sections "${SECTIONS:-device,check,decode,prefill,video,memory}" 2>&1 | grep -vE "^(decode|prefill) \{" | tail -80
+echo "seconds left: $(left)"
+if [ "$(left)" -gt 40 ]; then
+  timeout $(( $(left) - 10 )) python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_gpu_graph.py \
+    tests/test_gpu_kernels.py tests/test_gpu_pointwise.py} 2>&1 | tail -8
+fi
+echo "seconds left: $(left)"
+if [ "$(left)" -gt 100 ]; then
+  timeout $(( $(left) - 10 )) python3 benchmarks/profile_decode.py --batches 1,64 --out "$OUT" 2>&1 | tail -45
+fi
+ls -la "$OUT"
