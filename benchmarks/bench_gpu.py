@@ -55,20 +55,24 @@ def decode_floor_s(batch: int, ctx: int, lm_head_bytes: float = 0.0, copy_bw: fl
     return (LM_WEIGHT_BYTES + lm_head_bytes + batch * per_req) / copy_bw
 
 
-@torch.inference_mode()
-def section_device() -> dict[str, Any]:
-    """This device's ceilings, measured as design.md measured the H100's: a device-to-device copy of
-    4 GiB (bytes read + written over time) and an 8192^3 bf16 matrix product on random data."""
+def _copy_bandwidth() -> float:
+    """Bytes read + written per second by a device-to-device copy of 4 GiB."""
     src = torch.empty(4 << 30, dtype=torch.uint8, device=DEV).random_(0, 255)
     dst = torch.empty_like(src)
-    sec = cuda_time(lambda: dst.copy_(src), reps=10)
-    copy_bw = 2 * src.numel() / sec
-    del src, dst
+    return 2 * src.numel() / cuda_time(lambda: dst.copy_(src), reps=10)
+
+
+def _matmul_rate() -> float:
+    """FLOP per second of an 8192^3 bf16 matrix product on random data."""
     a = torch.randn(8192, 8192, dtype=BF16, device=DEV)
     b = torch.randn(8192, 8192, dtype=BF16, device=DEV)
-    sec = cuda_time(lambda: a @ b, reps=10)
-    matmul = 2 * 8192**3 / sec
-    del a, b
+    return 2 * 8192**3 / cuda_time(lambda: a @ b, reps=10)
+
+
+@torch.inference_mode()
+def section_device() -> dict[str, Any]:
+    """This device's ceilings, measured as design.md measured the H100's."""
+    copy_bw, matmul = _copy_bandwidth(), _matmul_rate()
     torch.cuda.empty_cache()
     res = {"copy_TBps": copy_bw / 1e12, "matmul_TFLOPs": matmul / 1e12}
     print(f"device {res}", flush=True)
@@ -322,7 +326,9 @@ def prefill(model, state, slots: list[int], prompt_len: int, chunk: int) -> floa
     return time.perf_counter() - t0
 
 
-def section_prefill(model, cfg: ModelConfig, chunk: int, matmul_flops: float = MATMUL_FLOPS) -> dict[str, Any]:
+def section_prefill(
+    model, cfg: ModelConfig, chunk: int, matmul_flops: float = MATMUL_FLOPS
+) -> dict[str, Any]:
     state = random_state(cfg, 16)
     # warm-up (compiles and autotunes): a two-chunk prompt, so chunks with a context are covered too
     prefill(model, state, [0], 2 * chunk, chunk)
