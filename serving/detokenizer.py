@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
+
+from tokenizers import Tokenizer
 
 from serving.types import LogprobEntry, TokenLogprob
 
@@ -27,6 +29,7 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self._decode_ids = _decoder(tokenizer, skip_special_tokens)
         self.token_ids: list[int] = []
         self._prefix_offset = 0  # first token of the decode window
         self._read_offset = 0  # tokens before this have had their text emitted
@@ -72,11 +75,20 @@ class IncrementalDetokenizer:
         self._prefix_text = self._decode(self._prefix_offset, self._read_offset)
 
     def _decode(self, start: int, end: int | None = None) -> str:
-        return self.tokenizer.decode(
-            self.token_ids[start:end],
-            skip_special_tokens=self.skip_special_tokens,
-            clean_up_tokenization_spaces=False,
-        )
+        return self._decode_ids(self.token_ids[start:end])
+
+
+def _decoder(tokenizer: Any, skip_special_tokens: bool) -> Callable[[list[int]], str]:
+    """decode(ids) without cleaning up tokenization spaces. A fast (Rust) tokenizer is called directly:
+    transformers' `decode` wrapper costs several times the decode itself (type checks and conversions
+    per call), and the engine thread decodes every generated token of every row twice per step."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if isinstance(backend, Tokenizer):
+        # what PreTrainedTokenizerFast.decode does with clean_up_tokenization_spaces=False
+        return partial(backend.decode, skip_special_tokens=skip_special_tokens)
+    return partial(
+        tokenizer.decode, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
+    )
 
 
 def token_texts(tokenizer: Any, ids: Sequence[int]) -> list[str]:

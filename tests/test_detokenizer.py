@@ -149,3 +149,36 @@ def test_token_bytes_of_partial_character_token(tok: Any) -> None:
     lead = byte_token_ids(tok, "😀")[0]
     assert token_bytes(tok, lead) == [0xF0]
     assert token_bytes(tok, lead) == [0xF0]  # cached answer is a fresh list with the same bytes
+
+
+class _WrapperOnly:
+    """The transformers `decode` of a tokenizer without its `backend_tokenizer` (the generic path)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def decode(self, ids: list[int], **kwargs: Any) -> str:
+        return self.inner.decode(ids, **kwargs)
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_fast_decode_path_matches_the_transformers_decode(tok: Any, skip: bool) -> None:
+    """A fast tokenizer is decoded through its Rust backend directly; on random id streams (special
+    tokens, single bytes and split characters included) every emitted piece equals the generic path's."""
+    import random
+
+    rng = random.Random(0)
+    specials = list(tok.added_tokens_decoder)  # <|endoftext|>, <|im_start|>, <|im_end|>
+    pool = [*range(len(tok)), *specials * 20, *byte_token_ids(tok, "".join(TEXTS)) * 3]
+    calls: list[int] = []
+    wrapper_decode = tok.decode
+    for _ in range(20):
+        ids = [rng.choice(pool) for _ in range(rng.randrange(1, 60))]
+        fast, generic = IncrementalDetokenizer(tok, skip), IncrementalDetokenizer(_WrapperOnly(tok), skip)
+        tok.decode = lambda *a, **k: calls.append(1) or wrapper_decode(*a, **k)
+        try:
+            got = [*_stream(fast, ids), fast.flush()]
+        finally:
+            del tok.decode
+        assert got == [*_stream(generic, ids), generic.flush()]
+    assert not calls  # the fast path never went through transformers' decode
