@@ -1,0 +1,206 @@
+"""Host overhead of the serving stack, measured on any CPU: the real server (API, engine loop, scheduler,
+detokenizer, SSE) with the GPU's share of each step simulated.
+
+The server is `infinitevl serve` on the embedded tiny checkpoint, except that the model runner's forward +
+sampling is replaced by a sleep as long as the H100 took for that batch (decode graph steps at 3be8f11,
+prefill at about 66k tokens/s; docs/benchmarks.md) followed by random tokens. A sleep releases the GIL as
+a CUDA synchronisation does, so everything else the process does (the API thread's SSE work, the engine
+thread's bookkeeping, their contention for the GIL) costs what it costs in production. Each client count
+reports the engine's own time per output token (from /metrics) and the clients' inter-token latency,
+next to the simulated GPU step: the difference is what the host adds.
+
+    python benchmarks/bench_host_http.py --clients 1,16,64 --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# H100 decode step (ms) by batch size: bench_gpu at ec0681d, CUDA graph fed from host lists, context 1K
+DECODE_MS = {1: 3.50, 8: 4.09, 32: 5.38, 64: 6.92, 128: 10.28, 256: 16.59}
+PREFILL_TOK_PER_S = 66_000.0  # 0.6 of the 111k tokens/s floor
+
+
+def gpu_step_s(num_decode_rows: int, num_prefill_tokens: int) -> float:
+    """Simulated GPU time of one step: decode steps interpolated in the batch size, plus prefill tokens."""
+    sec = num_prefill_tokens / PREFILL_TOK_PER_S
+    if num_decode_rows:
+        sizes = sorted(DECODE_MS)
+        b = min(max(num_decode_rows, sizes[0]), sizes[-1])
+        i = bisect.bisect_left(sizes, b)
+        if sizes[i] == b:
+            ms = DECODE_MS[b]
+        else:
+            lo, hi = sizes[i - 1], sizes[i]
+            ms = DECODE_MS[lo] + (DECODE_MS[hi] - DECODE_MS[lo]) * (b - lo) / (hi - lo)
+        sec += ms / 1e3
+    return sec
+
+
+def simulated_execute(vocab_low: int, vocab_high: int, log_path: str, seed: int = 0):
+    """A ModelRunner.execute that sleeps for the GPU's share of the step and samples random tokens.
+
+    Appends one line per decode-only step to log_path: batch size, and the host time since the previous
+    step's sleep ended (the engine loop's own work, waits for the GIL included)."""
+    from serving.runner import SampledToken
+
+    rng = random.Random(seed)
+    log = open(log_path, "a", buffering=1)  # noqa: SIM115 - open for the server's lifetime
+    last_end: list[float] = []
+
+    def execute(batch, reqs):  # (ScheduledBatch, dict[str, EngineRequest]) -> list[SampledToken]
+        decode = sum(1 for r in batch.rows if not r.is_prefill)
+        prefill = sum(r.num_tokens for r in batch.rows if r.is_prefill)
+        start = time.perf_counter()
+        if last_end and not prefill:
+            log.write(f"{decode} {start - last_end[0]:.6f}\n")
+        time.sleep(gpu_step_s(decode, prefill))
+        last_end[:] = [time.perf_counter()]
+        out = []
+        for row in batch.rows:
+            if not row.is_sampled:
+                continue
+            choices = range(reqs[row.request_id].sched.num_choices) if row.is_prefill else (row.choice,)
+            out.extend(
+                SampledToken(row.request_id, c, rng.randrange(vocab_low, vocab_high), None) for c in choices
+            )
+        return out
+
+    return execute
+
+
+def serve(argv: list[str], vocab_low: int, vocab_high: int, log_path: str) -> None:
+    """`infinitevl serve argv...` with the simulated runner (the child process of main)."""
+    import serving.build as build
+    from serving import cli
+
+    real_build = build.build_engine
+
+    def build_engine(config, metrics=None):
+        stack = real_build(config, metrics)
+        stack.core.runner.execute = simulated_execute(vocab_low, vocab_high, log_path)
+        return stack
+
+    build.build_engine = build_engine
+    sys.exit(cli.main(["serve", *argv]))
+
+
+def engine_tpot(url: str) -> tuple[float, float]:
+    """(sum, count) of the engine's time-per-output-token histogram."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    vals = {}
+    for name in ("sum", "count"):
+        m = re.search(rf"^infinitevl:time_per_output_token_seconds_{name}\{{[^}}]*\}} (\S+)$", text, re.M)
+        vals[name] = float(m.group(1)) if m else 0.0
+    return vals["sum"], vals["count"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", default="1,16,64")
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--port", type=int, default=8123)
+    ap.add_argument("--out", default="")
+    ap.add_argument("--serve", default="", help=argparse.SUPPRESS)  # child: run the server, log steps here
+    ap.add_argument("--server-args", default="", help="extra `infinitevl serve` arguments")
+    args = ap.parse_args()
+    vocab = (1000, 2000)  # ordinary tokens of the tiny tokenizer (bench_http's prompt range)
+    clients = [int(c) for c in args.clients.split(",")]
+    serve_argv = ["--port", str(args.port), "--max-num-seqs", str(max(clients)), "--log-level", "warning"]
+    serve_argv += args.server_args.split()
+    if args.serve:
+        serve(serve_argv, *vocab, args.serve)
+        return
+    step_log = Path(f"/tmp/bench_host_http_{os.getpid()}_steps.txt")
+    step_log.write_text("")
+    url = f"http://127.0.0.1:{args.port}"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    server = subprocess.Popen([sys.executable, __file__, "--serve", str(step_log), "--server-args", args.server_args,
+                               "--clients", args.clients, "--port", str(args.port)], env=env)  # fmt: skip
+    rows = []
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if server.poll() is not None:
+                raise SystemExit("server exited")
+            time.sleep(0.5)
+        for c in clients:
+            s0, n0 = engine_tpot(url)
+            step_log.write_text("")
+            with_json = Path(f"/tmp/bench_host_http_{os.getpid()}_c{c}.json")
+            cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_http.py"), "--url", url,
+                   "--clients", str(c), "--requests", str(max(c, 4)), "--prompt-len", str(args.prompt_len),
+                   "--output-len", str(args.output_len), "--out", str(with_json)]  # fmt: skip
+            subprocess.run(cmd, check=True, capture_output=True)
+            res = json.loads(with_json.read_text())
+            with_json.unlink()
+            s1, n1 = engine_tpot(url)
+            gpu_ms = gpu_step_s(c, 0) * 1e3
+            row = {
+                "clients": c,
+                "ok": res["ok"],
+                "simulated_gpu_step_ms": gpu_ms,
+                "engine_tpot_ms": (s1 - s0) / max(n1 - n0, 1) * 1e3,
+                "client_itl_p50_ms": res["itl_ms"]["p50"],
+                "client_itl_p99_ms": res["itl_ms"]["p99"],
+                "ttft_p50_ms": res["ttft_ms"]["p50"],
+                "output_tok_per_s": res["output_tok_per_s"],
+            }
+            # host time between decode steps of the full batch (steady state)
+            gaps = [
+                float(g) for b, g in (ln.split() for ln in step_log.read_text().splitlines()) if int(b) == c
+            ]
+            row["decode_steps"] = len(gaps)
+            row["host_ms_per_step_p50"] = statistics.median(gaps) * 1e3 if gaps else float("nan")
+            row["host_ms_per_step_p90"] = sorted(gaps)[int(0.9 * len(gaps))] * 1e3 if gaps else float("nan")
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        step_log.unlink(missing_ok=True)
+    result = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "cpus": os.cpu_count(),
+        "prompt_len": args.prompt_len,
+        "output_len": args.output_len,
+        "server_args": args.server_args,
+        "rows": rows,
+    }
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    print(
+        "| clients | simulated GPU step ms | host ms between steps p50 / p90 | engine TPOT ms | client ITL p50 / p99 ms |"
+    )
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['clients']} | {r['simulated_gpu_step_ms']:.2f} | {r['host_ms_per_step_p50']:.2f} / "
+            f"{r['host_ms_per_step_p90']:.2f} | {r['engine_tpot_ms']:.2f} | "
+            f"{r['client_itl_p50_ms']:.2f} / {r['client_itl_p99_ms']:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
