@@ -1,13 +1,14 @@
 """Host overhead of the serving stack, measured on any CPU: the real server (API, engine loop, scheduler,
 detokenizer, SSE) with the GPU's share of each step simulated.
 
-The server is `infinitevl serve` on the embedded tiny checkpoint, except that the model runner's forward +
-sampling is replaced by a sleep as long as the H100 took for that batch (decode graph steps at 3be8f11,
-prefill at about 66k tokens/s; docs/benchmarks.md) followed by random tokens. A sleep releases the GIL as
-a CUDA synchronisation does, so everything else the process does (the API thread's SSE work, the engine
-thread's bookkeeping, their contention for the GIL) costs what it costs in production. Each client count
-reports the engine's own time per output token (from /metrics) and the clients' inter-token latency,
-next to the simulated GPU step: the difference is what the host adds.
+The server is `infinitevl serve` on the embedded tiny checkpoint, except that the model runner's launch
+(forward + sampling) is replaced by a simulated device: a launch returns at once, the device is busy for
+as long as the H100 took for that batch (decode graph steps at ec0681d, prefill at about 66k tokens/s;
+docs/benchmarks.md), and waiting for the step's random tokens sleeps until then. A sleep releases the GIL
+as a CUDA synchronisation does, so everything else the process does (the API thread's SSE work, the
+engine thread's bookkeeping, their contention for the GIL) costs what it costs in production. Each client
+count reports the time the simulated device sat idle between decode steps (what the host adds to each
+step), the engine's time per output token (from /metrics) and the clients' inter-token latency.
 
     python benchmarks/bench_host_http.py --clients 1,16,64 --out DIR
 """
@@ -52,25 +53,38 @@ def gpu_step_s(num_decode_rows: int, num_prefill_tokens: int) -> float:
     return sec
 
 
-def simulated_execute(vocab_low: int, vocab_high: int, log_path: str, seed: int = 0):
-    """A ModelRunner.execute that sleeps for the GPU's share of the step and samples random tokens.
+class SimulatedStep:
+    """A launched step: the device is busy until `ready`; `result()` waits for it as a sync would."""
 
-    Appends one line per decode-only step to log_path: batch size, and the host time since the previous
-    step's sleep ended (the engine loop's own work, waits for the GIL included)."""
+    def __init__(self, ready: float, tokens: list) -> None:
+        self.ready, self.tokens = ready, tokens
+
+    def result(self) -> list:
+        left = self.ready - time.perf_counter()
+        if left > 0:
+            time.sleep(left)  # releases the GIL, as waiting for the GPU does
+        return self.tokens
+
+
+def simulated_launch(vocab_low: int, vocab_high: int, log_path: str, seed: int = 0):
+    """A ModelRunner.launch that returns at once while the simulated device works for the step's time,
+    then yields random tokens (the device works asynchronously, as a GPU does).
+
+    Appends one line per decode-only step to log_path: batch size, and the time the simulated device
+    sat idle before this step (the host's share of the step loop, waits for the GIL included)."""
     from serving.runner import SampledToken
 
     rng = random.Random(seed)
     log = open(log_path, "a", buffering=1)  # noqa: SIM115 - open for the server's lifetime
-    last_end: list[float] = []
+    device_free = [0.0]  # when the simulated device finishes its queued work
 
-    def execute(batch, reqs):  # (ScheduledBatch, dict[str, EngineRequest]) -> list[SampledToken]
+    def launch(batch, reqs):  # (ScheduledBatch, dict[str, EngineRequest]) -> SimulatedStep
         decode = sum(1 for r in batch.rows if not r.is_prefill)
         prefill = sum(r.num_tokens for r in batch.rows if r.is_prefill)
-        start = time.perf_counter()
-        if last_end and not prefill:
-            log.write(f"{decode} {start - last_end[0]:.6f}\n")
-        time.sleep(gpu_step_s(decode, prefill))
-        last_end[:] = [time.perf_counter()]
+        now = time.perf_counter()
+        if device_free[0] and not prefill:
+            log.write(f"{decode} {max(0.0, now - device_free[0]):.6f}\n")
+        device_free[0] = max(now, device_free[0]) + gpu_step_s(decode, prefill)
         out = []
         for row in batch.rows:
             if not row.is_sampled:
@@ -79,9 +93,9 @@ def simulated_execute(vocab_low: int, vocab_high: int, log_path: str, seed: int 
             out.extend(
                 SampledToken(row.request_id, c, rng.randrange(vocab_low, vocab_high), None) for c in choices
             )
-        return out
+        return SimulatedStep(device_free[0], out)
 
-    return execute
+    return launch
 
 
 def serve(argv: list[str], vocab_low: int, vocab_high: int, log_path: str) -> None:
@@ -93,7 +107,9 @@ def serve(argv: list[str], vocab_low: int, vocab_high: int, log_path: str) -> No
 
     def build_engine(config, metrics=None):
         stack = real_build(config, metrics)
-        stack.core.runner.execute = simulated_execute(vocab_low, vocab_high, log_path)
+        launch = simulated_launch(vocab_low, vocab_high, log_path)
+        stack.core.runner.launch = launch
+        stack.core.runner.execute = lambda batch, reqs: launch(batch, reqs).result()
         return stack
 
     build.build_engine = build_engine
@@ -166,7 +182,7 @@ def main() -> None:
                 "ttft_p50_ms": res["ttft_ms"]["p50"],
                 "output_tok_per_s": res["output_tok_per_s"],
             }
-            # host time between decode steps of the full batch (steady state)
+            # device idle time before decode steps of the full batch (steady state)
             gaps = [
                 float(g) for b, g in (ln.split() for ln in step_log.read_text().splitlines()) if int(b) == c
             ]

@@ -28,7 +28,7 @@ from serving.errors import EngineDead, EngineOverloaded, RequestTooLarge
 from serving.runner import ModelRunner, RequestFault, SampledToken
 from serving.sampler import SamplingRow, make_generator
 from serving.sequence import EngineRequest
-from serving.stop import ChoiceDecoder
+from serving.stop import ChoiceDecoder, StepResult
 from serving.types import (
     Delta,
     EngineHealth,
@@ -72,6 +72,9 @@ class EngineCore:
         )
         self.requests: dict[str, EngineRequest] = {}
         self.fault_hook: Callable[[EngineRequest], None] | None = None  # tests inject faults here
+        # accepted tokens whose text is not made yet: (request, token, StepResult if already made, done)
+        self._pending: list[tuple[EngineRequest, SampledToken, StepResult | None, bool]] = []
+        self.on_emit: Callable[[], None] | None = None  # called after deltas were emitted mid-step
 
     # -- requests -------------------------------------------------------------------------------------
     def validate(self, req: GenerateRequest) -> None:
@@ -131,6 +134,7 @@ class EngineCore:
         self.requests[req.request_id] = er
 
     def abort(self, request_id: str, reason: str = "abort", error: str | None = None) -> None:
+        self._emit_pending()  # a choice's deltas stay in order: its text, then the final abort delta
         er = self.requests.pop(request_id, None)
         if er is None:
             return
@@ -143,10 +147,17 @@ class EngineCore:
 
     # -- the step -------------------------------------------------------------------------------------
     def step(self) -> int:
-        """Schedule and run one batch; returns the number of tokens it processed (0: nothing to do)."""
+        """Schedule and run one batch; returns the number of tokens it processed (0: nothing to do).
+
+        The text of a step's tokens is made (detokenization, stop strings aside) and emitted during the
+        next step, after that step's launch: the host does it while the device computes. What the next
+        schedule needs is settled before it: each token is appended to its row, and a choice that ends on
+        a token id or on its length (or on a stop string, which is checked at once for choices that have
+        them) releases its slot. With no step to follow, the text is emitted before returning."""
         self._expire_deadlines()
         batch = self.scheduler.schedule()
         if batch.is_empty:
+            self._emit_pending()
             return 0
         now = time.monotonic()
         for row in batch.rows:
@@ -159,15 +170,25 @@ class EngineCore:
                 except Exception as e:  # noqa: BLE001
                     return self._fail_rows_of(batch, {row.request_id}, e)
         try:
-            sampled = self.runner.execute(batch, self.requests)
+            launched = self.runner.launch(batch, self.requests)
         except RequestFault as f:
             return self._fail_rows_of(batch, {f.request_id}, f.cause)
         except Exception as e:  # noqa: BLE001 - a failed forward may have written part of every row's state
-            logger.exception("forward failed; failing the %d requests of this batch", len(batch.rows))
-            return self._fail_rows_of(batch, {r.request_id for r in batch.rows}, e)
-        self._process(sampled)
+            return self._forward_failed(batch, e)
+        self._emit_pending()  # the previous step's text, while the device runs this one
+        try:
+            sampled = launched.result()
+        except Exception as e:  # noqa: BLE001 - as above: the device failed somewhere in the step
+            return self._forward_failed(batch, e)
+        self._accept(sampled)
         self._record_step(batch)
+        if not self.scheduler.has_work():
+            self._emit_pending()
         return batch.num_tokens
+
+    def _forward_failed(self, batch: ScheduledBatch, cause: BaseException) -> int:
+        logger.error("forward failed; failing the %d requests of this batch", len(batch.rows), exc_info=cause)
+        return self._fail_rows_of(batch, {r.request_id for r in batch.rows}, cause)
 
     def _fail_rows_of(self, batch: ScheduledBatch, request_ids: set[str], cause: BaseException) -> int:
         """Fail `request_ids`. Every other row of the batch did not run (a per-request fault is raised before
@@ -192,14 +213,15 @@ class EngineCore:
             )
         return 0
 
-    def _process(self, sampled: list[SampledToken]) -> None:
+    def _accept(self, sampled: list[SampledToken]) -> None:
+        """What the next schedule depends on: append each token to its row, finish the choices that
+        end with it, free their slots. The text is left to `_emit_pending`."""
         now = time.monotonic()
         for tok in sampled:
             er = self.requests.get(tok.request_id)
             if er is None or er.sched.finished[tok.choice]:
                 continue
-            row = er.rows[tok.choice]
-            row.output_token_ids.append(tok.token_id)
+            er.rows[tok.choice].output_token_ids.append(tok.token_id)
             st = er.stats
             if st.first_token_time is None:
                 st.first_token_time = st.prefill_done_time = now
@@ -207,16 +229,31 @@ class EngineCore:
                 st.token_intervals.append(now - st.last_token_time)
             if tok.choice == 0:
                 st.last_token_time = now
-            res = er.decoders[tok.choice].append(tok.token_id)
+            dec = er.decoders[tok.choice]
+            res = dec.append(tok.token_id) if dec.ends_on_text else None
+            finished = res.finish_reason is not None if res is not None else dec.finishes_with(tok.token_id)
+            done = finished and self.scheduler.finish_choice(er.request_id, tok.choice)
+            if done:
+                self.requests.pop(er.request_id, None)
+            self._pending.append((er, tok, res, done))
+
+    def _emit_pending(self) -> None:
+        """Detokenize the accepted tokens that have no text yet and emit their deltas, in order."""
+        if not self._pending:
+            return
+        items, self._pending = self._pending, []
+        for er, tok, res, done in items:
+            if res is None:
+                res = er.decoders[tok.choice].append(tok.token_id)
             lp = self._logprobs(tok) if tok.logprob is not None else None
             if res.finish_reason is None:  # emitted even with no text yet (a split UTF-8 character)
                 er.emit(Delta(er.request_id, tok.choice, res.text, (tok.token_id,), lp))
                 continue
-            done = self.scheduler.finish_choice(er.request_id, tok.choice)
             er.emit(self._final(er, tok.choice, res.text, res.finish_reason, res.stop_reason, None, tok, lp))
             if done:
-                self.requests.pop(er.request_id, None)
                 self._finish_stats(er, res.finish_reason)
+        if self.on_emit is not None:
+            self.on_emit()
 
     def _final(
         self,
@@ -343,6 +380,7 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._num_pending = 0  # submitted, not yet admitted into the scheduler's waiting queue or beyond
         self._outbox: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, Delta | BaseException]] = []
+        core.on_emit = self._flush  # deltas made mid-step go out at once, not after the step's sync
 
     # -- lifecycle --------------------------------------------------------------------------------------
     def start(self) -> None:

@@ -11,7 +11,7 @@ import torch
 from cache.pool import StatePool
 from model.batch import BatchMeta, upload
 from scheduler import ScheduledBatch, ScheduledRow
-from serving.sampler import SampleOutput, Sampler, SamplingRow
+from serving.sampler import PendingSample, SampleOutput, Sampler, SamplingRow
 from serving.sequence import EngineRequest, VisionCache
 
 logger = logging.getLogger(__name__)
@@ -23,6 +23,24 @@ class SampledToken:
     choice: int
     token_id: int
     logprob: tuple[float, list[tuple[int, float]]] | None
+
+
+class PendingStep:
+    """A launched step whose sampled tokens may still be on the device (ModelRunner.launch)."""
+
+    def __init__(self, sample: PendingSample | None, keys: list[tuple[str, int]]) -> None:
+        self._sample = sample
+        self._keys = keys  # (request id, choice) of each sampled row
+
+    def result(self) -> list[SampledToken]:
+        """Wait for the device; the step's tokens in row order."""
+        if self._sample is None:
+            return []
+        out: SampleOutput = self._sample.result()
+        return [
+            SampledToken(rid, c, tok, lp)
+            for (rid, c), tok, lp in zip(self._keys, out.token_ids, out.logprobs, strict=True)
+        ]
 
 
 class RequestFault(Exception):
@@ -46,9 +64,16 @@ class ModelRunner:
         self.vision_seconds = 0.0  # accumulated encoder time, read and reset by the engine for metrics
         self.vision_items = (0, 0)  # (images, video frames) encoded since the last read
 
-    @torch.inference_mode()
     def execute(self, batch: ScheduledBatch, reqs: dict[str, EngineRequest]) -> list[SampledToken]:
-        """Run one step. Raises RequestFault for a per-request input problem (nothing ran)."""
+        """Run one step and wait for its tokens. Raises RequestFault for a per-request input problem
+        (nothing ran)."""
+        return self.launch(batch, reqs).result()
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, reqs: dict[str, EngineRequest]) -> PendingStep:
+        """Enqueue one step (forward and sampling) without waiting for the device; `result()` of the
+        returned handle waits and gives the sampled tokens. Raises RequestFault for a per-request
+        input problem (nothing ran)."""
         for row in batch.rows:
             if row.is_prefill:
                 self._ensure_vision(reqs[row.request_id])
@@ -76,7 +101,7 @@ class ModelRunner:
 
     def _sample(
         self, logits: torch.Tensor, rows: list[ScheduledRow], reqs: dict[str, EngineRequest]
-    ) -> list[SampledToken]:
+    ) -> PendingStep:
         # a final prefill row of an n-choice request samples every choice from the same logits
         index: list[int] = []
         srows: list[SamplingRow] = []
@@ -89,14 +114,10 @@ class ModelRunner:
                 srows.append(er.rows[c])
                 keys.append((row.request_id, c))
         if not srows:
-            return []
+            return PendingStep(None, [])
         if len(index) != logits.shape[0] or index != list(range(len(index))):
             logits = logits[torch.tensor(index, dtype=torch.int64, device=logits.device)]
-        out: SampleOutput = self.sampler(logits.float(), srows)
-        return [
-            SampledToken(rid, c, tok, lp)
-            for (rid, c), tok, lp in zip(keys, out.token_ids, out.logprobs, strict=True)
-        ]
+        return PendingStep(self.sampler.launch(logits.float(), srows), keys)
 
     def _decode_inputs(
         self, batch: ScheduledBatch, reqs: dict[str, EngineRequest]

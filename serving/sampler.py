@@ -77,13 +77,19 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleOutput:
         """logits: [B, V] float32 (not modified); rows: B rows in the same order."""
+        return self.launch(logits, rows).result()
+
+    def launch(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> PendingSample:
+        """Enqueue the sampling of `__call__` without waiting for the device: the tokens (and logprobs)
+        are copied into host memory asynchronously; `result()` waits for that copy."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits {tuple(logits.shape)} do not match {len(rows)} rows")
         logprobs = _raw_logprobs(logits, rows)
         chosen = self._select(_process_logits(logits, rows), rows)  # [B] int64 on the logits' device
         if logprobs is None:
-            return SampleOutput(token_ids=chosen.tolist(), logprobs=[None] * len(rows))
-        return _with_logprobs(logprobs, chosen, rows)
+            return PendingSample(*_to_host(chosen), rows, None)
+        max_k = max(row.params.logprobs or 0 for row in rows)
+        return PendingSample(*_to_host(_pack_logprobs(logprobs, chosen, max_k)), rows, max_k)
 
     def _select(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         chosen = torch.argmax(logits, dim=-1)  # [B]; ties resolve to the lowest id
@@ -126,26 +132,58 @@ def _raw_logprobs(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Te
     return torch.log_softmax(logits.float(), dim=-1)
 
 
-def _with_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleOutput:
-    """Gather chosen and top-k logprobs on the device; one device-to-host transfer for everything."""
-    max_k = max(row.params.logprobs or 0 for row in rows)
+def _pack_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, max_k: int) -> torch.Tensor:
+    """[B, 2 + 2 max_k] float64 on the device: chosen id, its logprob, top-k ids, top-k logprobs
+    (float64 holds int64 token ids < 2**53 and float32 logprobs exactly), so one transfer brings all."""
     chosen_lp = logprobs.gather(1, chosen.unsqueeze(1))  # [B, 1]
     top_vals, top_ids = logprobs.topk(max_k, dim=-1)  # [B, max_k], sorted desc
-    # float64 holds int64 token ids (< 2**53) and float32 logprobs exactly
-    packed = torch.cat(
+    return torch.cat(
         [chosen.unsqueeze(1).double(), chosen_lp.double(), top_ids.double(), top_vals.double()], 1
     )
-    token_ids: list[int] = []
-    out: list[tuple[float, list[tuple[int, float]]] | None] = []
-    for row, values in zip(rows, packed.tolist(), strict=True):
-        token_ids.append(int(values[0]))
-        k = row.params.logprobs
-        if k is None:
-            out.append(None)
-            continue
-        ids, vals = values[2 : 2 + k], values[2 + max_k : 2 + max_k + k]
-        out.append((values[1], [(int(t), v) for t, v in zip(ids, vals, strict=True)]))
-    return SampleOutput(token_ids=token_ids, logprobs=out)
+
+
+def _to_host(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """(host copy of t, event that marks the copy done): a non-blocking copy into pinned memory on CUDA,
+    t itself elsewhere."""
+    if t.device.type != "cuda":
+        return t, None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
+
+
+class PendingSample:
+    """Sampled tokens still on their way to the host (Sampler.launch)."""
+
+    def __init__(
+        self,
+        host: torch.Tensor,
+        done: torch.cuda.Event | None,
+        rows: Sequence[SamplingRow],
+        max_k: int | None,
+    ) -> None:
+        self._host, self._done, self._rows, self._max_k = host, done, rows, max_k
+
+    def result(self) -> SampleOutput:
+        """Wait for the copy; the tokens and, where asked for, (chosen logprob, top-k) per row."""
+        if self._done is not None:
+            self._done.synchronize()
+        if self._max_k is None:
+            return SampleOutput(token_ids=self._host.tolist(), logprobs=[None] * len(self._rows))
+        max_k = self._max_k
+        token_ids: list[int] = []
+        out: list[tuple[float, list[tuple[int, float]]] | None] = []
+        for row, values in zip(self._rows, self._host.tolist(), strict=True):
+            token_ids.append(int(values[0]))
+            k = row.params.logprobs
+            if k is None:
+                out.append(None)
+                continue
+            ids, vals = values[2 : 2 + k], values[2 + max_k : 2 + max_k + k]
+            out.append((values[1], [(int(t), v) for t, v in zip(ids, vals, strict=True)]))
+        return SampleOutput(token_ids=token_ids, logprobs=out)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -49,16 +49,31 @@ class ChoiceDecoder:
     def is_finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def ends_on_text(self) -> bool:
+        """Whether a token can finish this choice through its text (stop strings), so that only
+        `append` knows; otherwise `finishes_with` tells without detokenizing."""
+        return bool(self.stop_strings)
+
+    def finishes_with(self, token_id: int) -> bool:
+        """Whether `append(token_id)` will finish the choice by token id or length (not by stop string)."""
+        return self._ends(token_id, self.num_tokens + 1)[1]
+
+    def _ends(self, token_id: int, num_tokens: int) -> tuple[bool, bool]:
+        """(is a stop token, is the last token) for the num_tokens-th generated token."""
+        checks_on = num_tokens >= self.params.min_tokens
+        is_stop_token = checks_on and (token_id in self.eos_token_ids or token_id in self.stop_token_ids)
+        return is_stop_token, is_stop_token or num_tokens >= self.params.max_tokens
+
     def append(self, token_id: int) -> StepResult:
         """Account one generated token; return the newly released text and the finish reason if any."""
         if self.is_finished:
             raise RuntimeError("append() after the choice finished")
         self.num_tokens += 1
         checks_on = self.num_tokens >= self.params.min_tokens
-        is_stop_token = checks_on and (token_id in self.eos_token_ids or token_id in self.stop_token_ids)
+        is_stop_token, is_last = self._ends(token_id, self.num_tokens)
         if not is_stop_token:  # a stop token's own text is never emitted
             self._pending += self.detokenizer.add(token_id)
-        is_last = is_stop_token or self.num_tokens >= self.params.max_tokens
         if is_last:
             self._pending += self.detokenizer.flush()
         if checks_on and self.stop_strings:

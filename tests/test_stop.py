@@ -198,3 +198,26 @@ def test_random_texts_against_reference(tok: Any) -> None:
             assert decoder.text == expected, (text, stops)
             assert results[-1].stop_reason == reason
             assert results[-1].finish_reason == ("stop" if reason else "length")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_finishes_with_predicts_append(tok: Any, seed: int) -> None:
+    """Without stop strings, `finishes_with(t)` (no detokenization) says whether `append(t)` finishes
+    the choice: eos and stop ids, min_tokens holding them back, max_tokens, ignore_eos."""
+    rng = random.Random(seed)
+    eos = next(iter(_eos(tok)))
+    max_tokens = rng.randrange(1, 40)
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        min_tokens=min(rng.randrange(0, 6), max_tokens),
+        stop_token_ids=[rng.randrange(len(tok))],
+        ignore_eos=rng.random() < 0.3,
+    )
+    decoder = ChoiceDecoder(tok, params, _eos(tok))
+    assert not decoder.ends_on_text
+    specials = [eos, *params.stop_token_ids]
+    while not decoder.is_finished:
+        tid = rng.choice(specials) if rng.random() < 0.15 else rng.randrange(len(tok))
+        predicted = decoder.finishes_with(tid)
+        assert predicted == (decoder.append(tid).finish_reason is not None)
+    assert ChoiceDecoder(tok, SamplingParams(stop=["x"]), _eos(tok)).ends_on_text

@@ -1,0 +1,164 @@
+"""The engine's overlap of host work with the device: a step's text is made and emitted during the next
+step, between that step's launch and its wait; what scheduling depends on is settled before."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from serving.llm import LLM, Prompt
+from serving.types import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_ckpt_dir) -> LLM:
+    return LLM(str(tiny_ckpt_dir), device="cpu", dtype="float32", max_num_seqs=4, max_num_batched_tokens=64)
+
+
+class Recorder:
+    """Wraps the runner's launch and its handles' result; records them with the deltas, in order."""
+
+    def __init__(self, core: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.events: list[tuple[str, Any]] = []
+        self.batches: list[Any] = []
+        launch = core.runner.launch
+
+        def recording_launch(batch: Any, reqs: Any) -> Any:
+            self.events.append(("launch", len(self.batches)))
+            self.batches.append(batch)
+            handle = launch(batch, reqs)
+            result, step = handle.result, len(self.batches) - 1
+
+            def recording_result() -> Any:
+                self.events.append(("result", step))
+                return result()
+
+            handle.result = recording_result
+            return handle
+
+        monkeypatch.setattr(core.runner, "launch", recording_launch)
+
+    def emit(self, d: Any) -> None:
+        self.events.append(("delta", d))
+
+
+def _add(llm: LLM, rec: Recorder, text: str, params: SamplingParams) -> str:
+    req = llm.make_request(Prompt(messages=[{"role": "user", "content": text}]), params)
+    llm.core.validate(req)
+    llm.core.add(req, rec.emit)
+    return req.request_id
+
+
+def _run(llm: LLM) -> None:
+    while llm.core.scheduler.has_work():
+        llm.core.step()
+
+
+def test_text_of_a_step_is_emitted_while_the_next_step_runs(llm: LLM, monkeypatch) -> None:
+    rec = Recorder(llm.core, monkeypatch)
+    rid = _add(llm, rec, "count to ten", SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+    _run(llm)
+    kinds = [k if k != "delta" else ("delta", v.token_ids) for k, v in rec.events]
+    steps = len(rec.batches)
+    assert steps == 6  # one prefill step (samples token 1), five decode steps
+    # every step's tokens but the last are emitted between the next launch and the next wait
+    for step in range(steps - 1):
+        at_launch = rec.events.index(("launch", step + 1))
+        at_result = rec.events.index(("result", step + 1))
+        between = [v for k, v in rec.events[at_launch:at_result] if k == "delta"]
+        assert len(between) == 1 and between[0].request_id == rid, kinds
+    # the last step's text goes out before step() returns (nothing follows it)
+    last = [v for k, v in rec.events[rec.events.index(("result", steps - 1)) :] if k == "delta"]
+    assert len(last) == 1 and last[0].finish_reason == "length"
+    assert not llm.core._pending
+
+
+def test_finished_choices_are_never_scheduled_again(llm: LLM, monkeypatch) -> None:
+    """A choice ending on its length, a stop token or a stop string leaves the very next batch."""
+    greedy = {"temperature": 0.0, "ignore_eos": True}
+
+    def run(stop_id: list[int], stop: list[str]) -> tuple[Recorder, dict[str, str]]:
+        with monkeypatch.context() as m:
+            rec = Recorder(llm.core, m)
+            rids = {
+                "length": _add(llm, rec, "tell a story", SamplingParams(max_tokens=3, **greedy)),
+                "stop id": _add(
+                    llm, rec, "a story", SamplingParams(max_tokens=12, stop_token_ids=stop_id, **greedy)
+                ),
+                "stop string": _add(llm, rec, "story", SamplingParams(max_tokens=12, stop=stop, **greedy)),
+            }
+            _run(llm)
+        return rec, rids
+
+    # the same batch without stop conditions: what the stopped requests would say
+    probe, probe_ids = run([], [])
+    said = {
+        name: [v for k, v in probe.events if k == "delta" and v.request_id == rid]
+        for name, rid in probe_ids.items()
+    }
+    stop_id = said["stop id"][4].token_ids[0]
+    text = "".join(d.text for d in said["stop string"])
+    stop_word = next(w for w in text.split() if len(w) > 2)
+    rec, rids = run([stop_id], [stop_word])
+    deltas = [v for k, v in rec.events if k == "delta"]
+    for name, rid in rids.items():
+        mine = [d for d in deltas if d.request_id == rid]
+        assert mine[-1].finish_reason == ("length" if name == "length" else "stop"), name
+        assert all(d.finish_reason is None for d in mine[:-1]), name
+        rows = [
+            i for i, b in enumerate(rec.batches) if any(r.request_id == rid and r.is_sampled for r in b.rows)
+        ]
+        # sampled in consecutive steps, one token each, and never scheduled after the last
+        assert len(rows) == len(mine) and rows == list(range(rows[0], rows[0] + len(rows))), name
+        assert not any(r.request_id == rid for b in rec.batches[rows[-1] + 1 :] for r in b.rows), name
+    assert len([d for d in deltas if d.request_id == rids["stop id"]]) <= 5
+    stopped = "".join(d.text for d in deltas if d.request_id == rids["stop string"])
+    assert stop_word not in stopped and text.startswith(stopped) and len(stopped) < len(text)
+
+
+def test_abort_emits_the_pending_text_first(llm: LLM, monkeypatch) -> None:
+    rec = Recorder(llm.core, monkeypatch)
+    rid = _add(llm, rec, "go on", SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True))
+    for _ in range(4):
+        llm.core.step()
+    assert llm.core._pending  # the last step's text waits for the next step
+    llm.core.abort(rid)
+    mine = [v for k, v in rec.events if k == "delta"]
+    assert len(mine) == 5 and [d.finish_reason for d in mine] == [None, None, None, None, "abort"]
+    assert not llm.core._pending and llm.core.pool.num_free == llm.core.pool.num_slots
+
+
+@pytest.mark.parametrize("where", ["launch", "wait"])
+def test_a_failed_step_fails_its_batch_and_the_engine_goes_on(llm: LLM, monkeypatch, where: str) -> None:
+    """A step whose launch raises, or whose wait for the device does, fails the requests of its batch
+    (after the text of their earlier tokens), frees their slots, and the next request is served."""
+    rec = Recorder(llm.core, monkeypatch)
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    rids = [_add(llm, rec, "first", params), _add(llm, rec, "second", params)]
+    for _ in range(3):
+        llm.core.step()
+    assert len(llm.core._pending) == 2
+    launch = llm.core.runner.launch
+
+    def failing_launch(batch: Any, reqs: Any) -> Any:
+        if where == "launch":
+            raise RuntimeError("device fault")
+        handle = launch(batch, reqs)
+
+        def fail() -> Any:
+            raise RuntimeError("device fault")
+
+        handle.result = fail
+        return handle
+
+    with monkeypatch.context() as m:
+        m.setattr(llm.core.runner, "launch", failing_launch)
+        llm.core.step()
+    for rid in rids:
+        mine = [v for k, v in rec.events if k == "delta" and v.request_id == rid]
+        assert [d.finish_reason for d in mine] == [None] * (len(mine) - 1) + ["error"]
+        assert len(mine) == 4  # the tokens of steps 1-3 (step 3's text still pending at the fault), the error
+    assert not llm.core.requests and llm.core.pool.num_free == llm.core.pool.num_slots
+    out = llm.generate(["again"], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    assert len(out[0].choices[0].token_ids) == 4 and out[0].choices[0].finish_reason == "length"
