@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -17,8 +17,7 @@ from serving.sequence import EngineRequest, VisionCache
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class SampledToken:
+class SampledToken(NamedTuple):  # one per sampled row per step: a tuple is the cheapest record
     request_id: str
     choice: int
     token_id: int
