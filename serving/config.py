@@ -24,6 +24,7 @@ class EngineConfig:
     max_prompt_len: int = 1_048_576  # memory is constant per request; this bounds work per request
     max_tokens_limit: int = 32_768  # largest max_tokens a request may ask for
     enforce_eager: bool = False  # no CUDA graphs
+    async_output: bool = True  # make and emit a step's text while the device runs the next step
     seed: int = 0  # default generator of unseeded sampling
 
     @property

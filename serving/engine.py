@@ -153,7 +153,8 @@ class EngineCore:
         next step, after that step's launch: the host does it while the device computes. What the next
         schedule needs is settled before it: each token is appended to its row, and a choice that ends on
         a token id or on its length (or on a stop string, which is checked at once for choices that have
-        them) releases its slot. With no step to follow, the text is emitted before returning."""
+        them) releases its slot. With no step to follow, or with `async_output` off, the text is emitted
+        before returning."""
         self._expire_deadlines()
         batch = self.scheduler.schedule()
         if batch.is_empty:
@@ -182,7 +183,7 @@ class EngineCore:
             return self._forward_failed(batch, e)
         self._accept(sampled)
         self._record_step(batch)
-        if not self.scheduler.has_work():
+        if not self.config.async_output or not self.scheduler.has_work():
             self._emit_pending()
         return batch.num_tokens
 

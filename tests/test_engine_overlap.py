@@ -162,3 +162,17 @@ def test_a_failed_step_fails_its_batch_and_the_engine_goes_on(llm: LLM, monkeypa
     assert not llm.core.requests and llm.core.pool.num_free == llm.core.pool.num_slots
     out = llm.generate(["again"], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     assert len(out[0].choices[0].token_ids) == 4 and out[0].choices[0].finish_reason == "length"
+
+
+def test_async_output_off_emits_each_step_before_the_next_launch(tiny_ckpt_dir, monkeypatch) -> None:
+    """--disable-async-output: the text of a step goes out before step() returns, as one stream."""
+    seq = LLM(str(tiny_ckpt_dir), device="cpu", dtype="float32", max_num_seqs=2, async_output=False)
+    rec = Recorder(seq.core, monkeypatch)
+    _add(seq, rec, "count to ten", SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))
+    steps = 0
+    while seq.core.scheduler.has_work():
+        seq.core.step()
+        steps += 1
+        assert not seq.core._pending
+        assert rec.events[-1][0] == "delta" and rec.events[-2] == ("result", steps - 1)
+    assert steps == 5
