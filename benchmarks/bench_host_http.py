@@ -147,7 +147,7 @@ def main() -> None:
     step_log.write_text("")
     url = f"http://127.0.0.1:{args.port}"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    server = subprocess.Popen([sys.executable, __file__, "--serve", str(step_log), "--server-args", args.server_args,
+    server = subprocess.Popen([sys.executable, __file__, "--serve", str(step_log), f"--server-args={args.server_args}",
                                "--clients", args.clients, "--port", str(args.port)], env=env)  # fmt: skip
     rows = []
     try:
