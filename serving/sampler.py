@@ -199,6 +199,10 @@ class PendingSample:
 
 
 def _process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """The logits after bias, min_tokens and penalties: a new tensor, or the input itself (float) when no
+    row has any of them (the common case; the selection after this never writes to its input)."""
+    if not any(_has_processor(row) for row in rows):
+        return logits.float()
     logits = logits.float().clone()
     apply_logit_bias(logits, rows)
     apply_min_tokens(logits, rows)
@@ -243,6 +247,12 @@ def _index_add(logits: torch.Tensor, row_idx: list[int], tok_idx: list[int], val
     r, t = _on(row_idx, logits.device), _on(tok_idx, logits.device)
     v = _on(values, logits.device, logits.dtype)
     logits.index_put_((r, t), v, accumulate=True)
+
+
+def _has_processor(row: SamplingRow) -> bool:
+    """Whether any logits processor changes this row's logits this step."""
+    p = row.params
+    return bool(p.logit_bias) or len(row.output_token_ids) < p.min_tokens or _has_penalty(p)
 
 
 def _has_penalty(params: SamplingParams) -> bool:

@@ -75,6 +75,22 @@ def test_input_logits_not_modified() -> None:
     assert torch.equal(logits, before)
 
 
+def test_input_logits_not_modified_without_processors() -> None:
+    """No row has bias, min_tokens or penalties: the selection runs on the input itself (no copy)
+    and must not write to it, whatever the warpers."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(5))
+    before = logits.clone()
+    rows = [
+        _row(temperature=0.0),
+        _row(temperature=0.7, top_p=0.5, seed=1),
+        _row(temperature=1.5, top_k=3, min_p=0.05, seed=2),
+        _row(output=[1, 2, 3], min_tokens=2, seed=3),  # min_tokens already met
+    ]
+    out = Sampler()(logits, rows)
+    assert torch.equal(logits, before)
+    assert out.token_ids[0] == int(before[0].argmax())
+
+
 def test_logit_bias_forces_token() -> None:
     logits = torch.randn(2, 100, generator=torch.Generator().manual_seed(3))
     rows = [_row(temperature=0.0, logit_bias={42: 100.0}), _row(seed=7, logit_bias={17: 100.0})]
