@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: the whole GPU measurement campaign (results under $OUT).
 #   1. real-shape random checkpoint   2. HTTP server end to end (1/16/64/256 clients)
-#   3. decode and prefill step times (bench_gpu.py), if time remains
+#   3. with AB_ASYNC=1, HTTP at 64 and 256 clients again with --disable-async-output (the overlap's A/B)
+#   4. decode and prefill step times (bench_gpu.py), if time remains
 # Run on the device with the carried wheels in .whl/ (fastapi, uvicorn, sse-starlette, pydantic, av, fla).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -32,6 +33,18 @@ done
 curl -s localhost:8000/metrics | grep -E "^infinitevl:(slots|num_requests|generation_tokens_total|prompt_tokens_total)" > "$OUT/metrics_after.txt"
 kill -TERM $SERVER; wait $SERVER; echo "server exit code $?"
 grep -iE "state pool|slots" "$OUT/server.log" | head -5
+
+if [ "${AB_ASYNC:-0}" = 1 ]; then  # the same HTTP runs with the sequential output order, for the overlap's A/B
+  python3 -m serving serve --model /tmp/ivl4b --device cuda --port 8001 --max-num-seqs 256 \
+    --max-num-batched-tokens 8192 --log-level warning --disable-async-output > "$OUT/server_sync.log" 2>&1 &
+  SERVER=$!
+  for _ in $(seq 1 240); do curl -sf localhost:8001/health >/dev/null && break; sleep 1; done
+  for c in 64 256; do
+    timeout 120 python3 benchmarks/bench_http.py --url http://127.0.0.1:8001 --clients $c --requests $c \
+      --prompt-len 512 --output-len 256 --out "$OUT/http_sync_c$c.json" 2>&1 | tail -2
+  done
+  kill -TERM $SERVER; wait $SERVER
+fi
 
 left=$(( 540 - ($(date +%s) - t0) ))
 echo "seconds left for bench_gpu: $left"
