@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -15,6 +16,11 @@ def upload(x: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     if device.type != "cuda":
         return x.to(device)
     return x.pin_memory().to(device, non_blocking=True)
+
+
+def upload_values(values: Any, device: torch.device | str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`torch.tensor(values, dtype)` on `device` through `upload` (never waits for queued kernels)."""
+    return upload(torch.tensor(values, dtype=dtype), device)
 
 
 @dataclass(frozen=True)
@@ -67,7 +73,7 @@ class BatchMeta:
         stride = b + (b & 1)
         pad = [0] * (stride - b)
         packed = [*slot_ids, *pad, *context_lens, *pad, *(c - 1 for c in cu[1:]), *pad, *cu]
-        dev = upload(torch.tensor(packed, dtype=torch.int64), device)
+        dev = upload_values(packed, device, torch.int64)
         return BatchMeta(
             slot_ids=dev[:b],
             cu_seqlens=dev[3 * stride :].to(torch.int32),

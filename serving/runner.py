@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 
 from cache.pool import StatePool
-from model.batch import BatchMeta, upload
+from model.batch import BatchMeta, upload, upload_values
 from scheduler import ScheduledBatch, ScheduledRow
 from serving.sampler import PendingSample, SampleOutput, Sampler, SamplingRow
 from serving.sequence import EngineRequest, VisionCache
@@ -91,7 +91,7 @@ class ModelRunner:
             embeds = self._embeds(batch, reqs, input_ids)
             hidden = self.model.forward(input_ids, positions, meta, self.pool.state, inputs_embeds=embeds)
             which = [i for i, r in enumerate(batch.rows) if r.is_sampled]
-            last = meta.logits_indices[upload(torch.tensor(which, dtype=torch.int64), self.device)]
+            last = meta.logits_indices[upload_values(which, self.device, torch.int64)]
             logits = self.model.compute_logits(hidden[last])
         for row in batch.rows:
             for dst in row.fork_to:
@@ -115,7 +115,7 @@ class ModelRunner:
         if not srows:
             return PendingStep(None, [])
         if len(index) != logits.shape[0] or index != list(range(len(index))):
-            logits = logits[upload(torch.tensor(index, dtype=torch.int64), logits.device)]
+            logits = logits[upload_values(index, logits.device, torch.int64)]
         return PendingStep(self.sampler.launch(logits.float(), srows), keys)
 
     def _decode_inputs(

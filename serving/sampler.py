@@ -13,21 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
-from model.batch import upload
+from model.batch import upload_values  # small host tensors that never wait for the queued forward
 from serving.types import SamplingParams
 
 _MASK_64 = (1 << 64) - 1
 _TINY = 1e-20  # floor for exponential noise so that log(E) stays finite
-
-
-def _on(values: Any, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """torch.tensor(values, dtype) on `device` without waiting for the device: a plain upload to CUDA
-    would wait for the step's forward, which the engine overlaps with the previous step's output work."""
-    return upload(torch.tensor(values, dtype=dtype), device)
 
 
 @dataclass
@@ -103,7 +96,7 @@ class Sampler:
         chosen = torch.argmax(logits, dim=-1)  # [B]; ties resolve to the lowest id
         random_rows = [i for i, row in enumerate(rows) if not row.params.is_greedy]
         if random_rows:
-            idx = _on(random_rows, logits.device)
+            idx = upload_values(random_rows, logits.device)
             sub_rows = [rows[i] for i in random_rows]
             chosen = chosen.index_copy(0, idx, self._sample(logits.index_select(0, idx), sub_rows))
         return chosen
@@ -120,7 +113,7 @@ class Sampler:
         if len(unseeded) == len(rows):
             return noise.exponential_(generator=self.generator)
         if unseeded:
-            idx = _on(unseeded, logits.device)
+            idx = upload_values(unseeded, logits.device)
             fill = torch.empty(len(unseeded), logits.shape[1], device=logits.device, dtype=logits.dtype)
             noise.index_copy_(0, idx, fill.exponential_(generator=self.generator))
         for i, row in enumerate(rows):
@@ -239,13 +232,13 @@ def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
                 row_idx.append(i)
                 tok_idx.append(tok)
     if row_idx:
-        r, t = _on(row_idx, logits.device), _on(tok_idx, logits.device)
-        logits.index_put_((r, t), _on(float("-inf"), logits.device))
+        r, t = upload_values(row_idx, logits.device), upload_values(tok_idx, logits.device)
+        logits.index_put_((r, t), upload_values(float("-inf"), logits.device))
 
 
 def _index_add(logits: torch.Tensor, row_idx: list[int], tok_idx: list[int], values: list[float]) -> None:
-    r, t = _on(row_idx, logits.device), _on(tok_idx, logits.device)
-    v = _on(values, logits.device, logits.dtype)
+    r, t = upload_values(row_idx, logits.device), upload_values(tok_idx, logits.device)
+    v = upload_values(values, logits.device, logits.dtype)
     logits.index_put_((r, t), v, accumulate=True)
 
 
@@ -268,7 +261,7 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
         return
     device = logits.device
     active_rows = [rows[i] for i in active]
-    idx = _on(active, device)
+    idx = upload_values(active, device)
     sub = logits.index_select(0, idx)  # [A, V]
     counts = _output_counts(active_rows, logits.shape[1], device)  # [A, V] f32
     prompt_mask = torch.stack([_prompt_mask(row, logits.shape[1], device) for row in active_rows])
@@ -276,7 +269,7 @@ def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
         [r.params.repetition_penalty, r.params.frequency_penalty, r.params.presence_penalty]
         for r in active_rows
     ]
-    rep, freq, pres = _on(values, device, sub.dtype).unsqueeze(2).unbind(1)  # [A, 1] each
+    rep, freq, pres = upload_values(values, device, sub.dtype).unsqueeze(2).unbind(1)  # [A, 1] each
     seen = prompt_mask | (counts > 0)
     sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
     sub = sub - freq * counts - pres * (counts > 0).to(sub.dtype)
@@ -287,7 +280,7 @@ def _prompt_mask(row: SamplingRow, vocab_size: int, device: torch.device) -> tor
     """[V] bool of tokens in the prompt, built once per row."""
     if row._prompt_mask is None or row._prompt_mask.device != device:
         mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-        ids = _on(list(row.prompt_token_ids), device, torch.long)
+        ids = upload_values(list(row.prompt_token_ids), device, torch.long)
         mask[ids[(ids >= 0) & (ids < vocab_size)]] = True
         row._prompt_mask = mask
     return row._prompt_mask
@@ -314,7 +307,7 @@ def _output_counts(rows: Sequence[SamplingRow], vocab_size: int, device: torch.d
         tok_idx.extend(new)
         row._num_counted = len(row.output_token_ids)
     if tok_idx:
-        pairs = _on([row_idx, tok_idx], device, torch.long)
+        pairs = upload_values([row_idx, tok_idx], device, torch.long)
         counts.index_put_((pairs[0], pairs[1]), torch.ones((), device=device), accumulate=True)
         torch._foreach_copy_([row._output_counts for row in rows], list(counts.unbind(0)))  # type: ignore[misc]
     return counts
@@ -326,7 +319,7 @@ def _output_counts(rows: Sequence[SamplingRow], vocab_size: int, device: torch.d
 
 def apply_temperature(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     """logits / temperature per row; rows here are never greedy, so temperature > 0."""
-    temps = _on([row.params.temperature for row in rows], logits.device)
+    temps = upload_values([row.params.temperature for row in rows], logits.device)
     return logits / temps.to(logits.dtype).unsqueeze(1)
 
 
@@ -351,14 +344,14 @@ def _top_k_top_p(
     remove = torch.zeros_like(sorted_vals, dtype=torch.bool)
     if use_top_k:
         k = [row.params.top_k if 0 < row.params.top_k < vocab_size else vocab_size for row in rows]
-        kth = sorted_vals.gather(1, _on(k, device).unsqueeze(1) - 1)  # [R, 1]
+        kth = sorted_vals.gather(1, upload_values(k, device).unsqueeze(1) - 1)  # [R, 1]
         remove = sorted_vals < kth  # ties with the k-th value stay
         sorted_vals = sorted_vals.masked_fill(remove, float("-inf"))
     if use_top_p:
         probs = torch.softmax(sorted_vals, dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs  # probability of strictly better-ranked tokens
         top_p = [row.params.top_p if row.params.top_p < 1.0 else float("inf") for row in rows]
-        remove = remove | (mass_before >= _on(top_p, device).unsqueeze(1))
+        remove = remove | (mass_before >= upload_values(top_p, device).unsqueeze(1))
     mask = torch.zeros_like(remove).scatter(1, order, remove)
     return logits.masked_fill(mask, float("-inf"))
 
@@ -370,7 +363,7 @@ def _top_k_only(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tens
     if max(k) == 0:  # every k covers the whole vocabulary
         return logits
     top_vals = logits.topk(max(k), dim=-1).values  # [R, max_k] sorted desc
-    k_t = _on(k, logits.device).unsqueeze(1)
+    k_t = upload_values(k, logits.device).unsqueeze(1)
     kth = top_vals.gather(1, (k_t - 1).clamp_min(0))
     kth = kth.masked_fill(k_t == 0, float("-inf"))
     return logits.masked_fill(logits < kth, float("-inf"))
@@ -378,6 +371,6 @@ def _top_k_only(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tens
 
 def _min_p(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     probs = torch.softmax(logits, dim=-1)
-    min_p = _on([row.params.min_p for row in rows], logits.device).unsqueeze(1)
+    min_p = upload_values([row.params.min_p for row in rows], logits.device).unsqueeze(1)
     threshold = probs.max(dim=-1, keepdim=True).values * min_p
     return logits.masked_fill(probs < threshold, float("-inf"))
