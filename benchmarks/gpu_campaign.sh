@@ -16,15 +16,21 @@ t0=$(date +%s)
   python3 benchmarks/make_random_checkpoint.py --config benchmarks/configs/infinitevl-4b-config.json --out /tmp/ivl4b
 echo "checkpoint written in $(( $(date +%s) - t0 )) s"
 
-python3 -m serving serve --model /tmp/ivl4b --device cuda --port 8000 --max-num-seqs 256 \
-  --max-num-batched-tokens 8192 --log-level warning > "$OUT/server.log" 2>&1 &
-SERVER=$!
-for _ in $(seq 1 240); do
-  curl -sf localhost:8000/health >/dev/null && break
-  kill -0 $SERVER 2>/dev/null || { echo "server died"; tail -50 "$OUT/server.log"; exit 1; }
-  sleep 1
-done
-echo "server ready after $(( $(date +%s) - t0 )) s"
+start_server() {  # PORT LOG [extra serve args]: start the server on the checkpoint, wait until healthy
+  local port=$1 log=$2
+  shift 2
+  python3 -m serving serve --model /tmp/ivl4b --device cuda --port "$port" --max-num-seqs 256 \
+    --max-num-batched-tokens 8192 --log-level warning "$@" > "$log" 2>&1 &
+  SERVER=$!
+  for _ in $(seq 1 240); do
+    curl -sf "localhost:$port/health" >/dev/null && break
+    kill -0 $SERVER 2>/dev/null || { echo "server died"; tail -50 "$log"; exit 1; }
+    sleep 1
+  done
+  echo "server ready after $(( $(date +%s) - t0 )) s"
+}
+
+start_server 8000 "$OUT/server.log"
 for c in 1 16 64 256; do
   n=$(( c < 4 ? 4 : c ))
   timeout 150 python3 benchmarks/bench_http.py --url http://127.0.0.1:8000 --clients $c --requests $n \
@@ -35,10 +41,7 @@ kill -TERM $SERVER; wait $SERVER; echo "server exit code $?"
 grep -iE "state pool|slots" "$OUT/server.log" | head -5
 
 if [ "${AB_ASYNC:-0}" = 1 ]; then  # the same HTTP runs with the sequential output order, for the overlap's A/B
-  python3 -m serving serve --model /tmp/ivl4b --device cuda --port 8001 --max-num-seqs 256 \
-    --max-num-batched-tokens 8192 --log-level warning --disable-async-output > "$OUT/server_sync.log" 2>&1 &
-  SERVER=$!
-  for _ in $(seq 1 240); do curl -sf localhost:8001/health >/dev/null && break; sleep 1; done
+  start_server 8001 "$OUT/server_sync.log" --disable-async-output
   for c in 64 256; do
     timeout 120 python3 benchmarks/bench_http.py --url http://127.0.0.1:8001 --clients $c --requests $c \
       --prompt-len 512 --output-len 256 --out "$OUT/http_sync_c$c.json" 2>&1 | tail -2
