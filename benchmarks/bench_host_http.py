@@ -109,6 +109,7 @@ def serve(argv: list[str], vocab_low: int, vocab_high: int, log_path: str) -> No
         stack = real_build(config, metrics)
         launch = simulated_launch(vocab_low, vocab_high, log_path)
         stack.core.runner.launch = launch
+        # engines before a828014 call execute (launch and wait): the same device, for A/Bs across commits
         stack.core.runner.execute = lambda batch, reqs: launch(batch, reqs).result()
         return stack
 
@@ -182,7 +183,8 @@ def main() -> None:
                 "ttft_p50_ms": res["ttft_ms"]["p50"],
                 "output_tok_per_s": res["output_tok_per_s"],
             }
-            # device idle time before decode steps of the full batch (steady state)
+            # device idle time before decode steps of the full batch (steady state); the keys keep the
+            # names of the raw files already written
             gaps = [
                 float(g) for b, g in (ln.split() for ln in step_log.read_text().splitlines()) if int(b) == c
             ]
@@ -197,6 +199,9 @@ def main() -> None:
         step_log.unlink(missing_ok=True)
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip(),
         "cpus": os.cpu_count(),
         "prompt_len": args.prompt_len,
         "output_len": args.output_len,
@@ -207,7 +212,7 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
     print(
-        "| clients | simulated GPU step ms | host ms between steps p50 / p90 | engine TPOT ms | client ITL p50 / p99 ms |"
+        "| clients | simulated GPU step ms | device idle ms per step p50 / p90 | engine TPOT ms | client ITL p50 / p99 ms |"
     )
     print("|---|---|---|---|---|")
     for r in rows:
