@@ -2,13 +2,15 @@
 """A/B of decode-path switches of the Triton backend, on one GPU in one process: the gates computed
 inside the delta-rule kernel (`gates`: `gates_in_delta_rule`), the linear entries of the tuned decode
 GEMM table (`table`), its fused gate|up + silu_mul entries (`silu`), programmatic dependent launch of
-the Triton kernels (`pdl`, triton_kernels/pdl.py) and decoder weights that cuBLAS multiplies stored
+the Triton kernels (`pdl`, triton_kernels/pdl.py), the split-K partial sums of the output projections
+added up inside the next residual-add RMSNorm instead of by a reduction kernel (`splitnorm`:
+`split_k_into_norm`) and decoder weights that cuBLAS multiplies stored
 transposed (`transposed`: [in, out] storage read through a `.t()` view, cuBLAS's "NN" kernels; the
 MLP gate|up, which the Triton GEMM reads row-major, and the LM head keep their layout). Graph-captured
 steps at context 1K for every on/off combination of the chosen switches, in rounds (every
 combination once per round, three rounds), median per combination.
 
-    python benchmarks/ab_decode.py --out DIR [--batches 1,8,64,128] [--switches gates,table,silu,pdl,transposed]
+    python benchmarks/ab_decode.py --out DIR [--batches 1,8,64,128] [--switches gates,table,silu,pdl,splitnorm,transposed]
         [--old-table PATH]
 """
 
@@ -29,7 +31,7 @@ from profile_decode import graph_ms_with
 from model.backends.gemm_table import DecodeGemmTable
 from model.backends.triton_kernels import pdl
 
-SWITCHES = ("gates", "table", "silu", "pdl", "transposed")
+SWITCHES = ("gates", "table", "silu", "pdl", "splitnorm", "transposed")
 
 
 def backend_attrs(
@@ -45,6 +47,8 @@ def backend_attrs(
         table = old_table if old_table is not None else table.without("linear")
     if not on.get("silu", True):
         table = table.without("silu_mul")
+    if not on.get("splitnorm", True):
+        attrs["split_k_into_norm"] = False
     attrs["gemm_table"] = table
     return attrs
 

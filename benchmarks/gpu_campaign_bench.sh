@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: device ceilings, kernel checks and the decode / prefill / video / memory tables
 # (bench_gpu.py, saved after each section), then the GPU tests with the time that is left, then the
-# decode kernel profile if time still remains (results under $OUT).
+# A/B of the newest decode switch (ab_decode.py) and the decode kernel profile if time still remains
+# (results under $OUT).
 #   COMMIT=$(git rev-parse --short HEAD) BUDGET=570 bash benchmarks/gpu_campaign_bench.sh     (.whl/ carried)
 set -uo pipefail
 source benchmarks/device_setup.sh
@@ -11,6 +12,11 @@ echo "seconds left: $(left)"
 if [ "$(left)" -gt 40 ]; then
   timeout $(( $(left) - 10 )) python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_gpu_graph.py \
     tests/test_gpu_kernels.py tests/test_gpu_pointwise.py} 2>&1 | tail -8
+fi
+echo "seconds left: $(left)"
+if [ "$(left)" -gt 100 ]; then  # the newest decode switch against its off position, same process
+  timeout $(( $(left) - 10 )) python3 benchmarks/ab_decode.py --switches "${AB_SWITCHES:-splitnorm}" \
+    --batches 1,64,128 --out "$OUT" 2>&1 | tail -12
 fi
 echo "seconds left: $(left)"
 if [ "$(left)" -gt 100 ]; then

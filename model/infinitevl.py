@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.backends.base import Backend
+from model.backends.base import Backend, SplitKPartials
 from model.batch import BatchMeta
 from model.config import LINEAR, ModelConfig, TextConfig
 from model.layers import MLP, GatedDeltaNet, RMSNorm, SlidingWindowAttention, mrope_cos_sin
@@ -33,24 +33,25 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self,
-        h: torch.Tensor,  # [N, hidden] output of the previous block (or the embeddings)
+        h: torch.Tensor | SplitKPartials,  # [N, hidden] output of the previous block (or the embeddings)
         residual: torch.Tensor | None,  # [N, hidden] residual stream before h is added; None at layer 0
         rope: tuple[torch.Tensor, torch.Tensor],
         meta: BatchMeta,
         state: StateTensors,
         backend: Backend,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor | SplitKPartials, torch.Tensor]:
         """(mlp output, residual stream before it is added): the sum is this block's output. Deferring
-        each residual add into the next norm lets a backend fuse the two (same roundings)."""
+        each residual add into the next norm lets a backend fuse the two (same roundings), and the
+        output projections before those norms may leave their split-K sums to them (`partial`)."""
         ops = backend.pointwise
         x, residual = self.input_layernorm.add_forward(h, residual, ops)
         i = self.state_index
         if self.is_linear:
-            x = self.self_attn(x, meta, state.conv[i], state.recurrent[i], backend)
+            a = self.self_attn(x, meta, state.conv[i], state.recurrent[i], backend, partial=True)
         else:
-            x = self.self_attn(x, rope, meta, state.key[i], state.value[i], backend)
-        x, residual = self.post_attention_layernorm.add_forward(x, residual, ops)
-        return self.mlp(x, backend), residual
+            a = self.self_attn(x, rope, meta, state.key[i], state.value[i], backend, partial=True)
+        x, residual = self.post_attention_layernorm.add_forward(a, residual, ops)
+        return self.mlp(x, backend, partial=True), residual
 
 
 class TextModel(nn.Module):

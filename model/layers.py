@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.backends.base import Backend, GateInputs, PointwiseOps, gate_values
+from model.backends.base import Backend, GateInputs, PointwiseOps, SplitKPartials, gate_values
 from model.batch import BatchMeta
 from model.config import TextConfig
 
@@ -39,12 +39,15 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), None, self.eps) * self.weight
 
     def add_forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None, ops: PointwiseOps | None
+        self, x: torch.Tensor | SplitKPartials, residual: torch.Tensor | None, ops: PointwiseOps | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(s), s) with s = residual + x, the residual stream in x's dtype (s = x when residual
-        is None); one fused kernel when the backend has pointwise ops."""
+        is None); one fused kernel when the backend has pointwise ops, which also adds up x when it
+        is a projection's split-K partials (`Backend.linear` with `partial`)."""
         if ops is not None:
             return ops.rms_norm(x, self.weight, self.eps, residual)
+        if isinstance(x, SplitKPartials):
+            x = x.total()
         s = x if residual is None else residual + x
         return self(s), s
 
@@ -106,13 +109,16 @@ class MLP(nn.Module):
         """gate_proj|up_proj into one weight that the two Linears view (see module docstring)."""
         self.gate_up_weight = _fuse_rows([self.gate_proj, self.up_proj], "weight", self.gate_up_weight)
 
-    def forward(self, x: torch.Tensor, backend: Backend) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, backend: Backend, partial: bool = False
+    ) -> torch.Tensor | SplitKPartials:
+        """partial: the output goes straight to a residual-add norm (`Backend.linear`'s `partial`)."""
         if self.gate_up_weight is not None:  # fused: the backend may keep gate|up out of memory
             act = backend.linear_silu_mul(x, self.gate_up_weight)
         else:
             gate = backend.linear(x, self.gate_proj.weight)
             act = F.silu(gate) * backend.linear(x, self.up_proj.weight)
-        return backend.linear(act, self.down_proj.weight)
+        return backend.linear(act, self.down_proj.weight, partial=partial)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -190,7 +196,8 @@ class SlidingWindowAttention(nn.Module):
         key_cache: torch.Tensor,  # [num_slots + 1, W, Hkv, D]
         value_cache: torch.Tensor,
         backend: Backend,
-    ) -> torch.Tensor:
+        partial: bool = False,  # the output goes straight to a residual-add norm (Backend.linear)
+    ) -> torch.Tensor | SplitKPartials:
         n, hq, d = x.shape[0], self.num_heads, self.head_dim
         qkv = _project(x, self.qkv_weight, self.qkv_bias, self._parts(), backend)  # [N, (Hq + 2 Hkv) * D]
         qk_dim = (hq + self.num_kv_heads) * d
@@ -200,7 +207,7 @@ class SlidingWindowAttention(nn.Module):
         q, k = qk[:, :hq], qk[:, hq:]  # head-strided views, unit stride on D
         v = qkv[:, qk_dim:].view(n, self.num_kv_heads, d)
         out = backend.sliding_window_attention(q, k, v, meta, key_cache, value_cache, self.scale)
-        return backend.linear(out.reshape(n, -1), self.o_proj.weight)
+        return backend.linear(out.reshape(n, -1), self.o_proj.weight, partial=partial)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -296,7 +303,8 @@ class GatedDeltaNet(nn.Module):
         conv_state: torch.Tensor,  # [num_slots + 1, conv_dim, K]
         recurrent_state: torch.Tensor,  # [num_slots + 1, H, d_k, d_v]
         backend: Backend,
-    ) -> torch.Tensor:
+        partial: bool = False,  # the output goes straight to a residual-add norm (Backend.linear)
+    ) -> torch.Tensor | SplitKPartials:
         n = x.shape[0]
         proj = _project(x, self.in_proj_weight, None, self._parts(), backend)  # [N, sum(split_sizes)]
         # column slices: rows keep stride proj.shape[1], unit stride on channels
@@ -321,8 +329,7 @@ class GatedDeltaNet(nn.Module):
             g, beta = self.gates_from(a, b)
         o = backend.gated_delta_rule(q, k, v, g, beta, meta, recurrent_state, norm_dim is not None, gates)
         if ops is not None:
-            return backend.linear(
-                ops.gated_rms_norm(o, z, self.o_norm_weight_f32, self.norm_eps), self.o_proj.weight
-            )
-        z = z.view(n, self.num_heads, self.head_v_dim)
-        return backend.linear(self.gated_norm(o, z).reshape(n, -1), self.o_proj.weight)
+            normed = ops.gated_rms_norm(o, z, self.o_norm_weight_f32, self.norm_eps)
+        else:
+            normed = self.gated_norm(o, z.view(n, self.num_heads, self.head_v_dim)).reshape(n, -1)
+        return backend.linear(normed, self.o_proj.weight, partial=partial)

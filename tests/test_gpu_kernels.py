@@ -447,9 +447,9 @@ def test_backend_linear_follows_the_gemm_table(monkeypatch: pytest.MonkeyPatch) 
     calls: list[dict] = []
     real = tb.decode_gemm
 
-    def spy(x, w, b=None, **cfg):
+    def spy(x, w, b=None, reduce=True, **cfg):
         calls.append(cfg)
-        return real(x, w, b, **cfg)
+        return real(x, w, b, reduce=reduce, **cfg)
 
     monkeypatch.setattr(tb, "decode_gemm", spy)
     backend = tb.TritonBackend(DEVICE)
@@ -469,3 +469,87 @@ def test_backend_linear_follows_the_gemm_table(monkeypatch: pytest.MonkeyPatch) 
     assert calls == []  # the table entry is for the shape without a bias
     empty = backend.linear(torch.randn(0, 256, device=DEVICE).to(DT), w)  # no rows: nothing to stream
     assert calls == [] and empty.shape == (0, 96)
+
+
+def test_linear_partial_leaves_split_k_sums_to_the_norm() -> None:
+    """With `partial`, a split-K table entry returns the GEMM's fp32 partial sums unreduced; adding
+    them up (SplitKPartials.total, or inside the fused residual-add RMSNorm) gives exactly what
+    linear and then the norm give. One split, split_k_into_norm off or no pointwise ops: a tensor."""
+    from model.backends.base import SplitKPartials
+    from model.backends.gemm_table import DecodeGemmTable
+
+    backend, _ = _backends()
+    split4 = {"block_n": 32, "block_k": 32, "split_k": 4}
+    backend.gemm_table = DecodeGemmTable(
+        [
+            {"N": 96, "K": 200, "max_m": 8, "config": split4},  # K past the last split's end
+            {"N": 96, "K": 64, "max_m": 8, "config": {"block_n": 32, "block_k": 64, "split_k": 1}},
+        ]
+    )
+    g = torch.Generator(DEVICE).manual_seed(3)
+    x = torch.randn(5, 200, generator=g, device=DEVICE).to(DT)
+    w = (torch.randn(96, 200, generator=g, device=DEVICE) * 0.1).to(DT)
+    full = backend.linear(x, w)
+    part = backend.linear(x, w, partial=True)
+    assert isinstance(part, SplitKPartials) and part.dtype == DT
+    assert part.partials.shape == (4, 5, 96) and part.partials.dtype == torch.float32
+    assert torch.equal(part.total(), full)
+    weight = (1 + 0.1 * torch.randn(96, generator=g, device=DEVICE)).to(DT)
+    residual = torch.randn(5, 96, generator=g, device=DEVICE).to(DT)
+    for res in (residual, None):
+        y_ref, s_ref = backend.pointwise.rms_norm(full, weight, 1e-6, res)
+        y, s = backend.pointwise.rms_norm(part, weight, 1e-6, res)
+        assert torch.equal(y, y_ref) and torch.equal(s, s_ref), res is None
+    one_split = backend.linear(x[:, :64].contiguous(), w[:, :64].contiguous(), partial=True)
+    assert isinstance(one_split, torch.Tensor)
+    backend.split_k_into_norm = False
+    assert torch.equal(backend.linear(x, w, partial=True), full)
+    backend.split_k_into_norm, backend.pointwise = True, None
+    assert torch.equal(backend.linear(x, w, partial=True), full)
+
+
+@torch.no_grad()
+def test_model_decode_with_split_k_sums_in_the_norms(tiny_ckpt_dir) -> None:
+    """The tiny model on the Triton backend, decode steps whose output projections (GDN, SWA, MLP down)
+    take split-K table entries: leaving the partial sums to the next norm gives bit-identical hidden
+    states and pool rows to reducing them in the GEMM's own kernel."""
+    from model.backends.base import SplitKPartials
+    from model.backends.gemm_table import DecodeGemmTable
+    from model.loader import load_model
+    from model.state import allocate_state
+
+    runs = []
+    for into_norm in (True, False):
+        model = load_model(tiny_ckpt_dir, dtype=DT, device=DEVICE, backend="triton")
+        text = model.config.text
+        hidden, value_dim = text.hidden_size, text.num_linear_heads * text.linear_value_dim
+        outs = {value_dim, text.num_attention_heads * text.head_dim}  # GDN and SWA o_proj widths
+        split = {"block_n": 32, "block_k": 32, "split_k": 2}
+        entries = [{"N": hidden, "K": k, "max_m": 4, "config": split} for k in outs]
+        entries.append(
+            {"N": hidden, "K": text.intermediate_size, "max_m": 4, "config": {**split, "split_k": 4}}
+        )
+        model.backend.gemm_table = DecodeGemmTable(entries)
+        model.backend.split_k_into_norm = into_norm
+        ops, deferred = model.backend.pointwise, []
+        norm = ops.rms_norm
+        ops.rms_norm = lambda x, *a, f=norm, seen=deferred: (
+            seen.append(isinstance(x, SplitKPartials)) or f(x, *a)
+        )
+        slots = [2, 0, 1]
+        state = allocate_state(text, 3, torch.float32, model.dtype, DEVICE)
+        hidden_states = []
+        for step in range(4):  # fresh slots, then continuing ones: decode kernels only
+            ids = torch.tensor([7 + step, 40 + step, 90 + step], device=DEVICE)
+            pos = torch.full((3, 3), step, device=DEVICE)
+            meta = BatchMeta.build(slots, [1, 1, 1], [step] * 3, DEVICE)
+            hidden_states.append(model(ids, pos, meta, state))
+        runs.append(
+            [torch.cat(hidden_states)]
+            + [t.clone() for t in (state.recurrent, state.conv, state.key, state.value)]
+        )
+        # per layer and step: the o_proj sums reach the post-attention norm, the down projection's the
+        # next input norm (the final norm after the last layer)
+        assert sum(deferred) == (2 * text.num_hidden_layers * 4 if into_norm else 0)
+    for fused, reduced in zip(*runs, strict=True):
+        assert torch.equal(fused, reduced)

@@ -26,6 +26,23 @@ class GateInputs(NamedTuple):
     dt_bias: torch.Tensor  # [H] fp32
 
 
+class SplitKPartials(NamedTuple):
+    """A product x W^T left as the fp32 partial sums of its K splits, for the residual-add RMSNorm that
+    consumes it to add up in its own launch (`Backend.linear` with `partial=True`): the split-K
+    reduction kernel goes away. Added in split order and rounded once to `dtype`, the partials give
+    exactly the tensor `linear` would have returned."""
+
+    partials: torch.Tensor  # [S, M, N] fp32
+    dtype: torch.dtype  # the product's dtype (x's)
+
+    def total(self) -> torch.Tensor:
+        """The [M, N] product in `dtype`, summed in split order as the fused norm sums it."""
+        acc = torch.zeros_like(self.partials[0])
+        for part in self.partials:
+            acc += part
+        return acc.to(self.dtype)
+
+
 def gate_values(gates: GateInputs) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference gates: g = -exp(A_log) softplus(a + dt_bias) [N, H] fp32 (a model-dtype a plus
     the fp32 dt_bias promotes exactly to the fp32 sum) and beta = sigmoid(b) [N, H] in b's dtype."""
@@ -48,7 +65,11 @@ class PointwiseOps(Protocol):
     without them leaves `pointwise` None."""
 
     def rms_norm(
-        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+        self,
+        x: torch.Tensor | SplitKPartials,  # [N, D], or a deferred product (summed first, as linear would)
+        weight: torch.Tensor,
+        eps: float,
+        residual: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # (rmsnorm(s) * weight, s), s = residual + x (or x)
         ...
 
@@ -92,8 +113,12 @@ class Backend(Protocol):
     pointwise: PointwiseOps | None  # fused elementwise ops, or None for the model's own code
 
     def linear(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-    ) -> torch.Tensor:  # F.linear(x, weight, bias): every projection of the text decoder and the LM head
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, partial: bool = False
+    ) -> torch.Tensor | SplitKPartials:
+        """F.linear(x, weight, bias): every projection of the text decoder and the LM head. With
+        `partial`, the caller hands the result only to `RMSNorm.add_forward` (an output projection
+        before the residual add), so a backend may return the product's split-K partial sums for the
+        fused norm to add up; without it, always a tensor."""
         ...
 
     def linear_silu_mul(

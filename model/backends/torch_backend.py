@@ -46,8 +46,10 @@ class TorchBackend:
     def gates_in_delta_rule(self, meta: BatchMeta) -> bool:
         return False
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return F.linear(x, weight, bias)
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, partial: bool = False
+    ) -> torch.Tensor:
+        return F.linear(x, weight, bias)  # one kernel: never split partials, whatever `partial` allows
 
     def linear_silu_mul(self, x: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor:
         return linear_silu_mul(self, x, gate_up_weight)

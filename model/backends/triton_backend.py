@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
-from model.backends.base import GateInputs, gate_values, linear_silu_mul
+from model.backends.base import GateInputs, SplitKPartials, gate_values, linear_silu_mul
 from model.backends.gemm_table import DecodeGemmTable, default_table
 from model.backends.triton_kernels.conv import conv_prefill, l2norm_args
 from model.backends.triton_kernels.gemm import DECODE_GEMM_MAX_M, decode_gemm
@@ -54,6 +54,9 @@ class TritonBackend:
         self.pointwise: TritonPointwise | None = TritonPointwise()
         # decode-batch GEMMs where the persistent Triton GEMM beat cuBLAS on this GPU; empty: all cuBLAS
         self.gemm_table: DecodeGemmTable = default_table(self.device)
+        # output projections with split-K table entries leave their partial sums to the residual-add
+        # RMSNorm after them (no reduction kernel); False: linear always reduces (A/B switch)
+        self.split_k_into_norm = True
 
     # --- host-built index tables for prefill (cached for the meta of the current call) ---
 
@@ -79,12 +82,18 @@ class TritonBackend:
             return None
         return self.gemm_table.lookup(x.shape[0], weight.shape[0], weight.shape[1], has_bias, op=op)
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """F.linear, or the persistent Triton GEMM for the (shape, batch) pairs of `gemm_table`."""
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, partial: bool = False
+    ) -> torch.Tensor | SplitKPartials:
+        """F.linear, or the persistent Triton GEMM for the (shape, batch) pairs of `gemm_table`. With
+        `partial` (and `split_k_into_norm`), a split-K entry's partial sums are returned unreduced,
+        for the next fused RMSNorm to add up: one launch less per output projection."""
         cfg = self._gemm_config(x, weight, bias is not None, "linear")
-        if cfg is not None:
-            return decode_gemm(x, weight, bias, **cfg)
-        return F.linear(x, weight, bias)
+        if cfg is None:
+            return F.linear(x, weight, bias)
+        defer = partial and self.split_k_into_norm and self.pointwise is not None
+        out = decode_gemm(x, weight, bias, reduce=not defer, **cfg)
+        return SplitKPartials(out, x.dtype) if out.dim() == 3 else out
 
     def linear_silu_mul(self, x: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up in one persistent GEMM where `gemm_table` has a "silu_mul" config for the

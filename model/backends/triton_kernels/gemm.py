@@ -161,10 +161,13 @@ def decode_gemm(
     silu_mul: bool = False,
     tma: bool = False,
     warp_specialize: bool = False,
+    reduce: bool = True,
 ) -> torch.Tensor:
     """x [M, K] (M <= 128, unit stride on K) times weight [N, K]^T (+ bias [N]) -> [M, N] in x's dtype.
 
-    split_k > 1 (no bias): each unit sums a K range into fp32 partials that a second kernel adds up.
+    split_k > 1 (no bias): each unit sums a K range into fp32 partials that a second kernel adds up;
+    with reduce=False and more than one split made, the partials [S, M, N] fp32 are returned instead,
+    for a consumer that adds them up itself (pointwise.rms_norm).
     silu_mul (no bias, split_k 1): weight is gate|up [2 I, K]; returns silu(gate) * up [M, I], rounded
     as `pointwise.silu_mul` rounds the unfused product.
     tma: TMA tile loads (x and weight 16-byte aligned, else the pointer-load kernel runs)."""
@@ -181,7 +184,8 @@ def decode_gemm(
     block_m = max(16, triton.next_power_of_2(m))
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     split_k = triton.cdiv(k, k_per_split)
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    reduce = reduce or split_k == 1
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device) if reduce else None
     part = y if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
     programs = min(num_programs, triton.cdiv(n, block_n) * split_k)
     launch = pdl.launch_kwargs()
@@ -194,14 +198,14 @@ def decode_gemm(
             BLOCK_K=block_k, NUM_STAGES=num_stages, FLATTEN=flatten, SILU_MUL=silu_mul,
             WARP_SPECIALIZE=warp_specialize, num_warps=num_warps, **launch,
         )  # fmt: skip
-        return _sum_splits(part, y, m * n, split_k)
+        return _sum_splits(part, y, m * n, split_k) if reduce else part
     _decode_gemm_kernel[(programs,)](
         x, weight, bias if bias is not None else weight, part, m, n, k, x.stride(0), weight.stride(0),
         n, m * n, k_per_split, split_k, programs, HAS_BIAS=bias is not None, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages, FLATTEN=flatten, SILU_MUL=silu_mul,
         num_warps=num_warps, **launch,
     )  # fmt: skip
-    return _sum_splits(part, y, m * n, split_k)
+    return _sum_splits(part, y, m * n, split_k) if reduce else part
 
 
 def _tma_aligned(*tensors: torch.Tensor) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from model.backends.base import SplitKPartials
 from model.backends.triton_kernels import pointwise
 from model.backends.triton_kernels.conv import conv_decode
 from model.backends.triton_kernels.gdn import gdn_decode
@@ -181,7 +182,11 @@ class TritonPointwise:
     """The `PointwiseOps` of the Triton backend (see model.backends.base)."""
 
     def rms_norm(
-        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+        self,
+        x: torch.Tensor | SplitKPartials,
+        weight: torch.Tensor,
+        eps: float,
+        residual: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return _rms_norm(x, weight, eps, residual)
 
@@ -208,9 +213,13 @@ class TritonPointwise:
 
 
 def _rms_norm_ops(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
+    x: torch.Tensor | SplitKPartials, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """pointwise.rms_norm through the custom ops (which may not return an alias of an input)."""
+    """pointwise.rms_norm through the custom ops (which may not return an alias of an input, nor take
+    split partials: the backend defers no reduction while compiling, but a caller's partials are
+    summed here rather than refused)."""
+    if isinstance(x, SplitKPartials):
+        x = x.total()
     if residual is None:
         return rms_norm_op(x, weight, eps), x
     return add_rms_norm_op(x, residual, weight, eps)

@@ -6,7 +6,8 @@ order of a reduction. Rows may be strided (column slices of a fused projection);
 must have unit stride.
 
 - `rms_norm`: optional residual add (rounded to the model dtype: the new residual stream), RMS over the
-  row in fp32, cast to the model dtype, times the weight.
+  row in fp32, cast to the model dtype, times the weight. Its input may be a projection's split-K
+  partial sums, which it adds up as the GEMM's own reduction kernel would (one launch less).
 - `gated_rms_norm`: per-head RMSNorm of the delta-rule output times an fp32 weight and silu(z), all in
   fp32, rounded once.
 - `silu_mul`: silu(gate) rounded, times up, for the MLP's [N, 2 I] gate|up projection.
@@ -23,44 +24,61 @@ import torch
 import triton
 import triton.language as tl
 
+from model.backends.base import SplitKPartials
 from model.backends.triton_kernels import pdl
 
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr, D, stride_x, stride_res, stride_y, stride_ro, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr,
+    x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr, D, stride_x, stride_split, stride_res, stride_y, stride_ro,
+    eps, HAS_RESIDUAL: tl.constexpr, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     pdl.prologue(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)
     mask = offs < D
-    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    dt = y_ptr.dtype.element_ty  # the model dtype
+    if SPLITS > 0:  # x: fp32 split-K partial sums, added in split order and rounded once (as decode_gemm)
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for s in tl.static_range(SPLITS):
+            acc += tl.load(x_ptr + s * stride_split + row * stride_x + offs, mask=mask, other=0.0)
+        x = acc.to(dt)
+    else:
+        x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_res + offs, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)  # the residual stream
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(dt)  # the residual stream
+    if HAS_RESIDUAL or SPLITS > 0:
         tl.store(res_out_ptr + row * stride_ro + offs, x, mask=mask)
     xf = x.to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(xf * xf) / D + eps)
-    normed = (xf * inv).to(x_ptr.dtype.element_ty).to(tl.float32)
+    normed = (xf * inv).to(dt).to(tl.float32)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + row * stride_y + offs, (normed * w).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + row * stride_y + offs, (normed * w).to(dt), mask=mask)
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    x: torch.Tensor | SplitKPartials, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rmsnorm(s) * weight, s) with s = x + residual (or x): x, residual [N, D] model dtype."""
-    n, d = x.shape
+    """(rmsnorm(s) * weight, s) with s = x + residual (or x): x, residual [N, D] model dtype. x may be
+    a product's split-K partials (decode_gemm with reduce=False): the kernel adds them up first, so
+    the reduction costs no launch of its own."""
+    splits = 0
+    if isinstance(x, SplitKPartials):
+        splits, n, d = x.partials.shape
+        dtype, x = x.dtype, x.partials
+    else:
+        (n, d), dtype = x.shape, x.dtype
     _check_unit_stride(x, residual)
-    y = torch.empty((n, d), dtype=x.dtype, device=x.device)
-    res_out = torch.empty((n, d), dtype=x.dtype, device=x.device) if residual is not None else x
-    res = residual if residual is not None else x
+    y = torch.empty((n, d), dtype=dtype, device=x.device)
+    own_stream = residual is not None or splits > 0  # s is a new tensor (else x itself)
+    res_out = torch.empty((n, d), dtype=dtype, device=x.device) if own_stream else x
+    res = residual if residual is not None else y  # not read without a residual
     if n:
         _rms_norm_kernel[(n,)](
-            x, res, weight, y, res_out, d, x.stride(0), res.stride(0), y.stride(0), res_out.stride(0), eps,
-            HAS_RESIDUAL=residual is not None, BLOCK_D=triton.next_power_of_2(d), num_warps=_warps(d),
-            **pdl.launch_kwargs(),
+            x, res, weight, y, res_out, d, x.stride(-2), x.stride(0) if splits else 0, res.stride(0),
+            y.stride(0), res_out.stride(0), eps, HAS_RESIDUAL=residual is not None, SPLITS=splits,
+            BLOCK_D=triton.next_power_of_2(d), num_warps=_warps(d), **pdl.launch_kwargs(),
         )  # fmt: skip
     return y, res_out
 
