@@ -66,9 +66,28 @@ class SimulatedStep:
         return self.tokens
 
 
+class SimulatedForward:
+    """A launched forward (ModelRunner.launch_forward): `sample()` hands back the step's tokens. A
+    sampling enqueued after the forward has ended (async scheduling, with the host late) leaves the
+    device idle until then: the gap goes to `late[0]` and the step's tokens are ready that much later."""
+
+    def __init__(self, step: SimulatedStep, device_free: list[float], late: list[float]) -> None:
+        self.step, self.device_free, self.late = step, device_free, late
+
+    def sample(self, reqs) -> SimulatedStep:
+        now = time.perf_counter()
+        if now > self.step.ready:
+            self.late[0] += now - self.step.ready
+            self.step.ready = now
+            self.device_free[0] = max(self.device_free[0], now)
+        return self.step
+
+
 def simulated_launch(vocab_low: int, vocab_high: int, log_path: str, seed: int = 0):
-    """A ModelRunner.launch that returns at once while the simulated device works for the step's time,
-    then yields random tokens (the device works asynchronously, as a GPU does).
+    """A ModelRunner.launch_forward that returns at once while the simulated device works for the
+    step's time, then yields random tokens (the device works asynchronously, as a GPU does); the
+    sampling is counted in the step's time. With async scheduling the engine launches a step while
+    the one before is still queued: the simulated device starts it when that one ends.
 
     Appends one line per decode-only step to log_path: batch size, and the time the simulated device
     sat idle before this step (the host's share of the step loop, waits for the GIL included)."""
@@ -77,13 +96,15 @@ def simulated_launch(vocab_low: int, vocab_high: int, log_path: str, seed: int =
     rng = random.Random(seed)
     log = open(log_path, "a", buffering=1)  # noqa: SIM115 - open for the server's lifetime
     device_free = [0.0]  # when the simulated device finishes its queued work
+    late = [0.0]  # device idle waiting for a sampling launch since the last logged step
 
-    def launch(batch, reqs):  # (ScheduledBatch, dict[str, EngineRequest]) -> SimulatedStep
+    def launch(batch, reqs, prev=None):  # (ScheduledBatch, dict[str, EngineRequest], ...) -> forward
         decode = sum(1 for r in batch.rows if not r.is_prefill)
         prefill = sum(r.num_tokens for r in batch.rows if r.is_prefill)
         now = time.perf_counter()
         if device_free[0] and not prefill:
-            log.write(f"{decode} {max(0.0, now - device_free[0]):.6f}\n")
+            log.write(f"{decode} {max(0.0, now - device_free[0]) + late[0]:.6f}\n")
+        late[0] = 0.0
         device_free[0] = max(now, device_free[0]) + gpu_step_s(decode, prefill)
         out = []
         for row in batch.rows:
@@ -93,7 +114,7 @@ def simulated_launch(vocab_low: int, vocab_high: int, log_path: str, seed: int =
             out.extend(
                 SampledToken(row.request_id, c, rng.randrange(vocab_low, vocab_high), None) for c in choices
             )
-        return SimulatedStep(device_free[0], out)
+        return SimulatedForward(SimulatedStep(device_free[0], out), device_free, late)
 
     return launch
 
@@ -107,10 +128,13 @@ def serve(argv: list[str], vocab_low: int, vocab_high: int, log_path: str) -> No
 
     def build_engine(config, metrics=None):
         stack = real_build(config, metrics)
-        launch = simulated_launch(vocab_low, vocab_high, log_path)
-        stack.core.runner.launch = launch
-        # engines before a828014 call execute (launch and wait): the same device, for A/Bs across commits
-        stack.core.runner.execute = lambda batch, reqs: launch(batch, reqs).result()
+        launch_forward = simulated_launch(vocab_low, vocab_high, log_path)
+        runner = stack.core.runner
+        runner.launch_forward = launch_forward
+        # engines before async scheduling call launch (forward and sampling), engines before a828014
+        # execute (launch and wait): the same device, for A/Bs across commits
+        runner.launch = lambda batch, reqs: launch_forward(batch, reqs).sample(reqs)
+        runner.execute = lambda batch, reqs: launch_forward(batch, reqs).sample(reqs).result()
         return stack
 
     build.build_engine = build_engine

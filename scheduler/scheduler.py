@@ -113,6 +113,10 @@ class Scheduler:
             for c in req.live_choices:
                 if budget == 0:
                     break
+                if req.num_generated[c] >= req.max_tokens:
+                    # its last token is sampled but not yet accepted (an engine that schedules ahead of
+                    # its tokens): it ends on length then, and needs no further step
+                    continue
                 start = req.prompt_len + req.num_generated[c] - 1
                 rows.append(ScheduledRow(req.request_id, req.slots[c], start, 1, c, False, True))
                 req.num_generated[c] += 1

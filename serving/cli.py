@@ -46,6 +46,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="detokenize and emit each step's tokens before the next step is launched, not while it runs",
     )
+    p.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="enqueue each step before the tokens of the step still running reach the host (its decode "
+        "inputs are copied on the device), so the device never waits for the host between steps; a "
+        "finishing request may cost one discarded row. Default: on with CUDA, off on CPU",
+    )
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -66,6 +74,7 @@ def engine_config_from_args(args: argparse.Namespace, model_path: str):
         max_tokens_limit=getattr(args, "max_tokens_limit", None) or 32_768,
         enforce_eager=args.enforce_eager,
         async_output=not getattr(args, "disable_async_output", False),
+        async_scheduling=getattr(args, "async_scheduling", None),
         seed=args.seed,
     )
 

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from model.batch import BatchMeta
 from model.state import StateTensors
+
+if TYPE_CHECKING:
+    from serving.runner import TokenPatch
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +82,10 @@ class CudaGraphRunner:
             return
         n, dev = max_batch, self.device
         # static inputs [n] / [3, n], rows of one buffer that run_host fills with one copy from its
-        # pinned twin; rows beyond the live batch hold the dummy slot
-        self._static = torch.zeros(6, n, dtype=torch.int64, device=dev)
-        self._staging = torch.zeros(6, n, dtype=torch.int64).pin_memory()
+        # pinned twin; rows beyond the live batch hold the dummy slot. Rows 6 and 7: the (dst, src)
+        # index pairs of a TokenPatch (input tokens still on the device), read outside the graphs
+        self._static = torch.zeros(8, n, dtype=torch.int64, device=dev)
+        self._staging = torch.zeros(8, n, dtype=torch.int64).pin_memory()
         self._staging_np = self._staging.numpy()  # the same memory: numpy writes lists without torch ops
         self._staging_free: torch.cuda.Event | None = None  # recorded after the staging copy
         self.input_ids = self._static[0]
@@ -155,10 +159,12 @@ class CudaGraphRunner:
         positions: list[int],  # [B] text positions (a decode token's M-RoPE triple is (p, p, p))
         slot_ids: list[int],  # [B] live slots (distinct)
         context_lens: list[int],  # [B] tokens already in each slot
+        patch: TokenPatch | None = None,  # input tokens that are still on the device
     ) -> torch.Tensor:
         """`run` from host lists: the inputs and the padding rows are written into a pinned staging
         buffer and reach the static buffers in one host-to-device copy (no per-input uploads or
-        device copies). Only for a batch that `can_run`."""
+        device copies). Only for a batch that `can_run`. With `patch`, input_ids[dst] =
+        tokens[src] on the device after that copy (the previous step's samples, async scheduling)."""
         num_rows = len(input_ids)
         size = self.padded_size(num_rows) if self.enabled else None
         if size is None:
@@ -171,12 +177,19 @@ class CudaGraphRunner:
         host[4, :num_rows] = slot_ids
         host[5, :num_rows] = context_lens
         if size > num_rows:  # padded rows: dummy slot, token 0 at position 0
-            host[:, num_rows:size] = 0
+            host[:6, num_rows:size] = 0
             host[4, num_rows:size] = self.dummy_slot
+        k = 0 if patch is None else len(patch.dst)
+        if k:
+            host[6, :k] = patch.dst
+            host[7, :k] = patch.src
         self._static.copy_(self._staging, non_blocking=True)
         if self._staging_free is None:
             self._staging_free = torch.cuda.Event()
         self._staging_free.record()
+        if k:
+            tokens = patch.tokens.index_select(0, self._static[7, :k])
+            self.input_ids.index_copy_(0, self._static[6, :k], tokens)
         self._graphs[size].replay()
         return self.logits[:num_rows]
 

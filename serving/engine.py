@@ -25,7 +25,7 @@ from scheduler import QueueFull, SchedRequest, ScheduledBatch, Scheduler, Schedu
 from serving.config import EngineConfig
 from serving.detokenizer import logprob_entry
 from serving.errors import EngineDead, EngineOverloaded, RequestTooLarge
-from serving.runner import ModelRunner, RequestFault, SampledToken
+from serving.runner import ModelRunner, PendingStep, RequestFault, SampledToken
 from serving.sampler import SamplingRow, make_generator
 from serving.sequence import EngineRequest
 from serving.stop import ChoiceDecoder, StepResult
@@ -75,6 +75,11 @@ class EngineCore:
         # accepted tokens whose text is not made yet: (request, token, StepResult if already made, done)
         self._pending: list[tuple[EngineRequest, SampledToken, StepResult | None, bool]] = []
         self.on_emit: Callable[[], None] | None = None  # called after deltas were emitted mid-step
+        # async scheduling: the step enqueued last, whose tokens the host has not taken yet
+        self.async_scheduling = (
+            config.async_scheduling if config.async_scheduling is not None else runner.device.type == "cuda"
+        )
+        self._inflight: tuple[ScheduledBatch, PendingStep] | None = None
 
     # -- requests -------------------------------------------------------------------------------------
     def validate(self, req: GenerateRequest) -> None:
@@ -154,12 +159,20 @@ class EngineCore:
         schedule needs is settled before it: each token is appended to its row, and a choice that ends on
         a token id or on its length (or on a stop string, which is checked at once for choices that have
         them) releases its slot. With no step to follow, or with `async_output` off, the text is emitted
-        before returning."""
+        before returning.
+
+        With `async_scheduling`, a step is scheduled and its forward enqueued while the step before it is
+        still in flight: its decode rows continue every unfinished choice of that step and take their
+        input tokens from the device. Then the engine waits for the earlier step's tokens, accepts them
+        and enqueues this step's sampling (which reads the accepted tokens: penalties, min_tokens); the
+        device finds the next forward queued when it finishes. A choice that ended in the earlier step
+        still has its row in this one: its token is dropped (a row of wasted work per finished choice)."""
         self._expire_deadlines()
         batch = self.scheduler.schedule()
         if batch.is_empty:
+            done = self._finish_inflight()
             self._emit_pending()
-            return 0
+            return done
         now = time.monotonic()
         for row in batch.rows:
             er = self.requests[row.request_id]
@@ -170,21 +183,44 @@ class EngineCore:
                     self.fault_hook(er)
                 except Exception as e:  # noqa: BLE001
                     return self._fail_rows_of(batch, {row.request_id}, e)
+        inflight = self._inflight[1] if self._inflight is not None else None
         try:
-            launched = self.runner.launch(batch, self.requests)
+            forward = self.runner.launch_forward(batch, self.requests, inflight)
+            launched = None if self.async_scheduling else forward.sample(self.requests)
         except RequestFault as f:
             return self._fail_rows_of(batch, {f.request_id}, f.cause)
         except Exception as e:  # noqa: BLE001 - a failed forward may have written part of every row's state
             return self._forward_failed(batch, e)
         self._emit_pending()  # the previous step's text, while the device runs this one
+        if launched is None:  # async scheduling: take the step before, then enqueue this one's sampling
+            self._finish_inflight()
+            try:
+                self._inflight = (batch, forward.sample(self.requests))
+            except Exception as e:  # noqa: BLE001 - as below
+                return self._forward_failed(batch, e)
+        else:
+            try:
+                sampled = launched.result()
+            except Exception as e:  # noqa: BLE001 - as above: the device failed somewhere in the step
+                return self._forward_failed(batch, e)
+            self._accept(sampled)
+            self._record_step(batch)
+        if not self.config.async_output or not self.scheduler.has_work():
+            self._emit_pending()
+        return batch.num_tokens
+
+    def _finish_inflight(self) -> int:
+        """Wait for the step in flight (async scheduling) and accept its tokens; its token count."""
+        if self._inflight is None:
+            return 0
+        batch, launched = self._inflight
+        self._inflight = None
         try:
             sampled = launched.result()
-        except Exception as e:  # noqa: BLE001 - as above: the device failed somewhere in the step
+        except Exception as e:  # noqa: BLE001 - the device failed somewhere in that step
             return self._forward_failed(batch, e)
         self._accept(sampled)
         self._record_step(batch)
-        if not self.config.async_output or not self.scheduler.has_work():
-            self._emit_pending()
         return batch.num_tokens
 
     def _forward_failed(self, batch: ScheduledBatch, cause: BaseException) -> int:
@@ -222,7 +258,8 @@ class EngineCore:
             er = self.requests.get(tok.request_id)
             if er is None or er.sched.finished[tok.choice]:
                 continue
-            er.rows[tok.choice].output_token_ids.append(tok.token_id)
+            out = er.rows[tok.choice].output_token_ids
+            out.append(tok.token_id)
             st = er.stats
             if st.first_token_time is None:
                 st.first_token_time = st.prefill_done_time = now
@@ -232,7 +269,10 @@ class EngineCore:
                 st.last_token_time = now
             dec = er.decoders[tok.choice]
             res = dec.append(tok.token_id) if dec.ends_on_text else None
-            finished = res.finish_reason is not None if res is not None else dec.finishes_with(tok.token_id)
+            if res is not None:
+                finished = res.finish_reason is not None
+            else:  # the decoder may lag behind (text is made later): count on the row's outputs
+                finished = dec.finishes_with(tok.token_id, len(out))
             done = finished and self.scheduler.finish_choice(er.request_id, tok.choice)
             if done:
                 self.requests.pop(er.request_id, None)

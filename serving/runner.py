@@ -30,6 +30,18 @@ class PendingStep:
     def __init__(self, sample: PendingSample | None, keys: list[tuple[str, int]]) -> None:
         self._sample = sample
         self._keys = keys  # (request id, choice) of each sampled row
+        self._rows: dict[tuple[str, int], int] | None = None
+
+    @property
+    def device_tokens(self) -> torch.Tensor | None:
+        """The sampled token ids [len(keys)] int64 where the sampler left them (on the device)."""
+        return None if self._sample is None else self._sample.device_tokens
+
+    def row_of(self, request_id: str, choice: int) -> int | None:
+        """Index into `device_tokens` of the token this step samples for (request, choice), if any."""
+        if self._rows is None:
+            self._rows = {key: i for i, key in enumerate(self._keys)}
+        return self._rows.get((request_id, choice))
 
     def result(self) -> list[SampledToken]:
         """Wait for the device; the step's tokens in row order."""
@@ -40,6 +52,27 @@ class PendingStep:
             SampledToken(rid, c, tok, lp)
             for (rid, c), tok, lp in zip(self._keys, out.token_ids, out.logprobs, strict=True)
         ]
+
+
+class LaunchedForward:
+    """A step whose forward and logits are enqueued (ModelRunner.launch_forward); `sample()` enqueues
+    its sampling, which reads each row's output tokens on the host at that moment (penalties,
+    min_tokens): with async scheduling the engine first accepts the tokens of the step before."""
+
+    def __init__(self, runner: ModelRunner, logits: torch.Tensor, rows: list[ScheduledRow]) -> None:
+        self._runner, self._logits, self._rows = runner, logits, rows
+
+    @torch.inference_mode()
+    def sample(self, reqs: dict[str, EngineRequest]) -> PendingStep:
+        return self._runner._sample(self._logits, self._rows, reqs)
+
+
+class TokenPatch(NamedTuple):
+    """Decode inputs still on the device: packed input position dst[i] takes tokens[src[i]]."""
+
+    dst: list[int]
+    src: list[int]
+    tokens: torch.Tensor  # [k] int64, the in-flight step's sampled tokens (PendingStep.device_tokens)
 
 
 class RequestFault(Exception):
@@ -68,20 +101,31 @@ class ModelRunner:
         (nothing ran)."""
         return self.launch(batch, reqs).result()
 
-    @torch.inference_mode()
     def launch(self, batch: ScheduledBatch, reqs: dict[str, EngineRequest]) -> PendingStep:
         """Enqueue one step (forward and sampling) without waiting for the device; `result()` of the
         returned handle waits and gives the sampled tokens. Raises RequestFault for a per-request
         input problem (nothing ran)."""
+        return self.launch_forward(batch, reqs).sample(reqs)
+
+    @torch.inference_mode()
+    def launch_forward(
+        self, batch: ScheduledBatch, reqs: dict[str, EngineRequest], prev: PendingStep | None = None
+    ) -> LaunchedForward:
+        """Enqueue the forward of one step (and the logits of its sampled rows) without waiting for the
+        device. `prev`: a step still in flight, whose tokens have not reached the host; a decode row
+        that continues one of its sampled rows takes its input token from `prev.device_tokens` (a
+        device-side copy), so this step can be enqueued before that one's tokens are known. Raises
+        RequestFault for a per-request input problem (nothing ran)."""
         for row in batch.rows:
             if row.is_prefill:
                 self._ensure_vision(reqs[row.request_id])
         sampled = [r for r in batch.rows if r.is_sampled]
         if self.graphs is not None and batch.is_decode_only and self.graphs.can_run(len(batch.rows)):
             # every decode row is sampled; the graph returns one logits row per batch row
-            logits = self.graphs.run_host(*self._decode_inputs(batch, reqs))
+            ids, pos, slots, ctx = self._decode_inputs(batch, reqs)
+            logits = self.graphs.run_host(ids, pos, slots, ctx, _token_patch(_missing(batch, ids), prev))
         else:
-            input_ids, positions = self._inputs(batch, reqs)
+            input_ids, positions = self._inputs(batch, reqs, prev)
             meta = BatchMeta.build(
                 [r.slot for r in batch.rows],
                 [r.num_tokens for r in batch.rows],
@@ -96,7 +140,7 @@ class ModelRunner:
         for row in batch.rows:
             for dst in row.fork_to:
                 self.pool.fork(row.slot, dst)
-        return self._sample(logits, sampled, reqs)
+        return LaunchedForward(self, logits, sampled)
 
     def _sample(
         self, logits: torch.Tensor, rows: list[ScheduledRow], reqs: dict[str, EngineRequest]
@@ -106,9 +150,13 @@ class ModelRunner:
         srows: list[SamplingRow] = []
         keys: list[tuple[str, int]] = []
         for i, row in enumerate(rows):
-            er = reqs[row.request_id]
+            er = reqs.get(row.request_id)
+            if er is None:  # finished or aborted since the forward was launched (async scheduling)
+                continue
             choices = range(er.sched.num_choices) if row.is_prefill else (row.choice,)
             for c in choices:
+                if er.sched.finished[c]:  # as above: its token would be dropped
+                    continue
                 index.append(i)
                 srows.append(er.rows[c])
                 keys.append((row.request_id, c))
@@ -121,35 +169,47 @@ class ModelRunner:
     def _decode_inputs(
         self, batch: ScheduledBatch, reqs: dict[str, EngineRequest]
     ) -> tuple[list[int], list[int], list[int], list[int]]:
-        """(token ids, text positions, slots, context lengths) of a decode-only batch as host ints."""
-        ids = [reqs[r.request_id].rows[r.choice].output_token_ids[-1] for r in batch.rows]
+        """(token ids, text positions, slots, context lengths) of a decode-only batch as host ints.
+        A row's token is its choice's last output token, or -1 when the host has none yet for this
+        position (sampled by a step still in flight: `_token_patch` supplies it)."""
+        ids = [_last_token(reqs[r.request_id], r) for r in batch.rows]
         pos = [r.start + reqs[r.request_id].req.rope_delta for r in batch.rows]
         return ids, pos, [r.slot for r in batch.rows], [r.start for r in batch.rows]
 
     def _inputs(
-        self, batch: ScheduledBatch, reqs: dict[str, EngineRequest]
+        self, batch: ScheduledBatch, reqs: dict[str, EngineRequest], prev: PendingStep | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Packed token ids [N] and M-RoPE positions [3, N] on the device (one copy each)."""
+        """Packed token ids [N] and M-RoPE positions [3, N] on the device (one copy each, plus the
+        device-side copy of the tokens `prev` has not handed to the host yet)."""
         if batch.is_decode_only:  # host ints, no per-row tensors
             ids, pos, _, _ = self._decode_inputs(batch, reqs)
+            patch = _token_patch(_missing(batch, ids), prev)
             input_ids = torch.tensor(ids, dtype=torch.int64)
             positions = torch.tensor(pos, dtype=torch.int64).expand(3, len(pos))
         else:
             id_parts: list[torch.Tensor] = []
             pos_parts: list[torch.Tensor] = []
-            for row in batch.rows:
+            missing: list[tuple[int, ScheduledRow]] = []
+            for at, row in zip(_offsets(batch), batch.rows, strict=True):
                 er = reqs[row.request_id]
                 if row.is_prefill:
                     id_parts.append(er.prompt_ids[row.start : row.start + row.num_tokens])
                     pos_parts.append(er.req.positions[:, row.start : row.start + row.num_tokens])
                 else:
-                    id_parts.append(
-                        torch.tensor([er.rows[row.choice].output_token_ids[-1]], dtype=torch.int64)
-                    )
+                    token = _last_token(er, row)
+                    if token < 0:
+                        missing.append((at, row))
+                    id_parts.append(torch.tensor([token], dtype=torch.int64))
                     pos_parts.append(torch.full((3, 1), row.start + er.req.rope_delta, dtype=torch.int64))
             input_ids = torch.cat(id_parts)
             positions = torch.cat(pos_parts, dim=1)
-        return upload(input_ids, self.device), upload(positions.contiguous(), self.device)
+            patch = _token_patch(missing, prev)
+        input_ids = upload(input_ids, self.device)
+        if patch is not None:
+            dst = upload_values(patch.dst, self.device, torch.int64)
+            src = upload_values(patch.src, self.device, torch.int64)
+            input_ids.index_copy_(0, dst, patch.tokens.index_select(0, src))
+        return input_ids, upload(positions.contiguous(), self.device)
 
     def _ensure_vision(self, er: EngineRequest) -> None:
         """Encode every image and video of a request once, before its first prefill chunk."""
@@ -216,6 +276,36 @@ class ModelRunner:
                 rows = torch.nonzero(chunk == tok).squeeze(1) + off
                 embeds.index_copy_(0, upload(rows, self.device), feats[a:b].to(embeds.dtype))
         return embeds
+
+
+def _last_token(er: EngineRequest, row: ScheduledRow) -> int:
+    """The input token of decode row `row`: its choice's newest output token when the host has the
+    token for this position (position start - prompt_len of the outputs), else -1."""
+    out = er.rows[row.choice].output_token_ids
+    have = row.start - len(er.req.prompt_token_ids)  # index of this row's input among the outputs
+    return out[have] if have < len(out) else -1
+
+
+def _token_patch(missing: list[tuple[int, ScheduledRow]], prev: PendingStep | None) -> TokenPatch | None:
+    """The device-side copies for the decode rows whose input token the host does not have yet
+    ((packed offset, row) pairs): the in-flight step `prev` sampled them. None when none is missing;
+    a missing token that `prev` did not sample is a bookkeeping error."""
+    if not missing:
+        return None
+    dst: list[int] = []
+    src: list[int] = []
+    for at, row in missing:
+        j = prev.row_of(row.request_id, row.choice) if prev is not None else None
+        if j is None:
+            raise RuntimeError(f"no input token for {row.request_id} choice {row.choice} at {row.start}")
+        dst.append(at)
+        src.append(j)
+    return TokenPatch(dst, src, prev.device_tokens)
+
+
+def _missing(batch: ScheduledBatch, ids: list[int]) -> list[tuple[int, ScheduledRow]]:
+    """(row index, row) of the rows of a decode-only batch whose token is not on the host (-1)."""
+    return [(i, r) for i, (r, t) in enumerate(zip(batch.rows, ids, strict=True)) if t < 0]
 
 
 def _offsets(batch: ScheduledBatch) -> list[int]:

@@ -88,9 +88,9 @@ class Sampler:
         logprobs = _raw_logprobs(logits, rows)
         chosen = self._select(_process_logits(logits, rows), rows)  # [B] int64 on the logits' device
         if logprobs is None:
-            return PendingSample(*_to_host(chosen), rows, None)
+            return PendingSample(*_to_host(chosen), rows, None, chosen)
         max_k = max(row.params.logprobs or 0 for row in rows)
-        return PendingSample(*_to_host(_pack_logprobs(logprobs, chosen, max_k)), rows, max_k)
+        return PendingSample(*_to_host(_pack_logprobs(logprobs, chosen, max_k)), rows, max_k, chosen)
 
     def _select(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         chosen = torch.argmax(logits, dim=-1)  # [B]; ties resolve to the lowest id
@@ -164,8 +164,10 @@ class PendingSample:
         done: torch.cuda.Event | None,
         rows: Sequence[SamplingRow],
         max_k: int | None,
+        device_tokens: torch.Tensor,
     ) -> None:
         self._host, self._done, self._rows, self._max_k = host, done, rows, max_k
+        self.device_tokens = device_tokens  # [B] int64 where they were sampled: inputs of a next step
 
     def result(self) -> SampleOutput:
         """Wait for the copy; the tokens and, where asked for, (chosen logprob, top-k) per row."""

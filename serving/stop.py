@@ -55,9 +55,12 @@ class ChoiceDecoder:
         `append` knows; otherwise `finishes_with` tells without detokenizing."""
         return bool(self.stop_strings)
 
-    def finishes_with(self, token_id: int) -> bool:
-        """Whether `append(token_id)` will finish the choice by token id or length (not by stop string)."""
-        return self._ends(token_id, self.num_tokens + 1)[1]
+    def finishes_with(self, token_id: int, num_tokens: int | None = None) -> bool:
+        """Whether `token_id` as the choice's `num_tokens`-th generated token finishes it by token id or
+        length (not by stop string). Default: the next token, that is whether `append(token_id)` will;
+        the engine passes the count it knows, since this decoder may not have appended the tokens
+        before it yet (their text is made later)."""
+        return self._ends(token_id, self.num_tokens + 1 if num_tokens is None else num_tokens)[1]
 
     def _ends(self, token_id: int, num_tokens: int) -> tuple[bool, bool]:
         """(is a stop token, is the last token) for the num_tokens-th generated token."""

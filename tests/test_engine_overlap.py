@@ -17,27 +17,39 @@ def llm(tiny_ckpt_dir) -> LLM:
 
 
 class Recorder:
-    """Wraps the runner's launch and its handles' result; records them with the deltas, in order."""
+    """Wraps the runner's launch_forward, the sampling it hands back and the sampled handles' result;
+    records them with the deltas, in order."""
 
     def __init__(self, core: Any, monkeypatch: pytest.MonkeyPatch) -> None:
         self.events: list[tuple[str, Any]] = []
         self.batches: list[Any] = []
-        launch = core.runner.launch
+        self.inflight: list[bool] = []  # per launch: whether an earlier step was still in flight
+        launch_forward = core.runner.launch_forward
 
-        def recording_launch(batch: Any, reqs: Any) -> Any:
-            self.events.append(("launch", len(self.batches)))
+        def recording_launch(batch: Any, reqs: Any, prev: Any = None) -> Any:
+            step = len(self.batches)
+            self.events.append(("launch", step))
             self.batches.append(batch)
-            handle = launch(batch, reqs)
-            result, step = handle.result, len(self.batches) - 1
+            self.inflight.append(prev is not None)
+            forward = launch_forward(batch, reqs, prev)
+            sample = forward.sample
 
-            def recording_result() -> Any:
-                self.events.append(("result", step))
-                return result()
+            def recording_sample(reqs: Any) -> Any:
+                self.events.append(("sample", step))
+                handle = sample(reqs)
+                result = handle.result
 
-            handle.result = recording_result
-            return handle
+                def recording_result() -> Any:
+                    self.events.append(("result", step))
+                    return result()
 
-        monkeypatch.setattr(core.runner, "launch", recording_launch)
+                handle.result = recording_result
+                return handle
+
+            forward.sample = recording_sample
+            return forward
+
+        monkeypatch.setattr(core.runner, "launch_forward", recording_launch)
 
     def emit(self, d: Any) -> None:
         self.events.append(("delta", d))
@@ -139,21 +151,28 @@ def test_a_failed_step_fails_its_batch_and_the_engine_goes_on(llm: LLM, monkeypa
     for _ in range(3):
         llm.core.step()
     assert len(llm.core._pending) == 2
-    launch = llm.core.runner.launch
+    launch_forward = llm.core.runner.launch_forward
 
-    def failing_launch(batch: Any, reqs: Any) -> Any:
+    def failing_launch(batch: Any, reqs: Any, prev: Any = None) -> Any:
         if where == "launch":
             raise RuntimeError("device fault")
-        handle = launch(batch, reqs)
+        forward = launch_forward(batch, reqs, prev)
+        sample = forward.sample
 
-        def fail() -> Any:
-            raise RuntimeError("device fault")
+        def failing_sample(reqs: Any) -> Any:
+            handle = sample(reqs)
 
-        handle.result = fail
-        return handle
+            def fail() -> Any:
+                raise RuntimeError("device fault")
+
+            handle.result = fail
+            return handle
+
+        forward.sample = failing_sample
+        return forward
 
     with monkeypatch.context() as m:
-        m.setattr(llm.core.runner, "launch", failing_launch)
+        m.setattr(llm.core.runner, "launch_forward", failing_launch)
         llm.core.step()
     for rid in rids:
         mine = [v for k, v in rec.events if k == "delta" and v.request_id == rid]

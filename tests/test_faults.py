@@ -220,13 +220,13 @@ def test_deadline_before_any_token_is_504(real: Stack, stream: bool, how: str) -
 def slow_steps(real: Stack, monkeypatch: pytest.MonkeyPatch) -> float:
     """Each engine step takes at least 0.1 s more, so a 64-token answer needs over 6 s."""
     runner = real.core.runner
-    launch = runner.launch
+    launch_forward = runner.launch_forward
 
     def slow_launch(*args: Any, **kwargs: Any) -> Any:
         time.sleep(0.1)
-        return launch(*args, **kwargs)
+        return launch_forward(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "launch", slow_launch)
+    monkeypatch.setattr(runner, "launch_forward", slow_launch)
     return 0.1
 
 

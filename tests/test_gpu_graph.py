@@ -155,3 +155,52 @@ def test_greedy_tracks_torch_backend(gpu_model, fp32_oracle, compile_model: bool
         assert fast_miss <= 2 * noisy_miss + 2, (fast_miss, noisy_miss)
     finally:
         model.backend = fast_backend
+
+
+@torch.inference_mode()
+def test_run_host_takes_patched_tokens_from_the_device(gpu_model) -> None:
+    """Async scheduling's input path: run_host with some tokens unknown to the host (-1) and a
+    TokenPatch that copies them from a device tensor gives bit-identical logits and states to run_host
+    with the tokens themselves; the padding row of the graph stays on the dummy slot."""
+    from serving.cuda_graph import CudaGraphRunner
+    from serving.runner import TokenPatch
+
+    model = gpu_model
+    text = model.config.text
+    state = allocate_state(text, 6, torch.float32, model.dtype, DEV)
+    slots, lens = [4, 0, 2], [6, 11, 3]
+    _prefill(model, state, slots, _prompts(text.vocab_size, lens, 2))
+    other = _clone(state)
+    graphs = CudaGraphRunner(model, state, max_batch=4, device=DEV)
+    twin = CudaGraphRunner(model, other, max_batch=4, device=DEV)
+    sampled = torch.tensor([17, 5, 29, 41], device=DEV)  # the previous step's tokens, on the device
+    ctx = list(lens)
+    for step in range(4):
+        ids = [int(sampled[1]), 8 + step, int(sampled[3])]
+        ref = twin.run_host(ids, ctx, slots, ctx).clone()
+        patch = TokenPatch(dst=[0, 2], src=[1, 3], tokens=sampled)
+        out = graphs.run_host([-1, 8 + step, -1], ctx, slots, ctx, patch)
+        assert torch.equal(out, ref), step
+        sampled = torch.cat([ref.argmax(-1), ref.argmax(-1)[:1]])
+        ctx = [c + 1 for c in ctx]
+    for name in ("recurrent", "conv", "key", "value"):
+        assert torch.equal(getattr(state, name)[:, slots], getattr(other, name)[:, slots]), name
+
+
+def test_engine_with_async_scheduling_gives_the_sequential_tokens(tiny_ckpt_dir) -> None:
+    """The engine on the GPU (Triton backend, CUDA graphs), async scheduling against the sequential
+    order, on a load whose batches are the same in both (all requests from the start, one length):
+    the same tokens, bit for bit."""
+    from serving.llm import LLM
+    from serving.types import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    prompts = [[(13 * i + 7 * j) % 500 + 10 for j in range(5 + 9 * i)] for i in range(5)]
+    outs = {}
+    for async_scheduling in (False, True):
+        llm = LLM(str(tiny_ckpt_dir), device=DEV, max_num_seqs=8, async_scheduling=async_scheduling)
+        assert llm.core.async_scheduling is async_scheduling and llm.core.runner.graphs is not None
+        outs[async_scheduling] = [[c.token_ids for c in o.choices] for o in llm.generate(prompts, params)]
+        del llm
+    assert all(len(o[0]) == 24 for o in outs[True])
+    assert outs[True] == outs[False]
