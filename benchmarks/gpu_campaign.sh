@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: the whole GPU measurement campaign (results under $OUT).
 #   1. real-shape random checkpoint   2. HTTP server end to end (1/16/64/256 clients)
-#   3. with AB_ASYNC=1, HTTP at 64 and 256 clients again with --disable-async-output (the overlap's A/B)
+#   3. with AB_ASYNC=1, HTTP at 1, 64 and 256 clients again with --no-async-scheduling (async scheduling's
+#      A/B), then with --no-async-scheduling --disable-async-output as well (the overlap's A/B)
 #   4. decode and prefill step times (bench_gpu.py), if time remains
 # Run on the device with the carried wheels in .whl/ (fastapi, uvicorn, sse-starlette, pydantic, av, fla).
 set -uo pipefail
@@ -40,13 +41,20 @@ curl -s localhost:8000/metrics | grep -E "^infinitevl:(slots|num_requests|genera
 kill -TERM $SERVER; wait $SERVER; echo "server exit code $?"
 grep -iE "state pool|slots" "$OUT/server.log" | head -5
 
-if [ "${AB_ASYNC:-0}" = 1 ]; then  # the same HTTP runs with the sequential output order, for the overlap's A/B
-  start_server 8001 "$OUT/server_sync.log" --disable-async-output
-  for c in 64 256; do
-    timeout 120 python3 benchmarks/bench_http.py --url http://127.0.0.1:8001 --clients $c --requests $c \
-      --prompt-len 512 --output-len 256 --out "$OUT/http_sync_c$c.json" 2>&1 | tail -2
+if [ "${AB_ASYNC:-0}" = 1 ]; then  # the same HTTP runs without async scheduling, then also without the overlap
+  port=8001
+  for variant in "nosched:--no-async-scheduling" "sync:--no-async-scheduling --disable-async-output"; do
+    name=${variant%%:*}
+    # shellcheck disable=SC2086  # the flags split into words on purpose
+    start_server $port "$OUT/server_$name.log" ${variant#*:}
+    for c in 1 64 256; do
+      n=$(( c < 4 ? 4 : c ))
+      timeout 120 python3 benchmarks/bench_http.py --url http://127.0.0.1:$port --clients $c --requests $n \
+        --prompt-len 512 --output-len 256 --out "$OUT/http_${name}_c$c.json" 2>&1 | tail -2
+    done
+    kill -TERM $SERVER; wait $SERVER
+    port=$(( port + 1 ))
   done
-  kill -TERM $SERVER; wait $SERVER
 fi
 
 left=$(( 540 - ($(date +%s) - t0) ))
