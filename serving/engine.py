@@ -188,8 +188,10 @@ class EngineCore:
             forward = self.runner.launch_forward(batch, self.requests, inflight)
             launched = None if self.async_scheduling else forward.sample(self.requests)
         except RequestFault as f:
+            self._finish_inflight()  # the step before ran: its tokens are kept
             return self._fail_rows_of(batch, {f.request_id}, f.cause)
         except Exception as e:  # noqa: BLE001 - a failed forward may have written part of every row's state
+            self._finish_inflight()
             return self._forward_failed(batch, e)
         self._emit_pending()  # the previous step's text, while the device runs this one
         if launched is None:  # async scheduling: take the step before, then enqueue this one's sampling
@@ -233,9 +235,10 @@ class EngineCore:
         it is scheduled again by the next step."""
         logger.error("request(s) %s failed: %r", sorted(request_ids), cause)
         for row in batch.rows:
-            if row.request_id in request_ids:
+            er = self.requests.get(row.request_id)
+            if row.request_id in request_ids or er is None:  # None: finished by the step before
                 continue
-            sched = self.requests[row.request_id].sched
+            sched = er.sched
             if row.is_prefill:
                 sched.num_prefilled -= row.num_tokens
                 if row.is_sampled:

@@ -205,3 +205,39 @@ def test_default_follows_the_device(tiny_ckpt_dir) -> None:
         assert engine_config_from_args(args, str(tiny_ckpt_dir)).async_scheduling is want
     llm = LLM(str(tiny_ckpt_dir), device="cpu", dtype="float32", max_num_seqs=1)
     assert llm.core.async_scheduling is False  # CPU: launching is computing
+
+
+def test_an_input_fault_after_a_choice_finished_in_flight(engines: dict[bool, LLM], monkeypatch) -> None:
+    """The step being launched holds the dropped row of a request that its in-flight predecessor
+    finishes, and a new request's input preparation fails in that launch: the in-flight tokens are
+    taken first (the finished request completes normally), the faulty request alone fails, and the
+    rolled-back rows of the others run again."""
+    from serving.runner import RequestFault
+
+    llm = engines[True]
+    first = engines[False].generate([_prompt(16)], SamplingParams(max_tokens=10, **GREEDY))[0]
+    stop_id = first.choices[0].token_ids[2]  # the third token ends request a
+    reqs = [
+        llm.make_request(_prompt(16), SamplingParams(max_tokens=10, stop_token_ids=(stop_id,), **GREEDY)),
+        llm.make_request(_prompt(17), SamplingParams(max_tokens=6, **GREEDY)),
+        llm.make_request(_prompt(18), SamplingParams(max_tokens=6, **GREEDY)),
+    ]
+    bad = reqs[2].request_id
+    real = llm.core.runner._ensure_vision
+
+    def ensure(er: Any) -> None:
+        if er.request_id == bad:
+            raise RequestFault(bad, ValueError("unreadable video"))
+        real(er)
+
+    monkeypatch.setattr(llm.core.runner, "_ensure_vision", ensure)
+    # step 3 launches a's dropped fourth row, b's decode and c's prefill, while step 2 (a's stop) is in flight
+    outs = llm.run_requests(reqs, arrival_steps=[0, 0, 3])
+    assert (
+        outs[0].choices[0].finish_reason == "stop"
+        and outs[0].choices[0].token_ids == first.choices[0].token_ids[:3]
+    )
+    assert outs[2].choices[0].finish_reason == "error"
+    ref = engines[False].generate([_prompt(17)], SamplingParams(max_tokens=6, **GREEDY))
+    _same(outs[1], ref[0])
+    assert not llm.core.requests and llm.core.pool.num_free == llm.core.pool.num_slots

@@ -141,10 +141,27 @@ def test_abort_emits_the_pending_text_first(llm: LLM, monkeypatch) -> None:
     assert not llm.core._pending and llm.core.pool.num_free == llm.core.pool.num_slots
 
 
+@pytest.fixture(scope="module")
+def llm_async(tiny_ckpt_dir) -> LLM:
+    return LLM(
+        str(tiny_ckpt_dir),
+        device="cpu",
+        dtype="float32",
+        max_num_seqs=4,
+        max_num_batched_tokens=64,
+        async_scheduling=True,
+    )
+
+
 @pytest.mark.parametrize("where", ["launch", "wait"])
-def test_a_failed_step_fails_its_batch_and_the_engine_goes_on(llm: LLM, monkeypatch, where: str) -> None:
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_failed_step_fails_its_batch_and_the_engine_goes_on(
+    llm: LLM, llm_async: LLM, monkeypatch, where: str, async_scheduling: bool
+) -> None:
     """A step whose launch raises, or whose wait for the device does, fails the requests of its batch
-    (after the text of their earlier tokens), frees their slots, and the next request is served."""
+    (after the text of their earlier tokens), frees their slots, and the next request is served. With
+    async scheduling, the step in flight when the next launch fails is taken first (its tokens kept)."""
+    llm = llm_async if async_scheduling else llm
     rec = Recorder(llm.core, monkeypatch)
     params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
     rids = [_add(llm, rec, "first", params), _add(llm, rec, "second", params)]
@@ -174,6 +191,8 @@ def test_a_failed_step_fails_its_batch_and_the_engine_goes_on(llm: LLM, monkeypa
     with monkeypatch.context() as m:
         m.setattr(llm.core.runner, "launch_forward", failing_launch)
         llm.core.step()
+    if async_scheduling and where == "wait":
+        llm.core.step()  # the failing wait is that of the step left in flight: the next step takes it
     for rid in rids:
         mine = [v for k, v in rec.events if k == "delta" and v.request_id == rid]
         assert [d.finish_reason for d in mine] == [None] * (len(mine) - 1) + ["error"]
