@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device call: the whole GPU measurement campaign (results under $OUT).
 #   1. real-shape random checkpoint   2. HTTP server end to end (1/16/64/256 clients)
-#   3. with AB_ASYNC=1, HTTP at 1, 64 and 256 clients again with --no-async-scheduling (async scheduling's
-#      A/B), then with --no-async-scheduling --disable-async-output as well (the overlap's A/B)
+#   3. with AB_ASYNC=1, HTTP at 1, 64 and 256 clients again with --async-scheduling (its A/B), then with
+#      --disable-async-output (the output overlap's A/B)
 #   4. decode and prefill step times (bench_gpu.py), if time remains
 # Run on the device with the carried wheels in .whl/ (fastapi, uvicorn, sse-starlette, pydantic, av, fla).
 set -uo pipefail
@@ -41,9 +41,9 @@ curl -s localhost:8000/metrics | grep -E "^infinitevl:(slots|num_requests|genera
 kill -TERM $SERVER; wait $SERVER; echo "server exit code $?"
 grep -iE "state pool|slots" "$OUT/server.log" | head -5
 
-if [ "${AB_ASYNC:-0}" = 1 ]; then  # the same HTTP runs without async scheduling, then also without the overlap
+if [ "${AB_ASYNC:-0}" = 1 ]; then  # the same HTTP runs with async scheduling, then without the output overlap
   port=8001
-  for variant in "nosched:--no-async-scheduling" "sync:--no-async-scheduling --disable-async-output"; do
+  for variant in "sched:--async-scheduling" "sync:--disable-async-output"; do
     name=${variant%%:*}
     # shellcheck disable=SC2086  # the flags split into words on purpose
     start_server $port "$OUT/server_$name.log" ${variant#*:}

@@ -49,10 +49,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--async-scheduling",
         action=argparse.BooleanOptionalAction,
-        default=None,
+        default=False,
         help="enqueue each step before the tokens of the step still running reach the host (its decode "
         "inputs are copied on the device), so the device never waits for the host between steps; a "
-        "finishing request may cost one discarded row. Default: on with CUDA, off on CPU",
+        "finishing request may cost one discarded row. Off by default: not yet run on a GPU",
     )
     p.add_argument("--seed", type=int, default=0)
 
@@ -74,7 +74,7 @@ def engine_config_from_args(args: argparse.Namespace, model_path: str):
         max_tokens_limit=getattr(args, "max_tokens_limit", None) or 32_768,
         enforce_eager=args.enforce_eager,
         async_output=not getattr(args, "disable_async_output", False),
-        async_scheduling=getattr(args, "async_scheduling", None),
+        async_scheduling=bool(getattr(args, "async_scheduling", False)),
         seed=args.seed,
     )
 

@@ -76,9 +76,7 @@ class EngineCore:
         self._pending: list[tuple[EngineRequest, SampledToken, StepResult | None, bool]] = []
         self.on_emit: Callable[[], None] | None = None  # called after deltas were emitted mid-step
         # async scheduling: the step enqueued last, whose tokens the host has not taken yet
-        self.async_scheduling = (
-            config.async_scheduling if config.async_scheduling is not None else runner.device.type == "cuda"
-        )
+        self.async_scheduling = config.async_scheduling
         self._inflight: tuple[ScheduledBatch, PendingStep] | None = None
 
     # -- requests -------------------------------------------------------------------------------------

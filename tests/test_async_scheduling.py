@@ -196,15 +196,15 @@ def test_scheduler_does_not_schedule_past_max_tokens() -> None:
     assert sched.finish_choice("a", 0) and not sched.has_work()
 
 
-def test_default_follows_the_device(tiny_ckpt_dir) -> None:
+def test_off_unless_asked_for(tiny_ckpt_dir) -> None:
     from serving.cli import build_parser, engine_config_from_args
 
     parser = build_parser()
-    for argv, want in (([], None), (["--async-scheduling"], True), (["--no-async-scheduling"], False)):
+    for argv, want in (([], False), (["--async-scheduling"], True), (["--no-async-scheduling"], False)):
         args = parser.parse_args(["serve", *argv])
         assert engine_config_from_args(args, str(tiny_ckpt_dir)).async_scheduling is want
     llm = LLM(str(tiny_ckpt_dir), device="cpu", dtype="float32", max_num_seqs=1)
-    assert llm.core.async_scheduling is False  # CPU: launching is computing
+    assert llm.core.async_scheduling is False  # opt-in until it has run on a GPU
 
 
 def test_an_input_fault_after_a_choice_finished_in_flight(engines: dict[bool, LLM], monkeypatch) -> None:
