@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
-# One device call: device ceilings, kernel checks and the decode / prefill / video / memory tables
+# One device call: the GPU tests of code new since the last GPU run, then device ceilings, kernel
+# checks and the decode / prefill / video / memory tables
 # (bench_gpu.py, saved after each section), then the GPU tests with the time that is left, then the
 # A/B of the newest decode switch (ab_decode.py) and the decode kernel profile if time still remains
 # (results under $OUT).
 #   COMMIT=$(git rev-parse --short HEAD) BUDGET=570 bash benchmarks/gpu_campaign_bench.sh     (.whl/ carried)
 set -uo pipefail
 source benchmarks/device_setup.sh
+# first the GPU tests of what has never run on a GPU (FIRST_TESTS="" skips this)
+if [ -n "${FIRST_TESTS-split_k or partial or patched or async}" ]; then
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_graph.py tests/test_gpu_kernels.py \
+    -k "${FIRST_TESTS-split_k or partial or patched or async}" 2>&1 | tail -6
+fi
 timeout $(( $(left) - ${TEST_S:-120} )) python3 benchmarks/bench_gpu.py --out "$OUT" --commit "$COMMIT" \
   --sections "${SECTIONS:-device,check,decode,prefill,video,memory}" 2>&1 | grep -vE "^(decode|prefill) \{" | tail -80
 echo "seconds left: $(left)"
