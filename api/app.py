@@ -34,6 +34,7 @@ from api.chat import (
     reject_unsupported_chat,
     reject_unsupported_completion,
     request_timeout,
+    split_prompts,
 )
 from api.errors import APIError, install_error_handlers, invalid_request, server_draining, validation_error
 from api.protocol import (
@@ -45,13 +46,18 @@ from api.protocol import (
     TokenizeRequest,
 )
 from api.responses import (
+    Started,
     StreamSpec,
+    abort_quietly,
     chat_response,
     chat_stream,
     collect,
+    collect_all,
     completion_response,
     completion_stream,
+    merged,
     start,
+    start_all,
 )
 from api.settings import ServerSettings
 from api.sse import sse_response
@@ -316,10 +322,37 @@ async def _submit(engine: EngineClient, greq: GenerateRequest, request: Request)
     return it, first
 
 
+async def _submit_all(engine: EngineClient, greqs: list[GenerateRequest], request: Request) -> list[Started]:
+    """`_submit` for the requests of a completion batch: all of them or none (start_all aborts the
+    rest when one is refused)."""
+    try:
+        started = await start_all(engine, greqs, request)
+    except ValueError as e:  # the engine's own validation
+        raise invalid_request(str(e)) from e
+    timed_out = next((s.first for s in started if _timed_out(s.first)), None)
+    if timed_out is not None:
+        for s in started:
+            await abort_quietly(engine, s.greq.request_id)
+        _raise_if_timed_out(timed_out)
+    return started
+
+
+async def _echo_prefixes(prompts: list[str | list[int]], n: int, processor: Any) -> tuple[str, ...]:
+    """Per choice (n per prompt), the prompt's text: the string itself, or its token ids decoded."""
+    texts = []
+    for p in prompts:
+        texts.append(p if isinstance(p, str) else await asyncio.to_thread(processor.tokenizer.decode, p))
+    return tuple(t for t in texts for _ in range(n))
+
+
+def _timed_out(first: Delta | None) -> bool:
+    return first is not None and first.finish_reason == "timeout" and not first.token_ids
+
+
 def _raise_if_timed_out(first: Delta | None) -> None:
     """504 when the deadline passed before any token: the first delta of all is a "timeout" final.
     (Once a token exists the answer is the partial one, finish_reason "length"; see docs/security.md.)"""
-    if first is not None and first.finish_reason == "timeout" and not first.token_ids:
+    if _timed_out(first):
         raise APIError(
             "the request exceeded its deadline before any token was generated",
             504,
@@ -353,9 +386,12 @@ def _add_generation_routes(
         rid, created = new_id("chatcmpl"), now_s()
         greq = make_generate_request(rid, prompt, sampling, deadline)
         it, first = await _submit(engine, greq, request)
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        opts = req.stream_options
         if req.stream:
-            spec = StreamSpec(rid, created, req.model, req.n, prompt_len, include_usage, req.logprobs)
+            spec = StreamSpec(
+                rid, created, req.model, req.n, prompt_len, include_usage=bool(opts and opts.include_usage),
+                want_logprobs=req.logprobs, continuous_usage=bool(opts and opts.continuous_usage_stats),
+            )  # fmt: skip
             return sse_response(chat_stream(engine, spec, first, it))
         results = await collect(engine, greq, request, first, it)
         return _json(chat_response(rid, created, req.model, prompt_len, results, req.logprobs))
@@ -367,20 +403,35 @@ def _add_generation_routes(
         check_model(req.model, settings)
         deadline = _deadline(request, raw, settings, arrival)
         reject_unsupported_completion(req)
-        prompt = await prepare_completion(req.prompt, processor, vocab_size=_vocab_size(engine))
-        prompt_len = len(prompt.input_ids)
-        check_prompt_len(prompt_len, settings, "prompt")
-        sampling = build_sampling(req, prompt_len, settings, _vocab_size(engine))
+        prompts = split_prompts(req.prompt)
+        vocab = _vocab_size(engine)
         rid, created = new_id("cmpl"), now_s()
-        greq = make_generate_request(rid, prompt, sampling, deadline)
-        it, first = await _submit(engine, greq, request)
+        greqs = []
+        for i, text_or_ids in enumerate(prompts):  # every prompt checked before any is submitted
+            param = "prompt" if len(prompts) == 1 else f"prompt.{i}"
+            prompt = await prepare_completion(text_or_ids, processor, vocab_size=vocab, param=param)
+            check_prompt_len(len(prompt.input_ids), settings, param)
+            sampling = build_sampling(req, len(prompt.input_ids), settings, vocab)
+            # one engine request per prompt; a batch's ids say which prompt they serve
+            request_id = rid if len(prompts) == 1 else f"{rid}-{i}"
+            greqs.append(make_generate_request(request_id, prompt, sampling, deadline))
+        started = await _submit_all(engine, greqs, request)
+        prompt_len = sum(len(g.prompt_token_ids) for g in greqs)
+        prefixes = await _echo_prefixes(prompts, req.n, processor) if req.echo else ()
         want_logprobs = req.logprobs is not None
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            spec = StreamSpec(rid, created, req.model, req.n, prompt_len, include_usage, want_logprobs)
-            return sse_response(completion_stream(engine, spec, first, it))
-        results = await collect(engine, greq, request, first, it)
-        return _json(completion_response(rid, created, req.model, prompt_len, results, want_logprobs))
+            opts = req.stream_options
+            spec = StreamSpec(
+                rid, created, req.model, req.n * len(prompts), prompt_len,
+                include_usage=bool(opts and opts.include_usage), want_logprobs=want_logprobs,
+                continuous_usage=bool(opts and opts.continuous_usage_stats),
+                engine_ids=tuple(g.request_id for g in greqs), prefixes=prefixes,
+            )  # fmt: skip
+            return sse_response(completion_stream(engine, spec, merged(started, req.n)))
+        results = await collect_all(engine, started, request)
+        return _json(
+            completion_response(rid, created, req.model, prompt_len, results, want_logprobs, prefixes)
+        )
 
 
 def _jsonable(info: dict[str, Any]) -> dict[str, Any]:

@@ -98,30 +98,46 @@ def reject_unsupported_chat(req: ChatCompletionRequest) -> None:
 
 
 def reject_unsupported_completion(req: CompletionRequest) -> None:
-    if isinstance(req.prompt, list):
-        check_prompt_list(req.prompt)
-    if req.echo:
-        raise not_supported("echo")
+    if req.echo and req.logprobs is not None:
+        raise not_supported("echo", "echo with logprobs (the prompt's logprobs)")
     if req.suffix:
         raise not_supported("suffix")
     if req.best_of is not None and req.best_of != req.n:
         raise not_supported("best_of", "best_of different from n")
 
 
-def check_prompt_list(prompt: list[Any]) -> None:
-    """A list prompt is either one string or token ids (non-negative ints); batches are not supported."""
+MAX_PROMPTS = 256  # prompts in one /v1/completions batch (each one engine request, n choices each)
+_PROMPT_FORMS = "a string, a list of strings, a list of token ids, or a list of token-id lists"
+
+
+def split_prompts(prompt: str | list[Any]) -> list[str | list[int]]:
+    """The prompts of a completion request, as OpenAI's `prompt` field allows them: one string, a batch
+    of strings, one list of token ids (non-negative ints), or a batch of such lists. Every prompt is
+    checked here, before any of them is submitted."""
+    if isinstance(prompt, str):
+        return [prompt]
     if not prompt:
         raise invalid_request("prompt must not be empty", "prompt")
     if all(isinstance(p, str) for p in prompt):
-        if len(prompt) > 1:
-            raise not_supported("prompt", "a batch of several prompts")
-        return
-    for i, t in enumerate(prompt):
+        batch: list[str | list[int]] = list(prompt)
+    elif all(isinstance(p, list) for p in prompt):
+        batch = []
+        for i, ids in enumerate(prompt):
+            if not ids:
+                raise invalid_request("a token-id prompt must not be empty", f"prompt.{i}")
+            batch.append(_token_ids(ids, f"prompt.{i}"))
+    else:
+        batch = [_token_ids(prompt, "prompt")]
+    if len(batch) > MAX_PROMPTS:
+        raise invalid_request(f"at most {MAX_PROMPTS} prompts per request, got {len(batch)}", "prompt")
+    return batch
+
+
+def _token_ids(ids: list[Any], param: str) -> list[int]:
+    for i, t in enumerate(ids):
         if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < 2**31:
-            raise invalid_request(
-                "prompt must be a string, a list of one string, or a list of token ids (non-negative ints)",
-                f"prompt.{i}",
-            )
+            raise invalid_request(f"prompt must be {_PROMPT_FORMS} (non-negative ints)", f"{param}.{i}")
+    return ids
 
 
 # ---- messages -> template ------------------------------------------------------------------------------
@@ -274,26 +290,26 @@ async def prepare_chat(
 
 
 async def prepare_completion(
-    prompt: str | list[str] | list[int], processor: Any, vocab_size: int | None = None
+    prompt: str | list[int], processor: Any, vocab_size: int | None = None, param: str = "prompt"
 ) -> PreparedPrompt:
-    """Text or token-id prompt -> processed prompt (text only; positions are 0..L-1 on all three axes).
-    Token ids must lie in the vocabulary (0..vocab_size-1) when `vocab_size` is given."""
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+    """One text or token-id prompt (`split_prompts`) -> processed prompt (text only; positions are
+    0..L-1 on all three axes). Token ids must lie in the vocabulary (0..vocab_size-1) when `vocab_size`
+    is given; errors name `param`."""
+    if isinstance(prompt, list):
         ids = [int(t) for t in prompt]
         if vocab_size is not None:
             for i, t in enumerate(ids):
                 if t >= vocab_size:
                     raise invalid_request(
-                        f"token id {t} is outside the vocabulary (0..{vocab_size - 1})", f"prompt.{i}"
+                        f"token id {t} is outside the vocabulary (0..{vocab_size - 1})", f"{param}.{i}"
                     )
         return PreparedPrompt(ids, continuation_positions(0, len(ids), 0), 0)
-    text = prompt[0] if isinstance(prompt, list) else prompt
-    if not text:
-        raise invalid_request("prompt must not be empty", "prompt")
+    if not prompt:
+        raise invalid_request("prompt must not be empty", param)
     try:
-        processed = await asyncio.to_thread(processor.process, text, [], [])
+        processed = await asyncio.to_thread(processor.process, prompt, [], [])
     except (ValueError, TypeError) as e:
-        raise invalid_request(f"could not process the prompt: {e}", "prompt") from e
+        raise invalid_request(f"could not process the prompt: {e}", param) from e
     return _prepared(processed)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
@@ -157,17 +157,45 @@ async def abort_quietly(engine: EngineClient, request_id: str) -> None:
         await engine.abort(request_id)
 
 
+@dataclass(frozen=True)
+class Started:
+    """One submitted engine request: its deltas, the first of which has arrived."""
+
+    greq: GenerateRequest
+    it: AsyncIterator[Delta]
+    first: Delta | None
+
+
+async def start_all(engine: EngineClient, greqs: list[GenerateRequest], request: Request) -> list[Started]:
+    """Submit every request and wait for the first delta of each, so queue-full and engine errors still
+    get a proper status; if any of them fails, or the client leaves, all of them are aborted."""
+    its: list[AsyncIterator[Delta]] = []
+    try:
+        for g in greqs:  # an engine may refuse one synchronously (queue full): the others are aborted
+            its.append(aiter(engine.generate(g)))
+        firsts = await race_disconnect(request, _gather(*(_next_or_none(it) for it in its), errors=True))
+        error = next((f for f in firsts if isinstance(f, BaseException)), None)
+        if error is not None:
+            raise error
+    except BaseException:
+        for g in greqs:
+            await abort_quietly(engine, g.request_id)
+        raise
+    return [Started(g, it, first) for g, it, first in zip(greqs, its, firsts, strict=True)]
+
+
+async def _gather(*aws: Awaitable[Any], errors: bool = False) -> list[Any]:
+    """asyncio.gather inside a coroutine: race_disconnect cancels it as a task, so a cancelled gather
+    never leaves an unretrieved exception behind. errors: exceptions are returned, not raised."""
+    return list(await asyncio.gather(*aws, return_exceptions=errors))
+
+
 async def start(
     engine: EngineClient, greq: GenerateRequest, request: Request
 ) -> tuple[AsyncIterator[Delta], Delta | None]:
-    """Submit and wait for the first delta, so queue-full and engine errors still get a proper status."""
-    it = aiter(engine.generate(greq))
-    try:
-        first = await race_disconnect(request, _next_or_none(it))
-    except BaseException:
-        await abort_quietly(engine, greq.request_id)
-        raise
-    return it, first
+    """`start_all` for one request: (its deltas, the first delta)."""
+    (started,) = await start_all(engine, [greq], request)
+    return started.it, started.first
 
 
 async def _next_or_none(it: AsyncIterator[Delta]) -> Delta | None:
@@ -199,18 +227,66 @@ async def collect(
     first: Delta | None,
     it: AsyncIterator[Delta],
 ) -> list[ChoiceResult]:
-    """Gather every choice; abort when the client leaves; a choice that failed makes a 500."""
+    """`collect_all` for one request."""
+    return await collect_all(engine, [Started(greq, it, first)], request)
+
+
+async def collect_all(engine: EngineClient, started: list[Started], request: Request) -> list[ChoiceResult]:
+    """Gather every choice of every request, in order (choice c of request p gets index p * n + c);
+    abort them all when the client leaves; a choice that failed makes a 500."""
     done = False
     try:
-        results = await race_disconnect(request, _collect(first, it, greq.sampling.n))
+        per_request = await race_disconnect(
+            request, _gather(*(_collect(s.first, s.it, s.greq.sampling.n) for s in started))
+        )
         done = True
     finally:
         if not done:
-            await abort_quietly(engine, greq.request_id)
+            for s in started:
+                await abort_quietly(engine, s.greq.request_id)
+    results: list[ChoiceResult] = []
+    for p, choices in enumerate(per_request):
+        for r in choices:
+            r.index += p * len(choices)
+            results.append(r)
     for r in results:
         if r.finish_reason == "error" or r.finish_reason is None:
             raise APIError(f"generation failed: {r.error or 'the engine ended the request early'}", 500)
     return results
+
+
+async def merged(started: list[Started], n: int) -> AsyncIterator[Delta]:
+    """The deltas of every started request as one stream, in arrival order, choice c of request p
+    re-indexed p * n + c; an engine error of any of them is raised here."""
+    if len(started) == 1:
+        async for d in _chain(started[0].first, started[0].it):
+            yield d
+        return
+    queue: asyncio.Queue[Delta | BaseException | None] = asyncio.Queue()
+
+    async def pump(p: int, s: Started) -> None:
+        try:
+            async for d in _chain(s.first, s.it):
+                queue.put_nowait(replace(d, index=p * n + d.index))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            queue.put_nowait(e)
+        finally:
+            queue.put_nowait(None)
+
+    tasks = [asyncio.create_task(pump(p, s)) for p, s in enumerate(started)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
 
 
 # ---- non-streaming bodies ------------------------------------------------------------------------------
@@ -235,12 +311,19 @@ def chat_response(
 
 
 def completion_response(
-    rid: str, created: int, model: str, prompt_len: int, results: list[ChoiceResult], want_logprobs: bool
+    rid: str,
+    created: int,
+    model: str,
+    prompt_len: int,
+    results: list[ChoiceResult],
+    want_logprobs: bool,
+    prefixes: tuple[str, ...] = (),
 ) -> CompletionResponse:
+    """prompt_len: the prompt tokens of all prompts; prefixes: per choice, the echoed prompt text."""
     choices = [
         CompletionChoice(
             index=r.index,
-            text=r.text,
+            text=(prefixes[r.index] if prefixes else "") + r.text,
             logprobs=legacy_logprobs(r.logprobs) if want_logprobs else None,
             finish_reason=openai_finish_reason(r.finish_reason),
         )
@@ -261,10 +344,21 @@ class StreamSpec:
     rid: str
     created: int
     model: str
-    n: int
-    prompt_len: int
+    n: int  # choices in all (n per prompt times the prompts of a completion batch)
+    prompt_len: int  # prompt tokens of all prompts
     include_usage: bool
     want_logprobs: bool
+    continuous_usage: bool = False  # usage so far in every chunk (stream_options.continuous_usage_stats)
+    engine_ids: tuple[str, ...] = ()  # the engine requests behind the stream (default: rid alone)
+    prefixes: tuple[str, ...] = ()  # per choice, text its first chunk starts with (completions' echo)
+
+    def usage(self, results: list[ChoiceResult]) -> UsageInfo | None:
+        """The usage a content chunk carries: so far with continuous usage, else none."""
+        return usage_of(self.prompt_len, results) if self.include_usage and self.continuous_usage else None
+
+    async def abort(self, engine: EngineClient) -> None:
+        for request_id in self.engine_ids or (self.rid,):
+            await abort_quietly(engine, request_id)
 
 
 def _error_event(d: Delta) -> bytes:
@@ -278,12 +372,14 @@ async def chat_stream(
 ) -> AsyncIterator[bytes]:
     """Chat chunks: role chunk per choice, content chunks, finish chunk per choice, usage chunk, [DONE]."""
     exclude = None if spec.include_usage else {"usage"}
+    results = [ChoiceResult(i) for i in range(spec.n)]
 
     def chunk(choice: ChatChunkChoice) -> bytes:
-        c = ChatCompletionChunk(id=spec.rid, created=spec.created, model=spec.model, choices=[choice])
+        c = ChatCompletionChunk(
+            id=spec.rid, created=spec.created, model=spec.model, choices=[choice], usage=spec.usage(results)
+        )
         return data_event(c, exclude)
 
-    results = [ChoiceResult(i) for i in range(spec.n)]
     finished = False
     try:
         for i in range(spec.n):
@@ -312,11 +408,11 @@ async def chat_stream(
         yield DONE
     finally:
         if not finished:
-            await abort_quietly(engine, spec.rid)
+            await spec.abort(engine)
 
 
 async def completion_stream(
-    engine: EngineClient, spec: StreamSpec, first: Delta | None, it: AsyncIterator[Delta]
+    engine: EngineClient, spec: StreamSpec, deltas: AsyncIterator[Delta]
 ) -> AsyncIterator[bytes]:
     """Legacy completion chunks (same shape as the response), a usage chunk if asked, then [DONE]."""
     exclude = None if spec.include_usage else {"usage"}
@@ -329,9 +425,10 @@ async def completion_stream(
 
     results = [ChoiceResult(i) for i in range(spec.n)]
     offsets = [0] * spec.n
+    echo = list(spec.prefixes)  # consumed by each choice's first chunk
     finished = False
     try:
-        async for d in _chain(first, it):
+        async for d in deltas:
             results[d.index].add(d)
             if d.finish_reason == "error":
                 yield _error_event(d)
@@ -339,7 +436,11 @@ async def completion_stream(
             lp = legacy_logprobs(d.logprobs or (), offsets[d.index]) if spec.want_logprobs else None
             offsets[d.index] += len(d.text)
             reason = openai_finish_reason(d.finish_reason)
-            yield chunk([CompletionChoice(index=d.index, text=d.text, logprobs=lp, finish_reason=reason)])
+            text = d.text
+            if echo and echo[d.index]:
+                text, echo[d.index] = echo[d.index] + text, ""
+            choice = CompletionChoice(index=d.index, text=text, logprobs=lp, finish_reason=reason)
+            yield chunk([choice], spec.usage(results))
         finished = True
         if spec.include_usage:
             yield data_event(
@@ -354,4 +455,4 @@ async def completion_stream(
         yield DONE
     finally:
         if not finished:
-            await abort_quietly(engine, spec.rid)
+            await spec.abort(engine)

@@ -178,10 +178,14 @@ def test_not_supported_message(http):
 
 
 COMPLETION_CASES = [
-    ("echo", {"model": MODEL, "prompt": "a", "echo": True}, 400, "echo"),
+    ("echo-with-logprobs", {"model": MODEL, "prompt": "a", "echo": True, "logprobs": 1}, 400, "echo"),
     ("suffix", {"model": MODEL, "prompt": "a", "suffix": "z"}, 400, "suffix"),
     ("no-prompt", {"model": MODEL}, 400, "prompt"),
-    ("two-prompts", {"model": MODEL, "prompt": ["a", "b"]}, 400, "prompt"),
+    ("batch-with-empty-prompt", {"model": MODEL, "prompt": ["a", ""]}, 400, "prompt.1"),
+    ("batch-with-empty-ids", {"model": MODEL, "prompt": [[1, 2], []]}, 400, "prompt.1"),
+    ("batch-mixed", {"model": MODEL, "prompt": [[1, 2], "a"]}, 400, "prompt"),
+    ("batch-negative-id", {"model": MODEL, "prompt": [[1, 2], [3, -4]]}, 400, "prompt.1"),
+    ("batch-too-large", {"model": MODEL, "prompt": ["a"] * 257}, 400, "prompt"),
     ("empty-prompt", {"model": MODEL, "prompt": ""}, 400, "prompt"),
     ("logprobs-bool-string", {"model": MODEL, "prompt": "a", "logprobs": "x"}, 400, "logprobs"),
     ("negative-token", {"model": MODEL, "prompt": [1, -2]}, 400, "prompt"),

@@ -114,3 +114,92 @@ def test_completion_and_tokenize(client, real):
     toks = httpx.post(real[1].base_url + "/tokenize", json={"prompt": "hello"}).json()["tokens"]
     back = httpx.post(real[1].base_url + "/detokenize", json={"tokens": toks}).json()["prompt"]
     assert back == "hello"
+
+
+def _sse(url: str, body: dict) -> list[dict]:
+    """The JSON chunks of a streamed response (without [DONE])."""
+    import json
+
+    chunks = []
+    with httpx.stream("POST", url, json=body, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunks.append(json.loads(line[len("data: ") :]))
+    return chunks
+
+
+def test_completion_batch_equals_single_prompts(client, real):
+    """A batch of prompts (strings or token-id lists) with n=2: choice c of prompt p has index 2p + c and
+    the greedy text of that prompt alone; usage counts every prompt once and every choice."""
+    prompts = ["hello", "the cat sat", "a b c d e"]
+    batch = client.completions.create(model=MODEL, prompt=prompts, n=2, max_tokens=4, temperature=0)
+    if oav.is_available():
+        oav.validate(batch.model_dump(exclude_unset=True), "CreateCompletionResponse")
+    assert [c.index for c in batch.choices] == list(range(6))
+    singles = [client.completions.create(model=MODEL, prompt=p, max_tokens=4, temperature=0) for p in prompts]
+    for c in batch.choices:
+        assert c.text == singles[c.index // 2].choices[0].text and c.finish_reason == "length"
+    assert batch.usage.prompt_tokens == sum(s.usage.prompt_tokens for s in singles)
+    assert batch.usage.completion_tokens == 6 * 4
+    ids = [real[0].tokenizer.encode(p, add_special_tokens=False) for p in prompts[:2]]
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=4, temperature=0)
+    assert [c.text for c in by_ids.choices] == [s.choices[0].text for s in singles[:2]]
+
+
+def test_completion_batch_stream(real):
+    """Streamed, the batch's chunks carry the global choice index; each choice's text equals the
+    non-streamed one; the usage chunk sums over the prompts."""
+    url = real[1].base_url + "/v1/completions"
+    body = {"model": MODEL, "prompt": ["hello", "the cat sat"], "n": 2, "max_tokens": 5, "temperature": 0}
+    whole = httpx.post(url, json=body, timeout=120).json()
+    chunks = _sse(url, {**body, "stream": True, "stream_options": {"include_usage": True}})
+    texts = ["" for _ in range(4)]
+    finished = set()
+    for ch in chunks[:-1]:  # (OpenAI's schema has no stream chunk for completions: a null finish_reason)
+        assert ch["id"] == chunks[0]["id"] and ch["object"] == "text_completion"
+        (choice,) = ch["choices"]
+        texts[choice["index"]] += choice["text"]
+        if choice["finish_reason"] is not None:
+            finished.add(choice["index"])
+    assert finished == {0, 1, 2, 3}
+    assert texts == [c["text"] for c in whole["choices"]]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+
+
+def test_completion_echo(client, real):
+    """echo: each choice's text starts with its prompt (token-id prompts decoded), streamed or not."""
+    plain = client.completions.create(model=MODEL, prompt="hello there", max_tokens=3, temperature=0)
+    echoed = client.completions.create(
+        model=MODEL, prompt="hello there", max_tokens=3, temperature=0, echo=True
+    )
+    assert echoed.choices[0].text == "hello there" + plain.choices[0].text
+    assert echoed.usage == plain.usage
+    ids = real[0].tokenizer.encode("good day", add_special_tokens=False)
+    by_ids = client.completions.create(model=MODEL, prompt=[ids, ids], max_tokens=2, temperature=0, echo=True)
+    assert all(c.text.startswith(real[0].tokenizer.decode(ids)) for c in by_ids.choices)
+    url = real[1].base_url + "/v1/completions"
+    chunks = _sse(url, {"model": MODEL, "prompt": "hello there", "max_tokens": 3, "temperature": 0,
+                        "echo": True, "stream": True})  # fmt: skip
+    assert chunks[0]["choices"][0]["text"].startswith("hello there")
+    assert "".join(c["choices"][0]["text"] for c in chunks) == echoed.choices[0].text
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_continuous_usage_stats(real, path):
+    """stream_options.continuous_usage_stats: every chunk carries the usage so far; completion tokens
+    never decrease and end at the final usage chunk's count."""
+    body = {"model": MODEL, "max_tokens": 5, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}  # fmt: skip
+    if path.endswith("chat/completions"):
+        body["messages"] = [{"role": "user", "content": "hello"}]
+    else:
+        body["prompt"] = "hello"
+    chunks = _sse(real[1].base_url + path, body)
+    usages = [c["usage"] for c in chunks]
+    assert all(u is not None for u in usages)
+    counts = [u["completion_tokens"] for u in usages]
+    assert counts == sorted(counts) and counts[-1] == 5 and counts[0] <= 1
+    assert all(u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] for u in usages)
+    plain = _sse(real[1].base_url + path, {**body, "stream_options": {"include_usage": True}})
+    assert all(c["usage"] is None for c in plain[:-1]) and plain[-1]["usage"]["completion_tokens"] == 5

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import json
 import time
 
@@ -17,6 +18,7 @@ from PIL import Image
 
 from api.app import create_app
 from api.settings import ServerSettings
+from serving.errors import EngineOverloaded
 
 MODEL = "infinitevl-test"
 
@@ -339,6 +341,65 @@ def test_disconnect_non_streaming_aborts(stack):
         assert rid in engine.aborted
     finally:
         engine.token_delay = 0.0
+
+
+def test_disconnect_mid_batch_stream_aborts_every_prompt(stack, http):
+    engine = stack[0]
+    engine.token_delay = 0.05
+    try:
+        body = {
+            "model": MODEL,
+            "prompt": ["long a", "long b", "long c"],
+            "max_tokens": 10_000,
+            "stream": True,
+        }
+        with http.stream("POST", "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            events = [line for line in itertools.islice(lines, 12) if line.startswith("data: ")]
+            rids = [g.request_id for g in engine.submitted[-3:]]
+            assert len(events) == 6 and len(set(rids)) == 3  # tokens of all three prompts flow
+            assert {json.loads(e[6:])["choices"][0]["index"] for e in events} == {0, 1, 2}
+            assert all(rid in engine.running for rid in rids)
+        assert _wait_until(lambda: not any(rid in engine.running for rid in rids))
+        assert set(rids) <= set(engine.aborted)
+    finally:
+        engine.token_delay = 0.0
+
+
+def test_disconnect_non_streaming_batch_aborts_every_prompt(stack):
+    engine = stack[0]
+    engine.token_delay = 0.05
+    try:
+        body = {"model": MODEL, "prompt": ["long d", "long e"], "max_tokens": 10_000}
+        with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=stack[3].base_url, timeout=0.5) as c:
+            c.post("/v1/completions", json=body)
+        rids = [g.request_id for g in engine.submitted[-2:]]
+        assert _wait_until(lambda: not any(rid in engine.running for rid in rids))
+        assert set(rids) <= set(engine.aborted)
+    finally:
+        engine.token_delay = 0.0
+
+
+def test_batch_refused_part_way_leaves_nothing_running(stack, http):
+    """The engine refuses the second prompt of a batch (queue full): 429, and the first one, already
+    submitted, is aborted (all of a batch or nothing)."""
+    engine = stack[0]
+    real_generate = engine.generate
+    calls = []
+
+    def generate_once(request):
+        calls.append(request.request_id)
+        if len(calls) == 2:
+            raise EngineOverloaded("fake queue full", retry_after=1.0)
+        return real_generate(request)
+
+    engine.generate = generate_once
+    try:
+        r = http.post("/v1/completions", json={"model": MODEL, "prompt": ["p1", "p2", "p3"], "max_tokens": 3})
+    finally:
+        del engine.generate
+    assert r.status_code == 429 and r.json()["error"]["type"]
+    assert calls[0] in engine.aborted and not engine.running
 
 
 def test_overloaded_is_429(stack, http):
