@@ -329,16 +329,23 @@ def test_disconnect_mid_stream_aborts(stack, http):
         engine.token_delay = 0.0
 
 
-def test_disconnect_non_streaming_aborts(stack):
+@pytest.mark.parametrize(
+    ("path", "prompt", "num_requests"),
+    [
+        ("/v1/chat/completions", {"messages": user("long2")}, 1),
+        ("/v1/completions", {"prompt": ["long d", "long e"]}, 2),  # a batch: every prompt is aborted
+    ],
+)
+def test_disconnect_non_streaming_aborts(stack, path, prompt, num_requests):
     engine = stack[0]
     engine.token_delay = 0.05
     try:
-        body = {"model": MODEL, "messages": user("long2"), "max_tokens": 10_000}
+        body = {"model": MODEL, "max_tokens": 10_000, **prompt}
         with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=stack[3].base_url, timeout=0.5) as c:
-            c.post("/v1/chat/completions", json=body)
-        rid = engine.submitted[-1].request_id
-        assert _wait_until(lambda: rid not in engine.running)
-        assert rid in engine.aborted
+            c.post(path, json=body)
+        rids = [g.request_id for g in engine.submitted[-num_requests:]]
+        assert _wait_until(lambda: not any(rid in engine.running for rid in rids))
+        assert set(rids) <= set(engine.aborted)
     finally:
         engine.token_delay = 0.0
 
@@ -360,20 +367,6 @@ def test_disconnect_mid_batch_stream_aborts_every_prompt(stack, http):
             assert len(events) == 6 and len(set(rids)) == 3  # tokens of all three prompts flow
             assert {json.loads(e[6:])["choices"][0]["index"] for e in events} == {0, 1, 2}
             assert all(rid in engine.running for rid in rids)
-        assert _wait_until(lambda: not any(rid in engine.running for rid in rids))
-        assert set(rids) <= set(engine.aborted)
-    finally:
-        engine.token_delay = 0.0
-
-
-def test_disconnect_non_streaming_batch_aborts_every_prompt(stack):
-    engine = stack[0]
-    engine.token_delay = 0.05
-    try:
-        body = {"model": MODEL, "prompt": ["long d", "long e"], "max_tokens": 10_000}
-        with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=stack[3].base_url, timeout=0.5) as c:
-            c.post("/v1/completions", json=body)
-        rids = [g.request_id for g in engine.submitted[-2:]]
         assert _wait_until(lambda: not any(rid in engine.running for rid in rids))
         assert set(rids) <= set(engine.aborted)
     finally:
