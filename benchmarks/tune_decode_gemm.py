@@ -9,12 +9,16 @@ default). `--ops`, `--shapes` and `--max-m` choose what to tune; the table's oth
 Triton kernels are timed with programmatic dependent launch where the backend would use it (`--pdl`):
 with PDL a Triton GEMM's launch overlaps its predecessor's tail, which cuBLAS cannot do.
 
+The output projections (MLP down, GDN and SWA o_proj) hand their split-K partial sums to the residual-add
+RMSNorm after them (TritonBackend.split_k_into_norm), so their split-K configs are timed without the
+reduction kernel (`--partial-out on`, the default; `off` times them as the backend ran before 1aa90de).
+
 Timings replay a CUDA graph of 20 calls cycling through 256 MB or more of weight copies (no L2 reuse),
 as sweep_gemm.py does. With --ab, then times graph-captured decode steps with the new table against an
 empty one (all cuBLAS), alternating, in the same process.
 
     python benchmarks/tune_decode_gemm.py --out DIR [--table PATH] [--ops linear,silu_mul] [--shapes all]
-        [--max-m 128] [--pdl auto|on|off] [--ab]
+        [--max-m 128] [--pdl auto|on|off] [--partial-out on|off] [--ab]
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from model.backends.triton_kernels.gemm import decode_gemm
 BF16 = torch.bfloat16
 BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128)
 MARGIN = 0.97  # Triton must take at most this fraction of cuBLAS's time
+# projections whose product goes straight into a residual-add RMSNorm (Backend.linear's `partial`)
+OUTPUT_PROJECTIONS = frozenset({"mlp_down", "gdn_out", "swa_out"})
 
 
 def program_counts(units: int, two_per_sm: bool = False, num_sms: int = 132) -> list[int]:
@@ -85,7 +91,9 @@ def search(label: str, cfgs: list[dict], run, ws: list[torch.Tensor], ref: torch
     best, best_s = None, None
     for cfg in cfgs:
         try:
-            err = ((run(ws[0], cfg).float() - ref).norm() / ref.norm()).item()
+            out = run(ws[0], cfg).float()
+            out = out.sum(0) if out.dim() == 3 else out  # split-K partials left unreduced
+            err = ((out - ref).norm() / ref.norm()).item()
             if not err < 1e-2:
                 print(f"  {label} {cfg}: rel err {err:.1e}", flush=True)
                 continue
@@ -101,11 +109,14 @@ def search(label: str, cfgs: list[dict], run, ws: list[torch.Tensor], ref: torch
 
 
 @torch.inference_mode()
-def tune(names: set[str], buckets: tuple[int, ...] = BUCKETS) -> list[dict]:
+def tune(names: set[str], buckets: tuple[int, ...] = BUCKETS, partial_out: bool = True) -> list[dict]:
+    """partial_out: time the output projections' split-K configs without their reduction kernel (the
+    norm after them adds the partials up)."""
     entries = []
     for name, n, k, _calls, has_bias in shapes():
         if name not in names:
             continue
+        reduce = not (partial_out and name in OUTPUT_PROJECTIONS)
         ws = weight_copies(n, k)
         b = torch.randn(n, dtype=BF16, device=DEV) if has_bias else None
         for m in buckets:
@@ -114,7 +125,11 @@ def tune(names: set[str], buckets: tuple[int, ...] = BUCKETS) -> list[dict]:
             ref = F.linear(x.float(), ws[0].float(), None if b is None else b.float())
             cublas_s = min(graph_time([lambda w=w: F.linear(x, w, b) for w in ws]) for _ in range(2))
             best, best_s = search(
-                f"{name} M={m}", configs(m, n, has_bias), lambda w, cfg: decode_gemm(x, w, b, **cfg), ws, ref
+                f"{name} M={m}",
+                configs(m, n, has_bias),
+                lambda w, cfg: decode_gemm(x, w, b, reduce=reduce, **cfg),
+                ws,
+                ref,
             )
             win = best is not None and best_s < MARGIN * cublas_s
             entry = {
@@ -127,6 +142,7 @@ def tune(names: set[str], buckets: tuple[int, ...] = BUCKETS) -> list[dict]:
                 "cublas_us": round(cublas_s * 1e6, 2),
                 "triton_us": round(best_s * 1e6, 2) if best_s is not None else None,
                 "triton_config": best,
+                "timed_unreduced": not reduce,
             }
             entries.append(entry)
             print(
@@ -252,6 +268,12 @@ def main() -> None:
         default="auto",
         help="time the Triton kernels with PDL (pdl.py)",
     )
+    ap.add_argument(
+        "--partial-out",
+        choices=("on", "off"),
+        default="on",
+        help="time the output projections' split-K configs without their reduction kernel",
+    )
     args = ap.parse_args()
     if args.pdl != "auto":
         pdl.ENABLED = args.pdl == "on"
@@ -262,7 +284,7 @@ def main() -> None:
     ops = args.ops.split(",")
     names = {s[0] for s in shapes()} if args.shapes == "all" else set(args.shapes.split(","))
     old = json.loads(Path(args.table).read_text())["entries"] if Path(args.table).exists() else []
-    linear = tune(names, buckets) if "linear" in ops else []
+    linear = tune(names, buckets, args.partial_out == "on") if "linear" in ops else []
     fused = tune_silu_mul(linear + kept(old, "linear", linear), buckets) if "silu_mul" in ops else []
     # the table's other entries stay: other shapes, other ops, buckets above --max-m
     entries = sorted(
