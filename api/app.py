@@ -13,6 +13,7 @@ import contextlib
 import json
 import re
 import time
+from dataclasses import replace
 from importlib import metadata
 from typing import Any, TypeVar
 
@@ -412,6 +413,8 @@ def _add_generation_routes(
             prompt = await prepare_completion(text_or_ids, processor, vocab_size=vocab, param=param)
             check_prompt_len(len(prompt.input_ids), settings, param)
             sampling = build_sampling(req, len(prompt.input_ids), settings, vocab)
+            if req.echo and req.logprobs is not None:  # the echoed prompt's logprobs too (scoring)
+                sampling = replace(sampling, prompt_logprobs=req.logprobs)
             # one engine request per prompt; a batch's ids say which prompt they serve
             request_id = rid if len(prompts) == 1 else f"{rid}-{i}"
             greqs.append(make_generate_request(request_id, prompt, sampling, deadline))

@@ -98,8 +98,6 @@ def reject_unsupported_chat(req: ChatCompletionRequest) -> None:
 
 
 def reject_unsupported_completion(req: CompletionRequest) -> None:
-    if req.echo and req.logprobs is not None:
-        raise not_supported("echo", "echo with logprobs (the prompt's logprobs)")
     if req.suffix:
         raise not_supported("suffix")
     if req.best_of is not None and req.best_of != req.n:

@@ -139,7 +139,7 @@ class CompletionRequest(_SamplingFields):
     """Body of POST /v1/completions (text prompt or token ids)."""
 
     prompt: str | list[Any]  # one string, a list of one string, or token ids; checked in api.chat
-    echo: bool = False  # rejected when true
+    echo: bool = False  # the prompt is prepended to each choice (with logprobs: the prompt's too)
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     suffix: str | None = None  # rejected when set
     best_of: Annotated[int, Field(ge=1)] | None = None  # rejected unless equal to n
@@ -240,9 +240,9 @@ class CompletionLogprobs(BaseModel):
     """Legacy completions logprobs format."""
 
     text_offset: list[int]
-    token_logprobs: list[float]
+    token_logprobs: list[float | None]  # None: the first prompt token of an echo (nothing predicts it)
     tokens: list[str]
-    top_logprobs: list[dict[str, float]]
+    top_logprobs: list[dict[str, float] | None]
 
 
 class CompletionChoice(BaseModel):

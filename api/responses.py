@@ -56,12 +56,15 @@ class ChoiceResult:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     error: str | None = None
+    prompt_logprobs: tuple[LogprobEntry, ...] = ()  # an echo's prompt, from the first delta
 
     @property
     def text(self) -> str:
         return "".join(self.texts)
 
     def add(self, d: Delta) -> None:
+        if d.prompt_logprobs:
+            self.prompt_logprobs = d.prompt_logprobs
         self.texts.append(d.text)
         self.logprobs.extend(d.logprobs or ())
         self.num_tokens += len(d.token_ids)
@@ -117,6 +120,10 @@ def legacy_logprobs(
         out.text_offset.append(offset)
         offset += len(e.chosen.token)
         out.tokens.append(e.chosen.token)
+        if math.isnan(e.chosen.logprob):  # an echoed prompt's first token: nothing predicts it
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+            continue
         out.token_logprobs.append(_finite(e.chosen.logprob))
         out.top_logprobs.append({t.token: _finite(t.logprob) for t in e.top})
     return out
@@ -324,7 +331,7 @@ def completion_response(
         CompletionChoice(
             index=r.index,
             text=(prefixes[r.index] if prefixes else "") + r.text,
-            logprobs=legacy_logprobs(r.logprobs) if want_logprobs else None,
+            logprobs=legacy_logprobs([*r.prompt_logprobs, *r.logprobs]) if want_logprobs else None,
             finish_reason=openai_finish_reason(r.finish_reason),
         )
         for r in results
@@ -433,12 +440,13 @@ async def completion_stream(
             if d.finish_reason == "error":
                 yield _error_event(d)
                 return
-            lp = legacy_logprobs(d.logprobs or (), offsets[d.index]) if spec.want_logprobs else None
-            offsets[d.index] += len(d.text)
-            reason = openai_finish_reason(d.finish_reason)
             text = d.text
             if echo and echo[d.index]:
                 text, echo[d.index] = echo[d.index] + text, ""
+            entries = [*(d.prompt_logprobs or ()), *(d.logprobs or ())]  # an echo's prompt comes first
+            lp = legacy_logprobs(entries, offsets[d.index]) if spec.want_logprobs else None
+            offsets[d.index] += len(text)
+            reason = openai_finish_reason(d.finish_reason)
             choice = CompletionChoice(index=d.index, text=text, logprobs=lp, finish_reason=reason)
             yield chunk([choice], spec.usage(results))
         finished = True

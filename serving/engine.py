@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import queue
 import threading
 import time
@@ -73,7 +74,8 @@ class EngineCore:
         self.requests: dict[str, EngineRequest] = {}
         self.fault_hook: Callable[[EngineRequest], None] | None = None  # tests inject faults here
         # accepted tokens whose text is not made yet: (request, token, StepResult if already made, done)
-        self._pending: list[tuple[EngineRequest, SampledToken, StepResult | None, bool]] = []
+        # (request, token, StepResult if already made, request done, first token of its choice)
+        self._pending: list[tuple[EngineRequest, SampledToken, StepResult | None, bool, bool]] = []
         self.on_emit: Callable[[], None] | None = None  # called after deltas were emitted mid-step
         # async scheduling: the step enqueued last, whose tokens the host has not taken yet
         self.async_scheduling = config.async_scheduling
@@ -277,21 +279,23 @@ class EngineCore:
             done = finished and self.scheduler.finish_choice(er.request_id, tok.choice)
             if done:
                 self.requests.pop(er.request_id, None)
-            self._pending.append((er, tok, res, done))
+            self._pending.append((er, tok, res, done, len(out) == 1))
 
     def _emit_pending(self) -> None:
         """Detokenize the accepted tokens that have no text yet and emit their deltas, in order."""
         if not self._pending:
             return
         items, self._pending = self._pending, []
-        for er, tok, res, done in items:
+        for er, tok, res, done, first in items:
             if res is None:
                 res = er.decoders[tok.choice].append(tok.token_id)
             lp = self._logprobs(tok) if tok.logprob is not None else None
+            plp = self._prompt_logprobs(er) if first and er.req.sampling.prompt_logprobs is not None else None
             if res.finish_reason is None:  # emitted even with no text yet (a split UTF-8 character)
-                er.emit(Delta(er.request_id, tok.choice, res.text, (tok.token_id,), lp))
+                er.emit(Delta(er.request_id, tok.choice, res.text, (tok.token_id,), lp, prompt_logprobs=plp))
                 continue
-            er.emit(self._final(er, tok.choice, res.text, res.finish_reason, res.stop_reason, None, tok, lp))
+            final = self._final(er, tok.choice, res.text, res.finish_reason, res.stop_reason, None, tok, lp)
+            er.emit(replace(final, prompt_logprobs=plp) if plp is not None else final)
             if done:
                 self._finish_stats(er, res.finish_reason)
         if self.on_emit is not None:
@@ -319,6 +323,14 @@ class EngineCore:
             usage=Usage(len(er.req.prompt_token_ids), er.decoders[choice].num_tokens),
             error=error,
         )
+
+    def _prompt_logprobs(self, er: EngineRequest) -> tuple[LogprobEntry, ...]:
+        """Every prompt token's entry (the first: logprob NaN, nothing predicts it), made once."""
+        if er.prompt_logprob_entries is None:
+            first = logprob_entry(self.tokenizer, er.req.prompt_token_ids[0], math.nan, ())
+            rest = (logprob_entry(self.tokenizer, t, c, top) for t, c, top in er.prompt_scores)
+            er.prompt_logprob_entries = (first, *rest)
+        return er.prompt_logprob_entries
 
     def _logprobs(self, tok: SampledToken) -> tuple[LogprobEntry, ...]:
         chosen_lp, top = tok.logprob

@@ -15,6 +15,7 @@ from serving.sampler import PendingSample, SampleOutput, Sampler, SamplingRow
 from serving.sequence import EngineRequest, VisionCache
 
 logger = logging.getLogger(__name__)
+SCORE_ROWS = 256  # prompt positions scored at once: [rows, vocab] fp32 logits (155 MB at the 4B vocab)
 
 
 class SampledToken(NamedTuple):  # one per sampled row per step: a tuple is the cheapest record
@@ -134,6 +135,7 @@ class ModelRunner:
             )
             embeds = self._embeds(batch, reqs, input_ids)
             hidden = self.model.forward(input_ids, positions, meta, self.pool.state, inputs_embeds=embeds)
+            self._score_prompts(batch, reqs, hidden)
             which = [i for i, r in enumerate(batch.rows) if r.is_sampled]
             last = meta.logits_indices[upload_values(which, self.device, torch.int64)]
             logits = self.model.compute_logits(hidden[last])
@@ -141,6 +143,28 @@ class ModelRunner:
             for dst in row.fork_to:
                 self.pool.fork(row.slot, dst)
         return LaunchedForward(self, logits, sampled)
+
+    def _score_prompts(
+        self, batch: ScheduledBatch, reqs: dict[str, EngineRequest], hidden: torch.Tensor
+    ) -> None:
+        """For the prefill chunks of requests that ask for prompt logprobs: the logprob of every prompt
+        token the chunk predicts (position j predicts token j + 1) and its top-k, appended to the
+        request's `prompt_scores`. The logits are those sampling sees (rounded to the model dtype,
+        then fp32), made SCORE_ROWS rows at a time; reading them back waits for this forward."""
+        for off, row in zip(_offsets(batch), batch.rows, strict=True):
+            er = reqs[row.request_id]
+            k = er.req.sampling.prompt_logprobs if row.is_prefill else None
+            num = min(row.num_tokens, er.prompt_ids.numel() - 1 - row.start) if k is not None else 0
+            for a in range(0, num, SCORE_ROWS):
+                b = min(num, a + SCORE_ROWS)
+                lp = torch.log_softmax(self.model.compute_logits(hidden[off + a : off + b]), dim=-1)
+                targets = er.prompt_ids[row.start + 1 + a : row.start + 1 + b]
+                chosen = lp.gather(1, upload(targets, self.device).unsqueeze(1)).squeeze(1)
+                top_v, top_i = lp.topk(k, dim=-1)
+                for t, c, ids, vals in zip(
+                    targets.tolist(), chosen.tolist(), top_i.tolist(), top_v.tolist(), strict=True
+                ):
+                    er.prompt_scores.append((t, c, list(zip(ids, vals, strict=True))))
 
     def _sample(
         self, logits: torch.Tensor, rows: list[ScheduledRow], reqs: dict[str, EngineRequest]

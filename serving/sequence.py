@@ -10,7 +10,7 @@ import torch
 from scheduler import SchedRequest
 from serving.sampler import SamplingRow
 from serving.stop import ChoiceDecoder
-from serving.types import Delta, GenerateRequest, RequestStats
+from serving.types import Delta, GenerateRequest, LogprobEntry, RequestStats
 
 
 @dataclass
@@ -35,6 +35,10 @@ class EngineRequest:
     emit: Callable[[Delta], None]  # hands a delta to the API side (thread-safe)
     vision: VisionCache | None = None
     prompt_ids: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))  # CPU
+    # prompt_logprobs: (token id, logprob, top-k [(id, logprob)]) of prompt tokens 1.., filled by the
+    # runner chunk by chunk during prefill
+    prompt_scores: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
+    prompt_logprob_entries: tuple[LogprobEntry, ...] | None = None  # made from them at the first delta
 
     @property
     def request_id(self) -> str:

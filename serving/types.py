@@ -31,6 +31,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # None: no logprobs; k >= 0: the sampled token plus top-k alternatives
+    prompt_logprobs: int | None = None  # None: none; k >= 0: each prompt token's logprob plus top-k
     skip_special_tokens: bool = True
 
     @property
@@ -60,6 +61,8 @@ class SamplingParams:
             raise ValueError("min_tokens must be between 0 and max_tokens")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError("top_logprobs must be between 0 and 20")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            raise ValueError("prompt_logprobs must be between 0 and 20")
         if vocab_size is not None:
             for tid in list(self.stop_token_ids) + list((self.logit_bias or {}).keys()):
                 if not 0 <= tid < vocab_size:
@@ -146,6 +149,9 @@ class Delta:
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     usage: Usage | None = None
     error: str | None = None
+    # with SamplingParams.prompt_logprobs, on the first delta of each choice: one entry per prompt token,
+    # the first with logprob NaN and no alternatives (no token precedes it to predict it)
+    prompt_logprobs: tuple[LogprobEntry, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -178,7 +178,7 @@ def test_not_supported_message(http):
 
 
 COMPLETION_CASES = [
-    ("echo-with-logprobs", {"model": MODEL, "prompt": "a", "echo": True, "logprobs": 1}, 400, "echo"),
+    ("echo-logprobs-21", {"model": MODEL, "prompt": "a", "echo": True, "logprobs": 21}, 400, "logprobs"),
     ("suffix", {"model": MODEL, "prompt": "a", "suffix": "z"}, 400, "suffix"),
     ("no-prompt", {"model": MODEL}, 400, "prompt"),
     ("batch-with-empty-prompt", {"model": MODEL, "prompt": ["a", ""]}, 400, "prompt.1"),

@@ -203,3 +203,32 @@ def test_continuous_usage_stats(real, path):
     assert all(u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] for u in usages)
     plain = _sse(real[1].base_url + path, {**body, "stream_options": {"include_usage": True}})
     assert all(c["usage"] is None for c in plain[:-1]) and plain[-1]["usage"]["completion_tokens"] == 5
+
+
+def test_completion_echo_with_logprobs_scores_the_prompt(client, real):
+    """echo with logprobs (how evaluation harnesses score a text): the logprobs cover the prompt's tokens,
+    the first with a null logprob, then the generated ones, which equal those of the same request without
+    echo; streamed, the first chunk carries the prompt's part."""
+    prompt = "the quick brown fox jumps"
+    n_prompt = len(real[0].tokenizer.encode(prompt, add_special_tokens=False))
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0, logprobs=2)
+    scored = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=3, temperature=0, logprobs=2, echo=True
+    )
+    lp = scored.choices[0].logprobs
+    assert len(lp.tokens) == n_prompt + 3 and "".join(lp.tokens[:n_prompt]) == prompt
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v is not None and v <= 0 for v in lp.token_logprobs[1:n_prompt])
+    assert all(len(t) == 2 for t in lp.top_logprobs[1:])
+    assert lp.tokens[n_prompt:] == plain.choices[0].logprobs.tokens
+    assert lp.token_logprobs[n_prompt:] == pytest.approx(plain.choices[0].logprobs.token_logprobs, abs=1e-5)
+    assert lp.text_offset[: n_prompt + 1] == [len("".join(lp.tokens[:i])) for i in range(n_prompt + 1)]
+    chunks = _sse(real[1].base_url + "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 3,
+                  "temperature": 0, "logprobs": 2, "echo": True, "stream": True})  # fmt: skip
+    streamed = [c["choices"][0]["logprobs"] for c in chunks]
+    assert (
+        streamed[0]["tokens"][:n_prompt] == lp.tokens[:n_prompt] and streamed[0]["token_logprobs"][0] is None
+    )
+    assert sum((s["token_logprobs"] for s in streamed), []) == pytest.approx(
+        [None, *lp.token_logprobs[1:]], abs=1e-5
+    )

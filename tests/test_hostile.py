@@ -290,12 +290,6 @@ CASES: list[Case] = [
         400,
         path=COMPLETIONS,
     ),
-    Case(
-        "echo-with-logprobs",
-        {"model": MODEL, "prompt": "a", "echo": True, "logprobs": 1, "max_tokens": 2},
-        400,
-        path=COMPLETIONS,
-    ),
     Case("tokenize-both", {"prompt": "a", "messages": GOOD_MESSAGES}, 400, path="/tokenize"),
     Case("detokenize-out-of-vocab", {"tokens": [999_999_999]}, 400, path="/detokenize"),
     Case("detokenize-negative", {"tokens": [-1]}, 400, path="/detokenize"),
