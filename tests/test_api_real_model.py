@@ -216,7 +216,9 @@ def test_completion_echo_with_logprobs_scores_the_prompt(client, real):
         model=MODEL, prompt=prompt, max_tokens=3, temperature=0, logprobs=2, echo=True
     )
     lp = scored.choices[0].logprobs
-    if oav.is_available():  # the one deviation from OpenAI's schema: the first token's nulls (as OpenAI sends)
+    if (
+        oav.is_available()
+    ):  # the one deviation from OpenAI's schema: the first token's nulls (as OpenAI sends)
         body = scored.model_dump(exclude_unset=True)
         body["choices"][0]["logprobs"]["token_logprobs"][0] = 0.0
         body["choices"][0]["logprobs"]["top_logprobs"][0] = {}
