@@ -1,4 +1,5 @@
-# Sourced by the device campaign scripts: installs the carried wheels (.whl/), sets PYTHONPATH, records
+# Sourced by the device campaign scripts: installs the carried wheels (.whl/, downloaded beforehand by
+# benchmarks/fetch_device_wheels.sh), sets PYTHONPATH, records
 # the device, and defines `left` (seconds left of a ${BUDGET:-570} s budget since sourcing).
 OUT=${OUT:-/tmp/out}
 COMMIT=${COMMIT:-unknown}
