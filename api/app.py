@@ -49,7 +49,7 @@ from api.protocol import (
 from api.responses import (
     Started,
     StreamSpec,
-    abort_quietly,
+    abort_all,
     chat_response,
     chat_stream,
     collect,
@@ -57,7 +57,6 @@ from api.responses import (
     completion_response,
     completion_stream,
     merged,
-    start,
     start_all,
 )
 from api.settings import ServerSettings
@@ -315,25 +314,22 @@ def _vocab_size(engine: EngineClient) -> int | None:
 
 
 async def _submit(engine: EngineClient, greq: GenerateRequest, request: Request) -> Any:
-    try:
-        it, first = await start(engine, greq, request)
-    except ValueError as e:  # the engine's own validation
-        raise invalid_request(str(e)) from e
-    _raise_if_timed_out(first)
-    return it, first
+    """`_submit_all` for one request: (its deltas, the first delta)."""
+    (started,) = await _submit_all(engine, [greq], request)
+    return started.it, started.first
 
 
 async def _submit_all(engine: EngineClient, greqs: list[GenerateRequest], request: Request) -> list[Started]:
-    """`_submit` for the requests of a completion batch: all of them or none (start_all aborts the
-    rest when one is refused)."""
+    """Submit the requests (one, or a completion batch's) and wait for their first deltas: all of them
+    or none (start_all aborts the rest when one is refused); the engine's ValueError is a 400, a
+    deadline passed before any token a 504."""
     try:
         started = await start_all(engine, greqs, request)
     except ValueError as e:  # the engine's own validation
         raise invalid_request(str(e)) from e
     timed_out = next((s.first for s in started if _timed_out(s.first)), None)
     if timed_out is not None:
-        for s in started:
-            await abort_quietly(engine, s.greq.request_id)
+        await abort_all(engine, greqs)
         _raise_if_timed_out(timed_out)
     return started
 
@@ -392,6 +388,7 @@ def _add_generation_routes(
             spec = StreamSpec(
                 rid, created, req.model, req.n, prompt_len, include_usage=bool(opts and opts.include_usage),
                 want_logprobs=req.logprobs, continuous_usage=bool(opts and opts.continuous_usage_stats),
+                greqs=(greq,),
             )  # fmt: skip
             return sse_response(chat_stream(engine, spec, first, it))
         results = await collect(engine, greq, request, first, it)
@@ -428,7 +425,7 @@ def _add_generation_routes(
                 rid, created, req.model, req.n * len(prompts), prompt_len,
                 include_usage=bool(opts and opts.include_usage), want_logprobs=want_logprobs,
                 continuous_usage=bool(opts and opts.continuous_usage_stats),
-                engine_ids=tuple(g.request_id for g in greqs), prefixes=prefixes,
+                greqs=tuple(greqs), prefixes=prefixes,
             )  # fmt: skip
             return sse_response(completion_stream(engine, spec, merged(started, req.n)))
         results = await collect_all(engine, started, request)

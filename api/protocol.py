@@ -138,7 +138,7 @@ class ChatCompletionRequest(_SamplingFields):
 class CompletionRequest(_SamplingFields):
     """Body of POST /v1/completions (text prompt or token ids)."""
 
-    prompt: str | list[Any]  # one string, a list of one string, or token ids; checked in api.chat
+    prompt: str | list[Any]  # a string, token ids, or a batch of either; checked by api.chat.split_prompts
     echo: bool = False  # the prompt is prepended to each choice (with logprobs: the prompt's too)
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     suffix: str | None = None  # rejected when set

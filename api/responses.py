@@ -164,6 +164,12 @@ async def abort_quietly(engine: EngineClient, request_id: str) -> None:
         await engine.abort(request_id)
 
 
+async def abort_all(engine: EngineClient, greqs: list[GenerateRequest]) -> None:
+    """`abort_quietly` for each of the requests."""
+    for g in greqs:
+        await abort_quietly(engine, g.request_id)
+
+
 @dataclass(frozen=True)
 class Started:
     """One submitted engine request: its deltas, the first of which has arrived."""
@@ -185,8 +191,7 @@ async def start_all(engine: EngineClient, greqs: list[GenerateRequest], request:
         if error is not None:
             raise error
     except BaseException:
-        for g in greqs:
-            await abort_quietly(engine, g.request_id)
+        await abort_all(engine, greqs)
         raise
     return [Started(g, it, first) for g, it, first in zip(greqs, its, firsts, strict=True)]
 
@@ -195,14 +200,6 @@ async def _gather(*aws: Awaitable[Any], errors: bool = False) -> list[Any]:
     """asyncio.gather inside a coroutine: race_disconnect cancels it as a task, so a cancelled gather
     never leaves an unretrieved exception behind. errors: exceptions are returned, not raised."""
     return list(await asyncio.gather(*aws, return_exceptions=errors))
-
-
-async def start(
-    engine: EngineClient, greq: GenerateRequest, request: Request
-) -> tuple[AsyncIterator[Delta], Delta | None]:
-    """`start_all` for one request: (its deltas, the first delta)."""
-    (started,) = await start_all(engine, [greq], request)
-    return started.it, started.first
 
 
 async def _next_or_none(it: AsyncIterator[Delta]) -> Delta | None:
@@ -249,8 +246,7 @@ async def collect_all(engine: EngineClient, started: list[Started], request: Req
         done = True
     finally:
         if not done:
-            for s in started:
-                await abort_quietly(engine, s.greq.request_id)
+            await abort_all(engine, [s.greq for s in started])
     results: list[ChoiceResult] = []
     for p, choices in enumerate(per_request):
         for r in choices:
@@ -356,7 +352,7 @@ class StreamSpec:
     include_usage: bool
     want_logprobs: bool
     continuous_usage: bool = False  # usage so far in every chunk (stream_options.continuous_usage_stats)
-    engine_ids: tuple[str, ...] = ()  # the engine requests behind the stream (default: rid alone)
+    greqs: tuple[GenerateRequest, ...] = ()  # the engine requests behind the stream
     prefixes: tuple[str, ...] = ()  # per choice, text its first chunk starts with (completions' echo)
 
     def usage(self, results: list[ChoiceResult]) -> UsageInfo | None:
@@ -364,8 +360,7 @@ class StreamSpec:
         return usage_of(self.prompt_len, results) if self.include_usage and self.continuous_usage else None
 
     async def abort(self, engine: EngineClient) -> None:
-        for request_id in self.engine_ids or (self.rid,):
-            await abort_quietly(engine, request_id)
+        await abort_all(engine, list(self.greqs))
 
 
 def _error_event(d: Delta) -> bytes:

@@ -73,8 +73,8 @@ class EngineCore:
         )
         self.requests: dict[str, EngineRequest] = {}
         self.fault_hook: Callable[[EngineRequest], None] | None = None  # tests inject faults here
-        # accepted tokens whose text is not made yet: (request, token, StepResult if already made, done)
-        # (request, token, StepResult if already made, request done, first token of its choice)
+        # accepted tokens whose text is not made yet: (request, token, StepResult if already made,
+        # request done, first token of its choice)
         self._pending: list[tuple[EngineRequest, SampledToken, StepResult | None, bool, bool]] = []
         self.on_emit: Callable[[], None] | None = None  # called after deltas were emitted mid-step
         # async scheduling: the step enqueued last, whose tokens the host has not taken yet

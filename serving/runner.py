@@ -151,10 +151,17 @@ class ModelRunner:
         token the chunk predicts (position j predicts token j + 1) and its top-k, appended to the
         request's `prompt_scores`. The logits are those sampling sees (rounded to the model dtype,
         then fp32), made SCORE_ROWS rows at a time; reading them back waits for this forward."""
-        for off, row in zip(_offsets(batch), batch.rows, strict=True):
+        wanted = [
+            i
+            for i, r in enumerate(batch.rows)
+            if r.is_prefill and reqs[r.request_id].req.sampling.prompt_logprobs is not None
+        ]
+        offsets = _offsets(batch) if wanted else []  # nothing more for the usual batch
+        for i in wanted:
+            row, off = batch.rows[i], offsets[i]
             er = reqs[row.request_id]
-            k = er.req.sampling.prompt_logprobs if row.is_prefill else None
-            num = min(row.num_tokens, er.prompt_ids.numel() - 1 - row.start) if k is not None else 0
+            k = er.req.sampling.prompt_logprobs
+            num = min(row.num_tokens, er.prompt_ids.numel() - 1 - row.start)
             for a in range(0, num, SCORE_ROWS):
                 b = min(num, a + SCORE_ROWS)
                 lp = torch.log_softmax(self.model.compute_logits(hidden[off + a : off + b]), dim=-1)
@@ -230,8 +237,7 @@ class ModelRunner:
             patch = _token_patch(missing, prev)
         input_ids = upload(input_ids, self.device)
         if patch is not None:
-            dst = upload_values(patch.dst, self.device, torch.int64)
-            src = upload_values(patch.src, self.device, torch.int64)
+            dst, src = upload_values([patch.dst, patch.src], self.device, torch.int64)  # one copy
             input_ids.index_copy_(0, dst, patch.tokens.index_select(0, src))
         return input_ids, upload(positions.contiguous(), self.device)
 

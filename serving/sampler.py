@@ -227,7 +227,7 @@ def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
     row_idx: list[int] = []
     tok_idx: list[int] = []
     for i, row in enumerate(rows):
-        if len(row.output_token_ids) >= row.params.min_tokens:
+        if not _below_min_tokens(row):
             continue
         for tok in row.eos_token_ids | frozenset(row.params.stop_token_ids):
             if 0 <= tok < vocab_size:
@@ -247,7 +247,12 @@ def _index_add(logits: torch.Tensor, row_idx: list[int], tok_idx: list[int], val
 def _has_processor(row: SamplingRow) -> bool:
     """Whether any logits processor changes this row's logits this step."""
     p = row.params
-    return bool(p.logit_bias) or len(row.output_token_ids) < p.min_tokens or _has_penalty(p)
+    return bool(p.logit_bias) or _below_min_tokens(row) or _has_penalty(p)
+
+
+def _below_min_tokens(row: SamplingRow) -> bool:
+    """Whether the row's stop tokens are still masked (fewer outputs than min_tokens)."""
+    return len(row.output_token_ids) < row.params.min_tokens
 
 
 def _has_penalty(params: SamplingParams) -> bool:
