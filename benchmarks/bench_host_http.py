@@ -10,6 +10,11 @@ engine thread's bookkeeping, their contention for the GIL) costs what it costs i
 count reports the time the simulated device sat idle between decode steps (what the host adds to each
 step), the engine's time per output token (from /metrics) and the clients' inter-token latency.
 
+`--eager-launch-ms X` models the host cost of an eager forward on the GPU: a step with prefill rows is not
+a graph replay, so enqueueing it keeps the host busy (the GIL held, as Python launch code holds it) for X
+ms, and the device cannot finish it sooner (on the H100 an eager decode step of batch 1 took 25-36 ms of
+host time and a 4096-token prefill 72 ms; docs/benchmarks.md). 0, the default, keeps every launch free.
+
     python benchmarks/bench_host_http.py --clients 1,16,64 --out DIR
 """
 
@@ -83,7 +88,9 @@ class SimulatedForward:
         return self.step
 
 
-def simulated_launch(vocab_low: int, vocab_high: int, log_path: str, seed: int = 0):
+def simulated_launch(
+    vocab_low: int, vocab_high: int, log_path: str, seed: int = 0, eager_launch_ms: float = 0.0
+):
     """A ModelRunner.launch_forward that returns at once while the simulated device works for the
     step's time, then yields random tokens (the device works asynchronously, as a GPU does); the
     sampling is counted in the step's time. With async scheduling the engine launches a step while
@@ -101,11 +108,17 @@ def simulated_launch(vocab_low: int, vocab_high: int, log_path: str, seed: int =
     def launch(batch, reqs, prev=None):  # (ScheduledBatch, dict[str, EngineRequest], ...) -> forward
         decode = sum(1 for r in batch.rows if not r.is_prefill)
         prefill = sum(r.num_tokens for r in batch.rows if r.is_prefill)
+        start = time.perf_counter()
+        if prefill and eager_launch_ms > 0:  # an eager forward: the host enqueues it kernel by kernel
+            end = start + eager_launch_ms / 1e3
+            while time.perf_counter() < end:
+                pass
         now = time.perf_counter()
         if device_free[0] and not prefill:
             log.write(f"{decode} {max(0.0, now - device_free[0]) + late[0]:.6f}\n")
         late[0] = 0.0
-        device_free[0] = max(now, device_free[0]) + gpu_step_s(decode, prefill)
+        # the device starts the step when its first kernels arrive and ends it no sooner than the launch
+        device_free[0] = max(now, max(start, device_free[0]) + gpu_step_s(decode, prefill))
         out = []
         for row in batch.rows:
             if not row.is_sampled:
@@ -119,7 +132,9 @@ def simulated_launch(vocab_low: int, vocab_high: int, log_path: str, seed: int =
     return launch
 
 
-def serve(argv: list[str], vocab_low: int, vocab_high: int, log_path: str) -> None:
+def serve(
+    argv: list[str], vocab_low: int, vocab_high: int, log_path: str, eager_launch_ms: float = 0.0
+) -> None:
     """`infinitevl serve argv...` with the simulated runner (the child process of main)."""
     import serving.build as build
     from serving import cli
@@ -128,9 +143,11 @@ def serve(argv: list[str], vocab_low: int, vocab_high: int, log_path: str) -> No
 
     def build_engine(config, metrics=None):
         stack = real_build(config, metrics)
-        launch_forward = simulated_launch(vocab_low, vocab_high, log_path)
+        launch_forward = simulated_launch(vocab_low, vocab_high, log_path, eager_launch_ms=eager_launch_ms)
         runner = stack.core.runner
         runner.launch_forward = launch_forward
+        # as on a GPU with CUDA graphs: only decode-only steps replay a graph
+        runner.launch_is_host_bound = lambda batch: not batch.is_decode_only
         # engines before async scheduling call launch (forward and sampling), engines before a828014
         # execute (launch and wait): the same device, for A/Bs across commits
         runner.launch = lambda batch, reqs: launch_forward(batch, reqs).sample(reqs)
@@ -160,13 +177,16 @@ def main() -> None:
     ap.add_argument("--out", default="")
     ap.add_argument("--serve", default="", help=argparse.SUPPRESS)  # child: run the server, log steps here
     ap.add_argument("--server-args", default="", help="extra `infinitevl serve` arguments")
+    ap.add_argument(
+        "--eager-launch-ms", type=float, default=0.0, help="host time of an eager (prefill) launch"
+    )
     args = ap.parse_args()
     vocab = (1000, 2000)  # ordinary tokens of the tiny tokenizer (bench_http's prompt range)
     clients = [int(c) for c in args.clients.split(",")]
     serve_argv = ["--port", str(args.port), "--max-num-seqs", str(max(clients)), "--log-level", "warning"]
     serve_argv += args.server_args.split()
     if args.serve:
-        serve(serve_argv, *vocab, args.serve)
+        serve(serve_argv, *vocab, args.serve, args.eager_launch_ms)
         return
     step_log = Path(f"/tmp/bench_host_http_{os.getpid()}_steps.txt")
     step_log.write_text("")
@@ -230,6 +250,7 @@ def main() -> None:
         "prompt_len": args.prompt_len,
         "output_len": args.output_len,
         "server_args": args.server_args,
+        "eager_launch_ms": args.eager_launch_ms,
         "rows": rows,
     }
     if args.out:

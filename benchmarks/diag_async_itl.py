@@ -3,12 +3,14 @@
 64 requests of 512 prompt tokens and 16 output tokens each, with the simulated device of
 bench_host_http.py, async scheduling off and on.
 
-- `engine`: in-process (LLM, no HTTP), the gaps between consecutive deltas of each request at the moment
-  they leave the engine, requests added four per step;
+- `engine [EAGER_MS]`: in-process (LLM, no HTTP), the gaps between consecutive deltas of each request at
+  the moment they leave the engine and the time from adding a request to its first delta, requests added
+  four per step; EAGER_MS (default 0) is the simulated host time of an eager launch (bench_host_http.py's
+  --eager-launch-ms: every step with prefill rows);
 - `http`: the real server with the simulated device; per SSE event, the gap since the request's previous
   event and the number of events (a merged delta would show as fewer events than tokens).
 
-    python benchmarks/diag_async_itl.py engine|http
+    python benchmarks/diag_async_itl.py engine [EAGER_MS] | http
 """
 
 from __future__ import annotations
@@ -46,23 +48,30 @@ def engine() -> None:
     for mode in (False, True):
         llm = LLM(str(default_tiny_checkpoint_dir()), device="cpu", dtype="float32", max_num_seqs=NUM,
                   max_num_batched_tokens=2048, async_scheduling=mode)  # fmt: skip
-        llm.core.runner.launch_forward = simulated_launch(1000, 2000, "/dev/null")
+        eager_ms = float(sys.argv[2]) if len(sys.argv) > 2 else 0.0
+        llm.core.runner.launch_forward = simulated_launch(1000, 2000, "/dev/null", eager_launch_ms=eager_ms)
+        llm.core.runner.launch_is_host_bound = lambda batch: not batch.is_decode_only  # graphs for decode
         params = SamplingParams(max_tokens=OUTPUT, ignore_eos=True, temperature=0)
         reqs = [llm.make_request(_prompt(i), params) for i in range(NUM)]
         times: dict[str, list[float]] = {}
+        added: dict[str, float] = {}
         pending, step = list(range(NUM)), 0
         while pending or llm.core.scheduler.has_work():
             while pending and pending[0] // 4 <= step:
                 r = reqs[pending.pop(0)]
                 llm.core.validate(r)
+                added[r.request_id] = time.perf_counter()
                 llm.core.add(
                     r, lambda d, rid=r.request_id: times.setdefault(rid, []).append(time.perf_counter())
                 )
             llm.core.step()
             step += 1
         g = _gaps_ms(list(times.values()))
+        ttft = sorted(1e3 * (times[rid][0] - t) for rid, t in added.items())
         print(
-            f"async {'on' if mode else 'off'}: gap p50 {g[len(g) // 2]:.1f} ms, mean {statistics.mean(g):.1f} ms"
+            f"async {'on' if mode else 'off'}: gap p50 {g[len(g) // 2]:.1f} ms, p99 {g[int(0.99 * len(g))]:.1f}, "
+            f"mean {statistics.mean(g):.1f} ms; first delta p50 {ttft[len(ttft) // 2]:.1f} ms, "
+            f"mean {statistics.mean(ttft):.1f} ms"
         )
 
 

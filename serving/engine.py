@@ -155,7 +155,9 @@ class EngineCore:
         """Schedule and run one batch; returns the number of tokens it processed (0: nothing to do).
 
         The text of a step's tokens is made (detokenization, stop strings aside) and emitted during the
-        next step, after that step's launch: the host does it while the device computes. What the next
+        next step, after that step's launch when the launch is a CUDA-graph replay: the host does it while
+        the device computes. Before a launch that is itself host-bound (an eager forward: any step with
+        prefill rows), the text goes out first, or it would wait for the whole launch. What the next
         schedule needs is settled before it: each token is appended to its row, and a choice that ends on
         a token id or on its length (or on a stop string, which is checked at once for choices that have
         them) releases its slot. With no step to follow, or with `async_output` off, the text is emitted
@@ -163,10 +165,11 @@ class EngineCore:
 
         With `async_scheduling`, a step is scheduled and its forward enqueued while the step before it is
         still in flight: its decode rows continue every unfinished choice of that step and take their
-        input tokens from the device. Then the engine waits for the earlier step's tokens, accepts them
-        and enqueues this step's sampling (which reads the accepted tokens: penalties, min_tokens); the
-        device finds the next forward queued when it finishes. A choice that ended in the earlier step
-        still has its row in this one: its token is dropped (a row of wasted work per finished choice)."""
+        input tokens from the device. Then the engine waits for the earlier step's tokens, accepts them,
+        enqueues this step's sampling (which reads the accepted tokens: penalties, min_tokens) and emits
+        their text while the device runs this step; the device finds the next forward queued when it
+        finishes. A choice that ended in the earlier step still has its row in this one: its token is
+        dropped (a row of wasted work per finished choice)."""
         self._expire_deadlines()
         batch = self.scheduler.schedule()
         if batch.is_empty:
@@ -184,6 +187,8 @@ class EngineCore:
                 except Exception as e:  # noqa: BLE001
                     return self._fail_rows_of(batch, {row.request_id}, e)
         inflight = self._inflight[1] if self._inflight is not None else None
+        if self.runner.launch_is_host_bound(batch):
+            self._emit_pending()
         try:
             forward = self.runner.launch_forward(batch, self.requests, inflight)
             launched = None if self.async_scheduling else forward.sample(self.requests)
@@ -200,6 +205,7 @@ class EngineCore:
                 self._inflight = (batch, forward.sample(self.requests))
             except Exception as e:  # noqa: BLE001 - as below
                 return self._forward_failed(batch, e)
+            self._emit_pending()  # the earlier step's text, while the device runs this one
         else:
             try:
                 sampled = launched.result()

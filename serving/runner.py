@@ -108,6 +108,15 @@ class ModelRunner:
         input problem (nothing ran)."""
         return self.launch_forward(batch, reqs).sample(reqs)
 
+    def launch_is_host_bound(self, batch: ScheduledBatch) -> bool:
+        """Whether enqueueing this step keeps the host busy about as long as the device takes to run
+        it: every forward but a CUDA-graph replay (on a GPU an eager forward is enqueued kernel by
+        kernel from Python, tens of ms for the 4B model; on the CPU the launch is the computation)."""
+        return not self._replays_graph(batch)
+
+    def _replays_graph(self, batch: ScheduledBatch) -> bool:
+        return self.graphs is not None and batch.is_decode_only and self.graphs.can_run(len(batch.rows))
+
     @torch.inference_mode()
     def launch_forward(
         self, batch: ScheduledBatch, reqs: dict[str, EngineRequest], prev: PendingStep | None = None
@@ -121,7 +130,7 @@ class ModelRunner:
             if row.is_prefill:
                 self._ensure_vision(reqs[row.request_id])
         sampled = [r for r in batch.rows if r.is_sampled]
-        if self.graphs is not None and batch.is_decode_only and self.graphs.can_run(len(batch.rows)):
+        if self._replays_graph(batch):
             # every decode row is sampled; the graph returns one logits row per batch row
             ids, pos, slots, ctx = self._decode_inputs(batch, reqs)
             logits = self.graphs.run_host(ids, pos, slots, ctx, _token_patch(_missing(batch, ids), prev))

@@ -85,7 +85,8 @@ def test_the_next_forward_is_enqueued_before_the_tokens_are_taken(
     engines: dict[bool, LLM], monkeypatch
 ) -> None:
     """Every step after the first launches its forward while the step before is in flight, then waits
-    for that step's tokens, then enqueues its own sampling; the host never waits with nothing queued."""
+    for that step's tokens, then enqueues its own sampling; the host never waits with nothing queued.
+    The earlier step's text goes out right after that, while the device runs this step."""
     llm = engines[True]
     rec = Recorder(llm.core, monkeypatch)
     _add(llm, rec, _prompt(7), SamplingParams(max_tokens=6, **GREEDY))
@@ -98,6 +99,11 @@ def test_the_next_forward_is_enqueued_before_the_tokens_are_taken(
         assert order.index(("launch", k)) < order.index(("result", k - 1)) < order.index(("sample", k)), order
     deltas = [v for kind, v in rec.events if kind == "delta"]
     assert len(deltas) == 6 and deltas[-1].finish_reason == "length"
+    at = [i for i, (kind, _) in enumerate(rec.events) if kind == "delta"]  # delta k: step k's token
+    for k in range(steps - 1):
+        assert rec.events.index(("sample", k + 1)) < at[k], rec.events
+        if k + 2 < steps:
+            assert at[k] < rec.events.index(("launch", k + 2)), rec.events
 
 
 def test_a_finished_choice_gets_no_token_after_its_last(engines: dict[bool, LLM], monkeypatch) -> None:

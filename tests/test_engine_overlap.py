@@ -1,8 +1,10 @@
 """The engine's overlap of host work with the device: a step's text is made and emitted during the next
-step, between that step's launch and its wait; what scheduling depends on is settled before."""
+step, between that step's launch and its wait when the launch is a graph replay, before the launch when
+the launch is itself host-bound (an eager forward); what scheduling depends on is settled before."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -16,11 +18,22 @@ def llm(tiny_ckpt_dir) -> LLM:
     return LLM(str(tiny_ckpt_dir), device="cpu", dtype="float32", max_num_seqs=4, max_num_batched_tokens=64)
 
 
+def graph_decode(batch: Any) -> bool:
+    """The runner's `launch_is_host_bound` on a GPU with CUDA graphs: every step but a decode-only one."""
+    return not batch.is_decode_only
+
+
 class Recorder:
     """Wraps the runner's launch_forward, the sampling it hands back and the sampled handles' result;
-    records them with the deltas, in order."""
+    records them with the deltas, in order. `host_bound` replaces the runner's `launch_is_host_bound`
+    (by default as on a GPU with CUDA graphs; None keeps the runner's own: on the CPU every launch)."""
 
-    def __init__(self, core: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    def __init__(
+        self,
+        core: Any,
+        monkeypatch: pytest.MonkeyPatch,
+        host_bound: Callable[[Any], bool] | None = graph_decode,
+    ) -> None:
         self.events: list[tuple[str, Any]] = []
         self.batches: list[Any] = []
         self.inflight: list[bool] = []  # per launch: whether an earlier step was still in flight
@@ -50,6 +63,8 @@ class Recorder:
             return forward
 
         monkeypatch.setattr(core.runner, "launch_forward", recording_launch)
+        if host_bound is not None:
+            monkeypatch.setattr(core.runner, "launch_is_host_bound", host_bound)
 
     def emit(self, d: Any) -> None:
         self.events.append(("delta", d))
@@ -84,6 +99,39 @@ def test_text_of_a_step_is_emitted_while_the_next_step_runs(llm: LLM, monkeypatc
     last = [v for k, v in rec.events[rec.events.index(("result", steps - 1)) :] if k == "delta"]
     assert len(last) == 1 and last[0].finish_reason == "length"
     assert not llm.core._pending
+
+
+def test_text_goes_out_before_a_host_bound_launch(llm: LLM, monkeypatch) -> None:
+    """A step with prefill rows is an eager forward, whose launch takes the host as long as the device
+    takes to run it: the text of the step before goes out first, not after the whole launch."""
+    rec = Recorder(llm.core, monkeypatch)
+    first = _add(llm, rec, "count to ten", SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    for _ in range(3):  # the prefill, then two decode steps
+        llm.core.step()
+    _add(llm, rec, "and then some more", SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+    _run(llm)
+    mixed = next(i for i, b in enumerate(rec.batches) if not b.is_decode_only and i > 0)
+    assert mixed == 3 and any(r.is_prefill for r in rec.batches[mixed].rows)
+    at_launch = rec.events.index(("launch", mixed))
+    before = [v for k, v in rec.events[rec.events.index(("result", mixed - 1)) : at_launch] if k == "delta"]
+    assert [d.request_id for d in before] == [first]  # step 2's token, before the eager launch
+    # the decode steps after it are graph replays again: their text comes after the next launch
+    for step in range(mixed + 1, len(rec.batches) - 1):
+        window = rec.events[rec.events.index(("launch", step + 1)) : rec.events.index(("result", step + 1))]
+        assert any(k == "delta" for k, _ in window), step
+    assert not llm.core._pending
+
+
+def test_on_the_cpu_every_launch_is_host_bound(llm: LLM, monkeypatch) -> None:
+    """Without CUDA graphs the runner computes in the launch: each step's text goes out before the next
+    launch, so no token waits for a whole forward of other work."""
+    rec = Recorder(llm.core, monkeypatch, host_bound=None)
+    _add(llm, rec, "count to ten", SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    _run(llm)
+    assert all(llm.core.runner.launch_is_host_bound(b) for b in rec.batches)
+    for step in range(len(rec.batches) - 1):
+        window = rec.events[rec.events.index(("result", step)) : rec.events.index(("launch", step + 1))]
+        assert [k for k, _ in window].count("delta") == 1, step
 
 
 def test_finished_choices_are_never_scheduled_again(llm: LLM, monkeypatch) -> None:
@@ -167,7 +215,9 @@ def test_a_failed_step_fails_its_batch_and_the_engine_goes_on(
     rids = [_add(llm, rec, "first", params), _add(llm, rec, "second", params)]
     for _ in range(3):
         llm.core.step()
-    assert len(llm.core._pending) == 2
+    # step 3's text is pending (sequential), or step 3 is in flight with step 2's text already out (async)
+    assert len(llm.core._pending) == (0 if async_scheduling else 2)
+    assert (llm.core._inflight is not None) is async_scheduling
     launch_forward = llm.core.runner.launch_forward
 
     def failing_launch(batch: Any, reqs: Any, prev: Any = None) -> Any:
@@ -196,7 +246,9 @@ def test_a_failed_step_fails_its_batch_and_the_engine_goes_on(
     for rid in rids:
         mine = [v for k, v in rec.events if k == "delta" and v.request_id == rid]
         assert [d.finish_reason for d in mine] == [None] * (len(mine) - 1) + ["error"]
-        assert len(mine) == 4  # the tokens of steps 1-3 (step 3's text still pending at the fault), the error
+        assert (
+            len(mine) == 4
+        )  # the tokens of steps 1-3 (step 3's pending or in flight at the fault), the error
     assert not llm.core.requests and llm.core.pool.num_free == llm.core.pool.num_slots
     out = llm.generate(["again"], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     assert len(out[0].choices[0].token_ids) == 4 and out[0].choices[0].finish_reason == "length"
