@@ -68,10 +68,12 @@ def engine() -> None:
             step += 1
         g = _gaps_ms(list(times.values()))
         ttft = sorted(1e3 * (times[rid][0] - t) for rid, t in added.items())
+        done = sorted(1e3 * (times[rid][-1] - t) for rid, t in added.items())
         print(
             f"async {'on' if mode else 'off'}: gap p50 {g[len(g) // 2]:.1f} ms, p99 {g[int(0.99 * len(g))]:.1f}, "
             f"mean {statistics.mean(g):.1f} ms; first delta p50 {ttft[len(ttft) // 2]:.1f} ms, "
-            f"mean {statistics.mean(ttft):.1f} ms"
+            f"mean {statistics.mean(ttft):.1f} ms; last delta p50 {done[len(done) // 2]:.1f} ms, "
+            f"mean {statistics.mean(done):.1f} ms"
         )
 
 
