@@ -52,7 +52,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default=False,
         help="enqueue each step before the tokens of the step still running reach the host (its decode "
         "inputs are copied on the device), so the device never waits for the host between steps; a "
-        "finishing request may cost one discarded row. Off by default: not yet run on a GPU",
+        "finishing request may cost one discarded row. Off by default: more throughput (2-13%% on an H100), "
+        "but a request arriving during a step waits one step longer for its first token",
     )
     p.add_argument("--seed", type=int, default=0)
 

@@ -26,7 +26,8 @@ class EngineConfig:
     enforce_eager: bool = False  # no CUDA graphs
     async_output: bool = True  # make and emit a step's text while the device runs the next step
     # enqueue step k+1 before step k's tokens reach the host (decode inputs copied on the device); off
-    # by default until its CUDA-graph input path has run on a GPU (tests/test_gpu_graph.py)
+    # by default: it trades time to first token (one step more for a request that arrives during a step)
+    # for throughput (docs/benchmarks.md, the H100 A/B)
     async_scheduling: bool = False
     seed: int = 0  # default generator of unseeded sampling
 
