@@ -1,0 +1,116 @@
+"""Host cost of eager forwards at the real shape (CUDA only): every step that carries a prefill chunk runs
+without a CUDA graph, and its launch alone holds the host for tens of ms (docs/benchmarks.md), which is
+what the inter-token latency tails of the HTTP runs are made of.
+
+For each case: the host time to enqueue one forward (no wait), and the wall time from the first kernel's
+enqueue to the last kernel's end; a case whose enqueue time is close to its wall time is host-bound.
+Then the Python functions that take the enqueue time of the mixed step (cProfile, by own time and by
+cumulative time), which says where the host goes: our model code, Triton's launcher, fla's wrappers or
+torch's dispatcher.
+
+    python benchmarks/profile_eager.py --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from bench_gpu import build_model, load_cfg, random_state, text_positions
+
+from model.batch import BatchMeta
+
+DEV = "cuda"
+
+
+def case_inputs(decode_rows: int, prefill_tokens: int, ctx: int = 1024):
+    """(ids, positions, meta) of `decode_rows` decode rows at context ctx, then one fresh prefill chunk."""
+    slots = list(range(decode_rows + (1 if prefill_tokens else 0)))
+    lens = [1] * decode_rows + ([prefill_tokens] if prefill_tokens else [])
+    ctxs = [ctx] * decode_rows + ([0] if prefill_tokens else [])
+    meta = BatchMeta.build(slots, lens, ctxs, DEV)
+    ids = torch.randint(0, 150000, (sum(lens),), device=DEV)
+    return ids, text_positions(ctxs, lens), meta
+
+
+def time_case(step, reps: int = 5) -> dict[str, float]:
+    """Median host enqueue ms and median wall ms (events around the enqueue, waited for)."""
+    step()
+    torch.cuda.synchronize()
+    host, wall = [], []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        a.record()
+        t0 = time.perf_counter()
+        step()
+        host.append((time.perf_counter() - t0) * 1e3)
+        b.record()
+        b.synchronize()
+        wall.append(a.elapsed_time(b))
+    return {"host_enqueue_ms": statistics.median(host), "wall_ms": statistics.median(wall)}
+
+
+def python_profile(step, top: int = 30) -> dict[str, str]:
+    """cProfile of one enqueue, by own time and by cumulative time."""
+    step()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    step()
+    prof.disable()
+    torch.cuda.synchronize()
+    out = {}
+    for key in ("tottime", "cumulative"):
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(top)
+        out[key] = buf.getvalue()
+    return out
+
+
+@torch.inference_mode()
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    args = ap.parse_args()
+    cfg = load_cfg()
+    model = build_model(cfg)
+    state = random_state(cfg, 80)
+    cases = {
+        "decode b1": (1, 0),
+        "decode b64": (64, 0),
+        "prefill 256": (0, 256),
+        "mixed 64 + 512": (64, 512),
+        "mixed 64 + 2048": (64, 2048),
+        "prefill 8192": (0, 8192),
+    }
+    res: dict = {"device": torch.cuda.get_device_name(), "cases": {}}
+    steps = {}
+    for name, (rows, tokens) in cases.items():
+        ids, pos, meta = case_inputs(rows, tokens)
+
+        def step(ids=ids, pos=pos, meta=meta):
+            hidden = model.forward(ids, pos, meta, state)
+            return model.compute_logits(hidden[meta.logits_indices])
+
+        steps[name] = step
+        r = time_case(step)
+        res["cases"][name] = r
+        print(f"{name}: host enqueue {r['host_enqueue_ms']:.1f} ms, wall {r['wall_ms']:.1f} ms", flush=True)
+    prof = python_profile(steps["mixed 64 + 512"])
+    res["python_profile_mixed_64_512"] = prof
+    print(prof["tottime"][:6000])
+    print(prof["cumulative"][:6000])
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "profile_eager.json").write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
