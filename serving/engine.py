@@ -362,9 +362,10 @@ class EngineCore:
 
     def _record_step(self, batch: ScheduledBatch) -> None:
         prompt = sum(r.num_tokens for r in batch.rows if r.is_prefill)
-        self._record_tokens(prompt, sum(1 for r in batch.rows if r.is_sampled))
+        mode = "eager" if self.runner.launch_is_host_bound(batch) else "cuda_graph"
+        self._record_tokens(prompt, sum(1 for r in batch.rows if r.is_sampled), mode)
 
-    def _record_tokens(self, prompt: int, gen: int) -> None:
+    def _record_tokens(self, prompt: int, gen: int, mode: str | None = None) -> None:
         if self.metrics is None:
             return
         self.metrics.on_step(
@@ -374,6 +375,7 @@ class EngineCore:
             slots_total=self.pool.num_slots,
             prompt_tokens=prompt,
             generation_tokens=gen,
+            mode=mode,
         )
         if self.runner.vision_seconds:
             imgs, frames = self.runner.vision_items

@@ -200,6 +200,15 @@ class Metrics:
         )
         self._rejected_family = rejected
         self._rejected = {reason: rejected.labels(self.model_name, reason) for reason in REJECT_REASONS}
+        steps = Counter(
+            f"{PREFIX}engine_steps",
+            "Engine steps by how their forward ran: cuda_graph (a captured decode step replayed) or eager "
+            "(every step with prefill rows, and all steps without CUDA graphs). An eager step's launch holds "
+            "the host for its whole forward, so their share drives the tail of the inter-token latency.",
+            ["model_name", "mode"],
+            registry=self.registry,
+        )
+        self._steps = {mode: steps.labels(self.model_name, mode) for mode in ("cuda_graph", "eager")}
         self._http_requests = Counter(
             f"{PREFIX}http_requests",
             "HTTP requests served, by route template, method and status code.",
@@ -225,8 +234,10 @@ class Metrics:
         slots_total: int,
         prompt_tokens: int,
         generation_tokens: int,
+        mode: str | None = None,
     ) -> None:
-        """Record one engine step: queue gauges, slot use, and the tokens it computed."""
+        """Record one engine step: queue gauges, slot use, the tokens it computed and how its forward
+        ran (`mode`: "cuda_graph" or "eager"; None when no forward ran, a refresh of the gauges)."""
         self.num_requests_running.set(num_running)
         self.num_requests_waiting.set(num_waiting)
         self.slots_used.set(slots_used)
@@ -238,6 +249,8 @@ class Metrics:
             self.generation_tokens.inc(generation_tokens)
         if prompt_tokens + generation_tokens > 0:
             self.iteration_tokens.observe(prompt_tokens + generation_tokens)
+        if mode is not None:
+            self._steps[mode].inc()
 
     def on_request_finished(self, stats: RequestStats) -> None:
         """Record a finished request: its finish reason, sizes and phase latencies.

@@ -255,3 +255,33 @@ def test_decode_time_ends_at_last_token_when_known():
     assert value(m, "infinitevl:request_decode_time_seconds_sum") == pytest.approx(1.0)
     assert value(m, "infinitevl:request_time_per_output_token_seconds_sum") == pytest.approx(0.5)
     assert value(m, "infinitevl:e2e_request_latency_seconds_sum") == pytest.approx(3.0)
+
+
+def test_steps_are_counted_by_how_their_forward_ran():
+    m = make_metrics()
+    m.on_step(num_running=1, num_waiting=0, slots_used=1, slots_total=8, prompt_tokens=9, generation_tokens=1,
+              mode="eager")  # fmt: skip
+    m.on_step(num_running=1, num_waiting=0, slots_used=1, slots_total=8, prompt_tokens=0, generation_tokens=1,
+              mode="cuda_graph")  # fmt: skip
+    m.on_step(num_running=1, num_waiting=0, slots_used=1, slots_total=8, prompt_tokens=0, generation_tokens=0)
+    assert value(m, "infinitevl:engine_steps_total", mode="eager") == 1
+    assert value(m, "infinitevl:engine_steps_total", mode="cuda_graph") == 1
+
+
+def test_engine_counts_eager_and_graph_steps(tiny_ckpt_dir, monkeypatch):
+    """The engine labels each step with its runner's answer: on the CPU every step is eager; where
+    decode-only steps replay a graph (as on a GPU), only the prefill step is."""
+    from serving.llm import LLM
+    from serving.types import SamplingParams
+
+    llm = LLM(str(tiny_ckpt_dir), device="cpu", dtype="float32", max_num_seqs=2)
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    llm.core.metrics = make_metrics()
+    llm.generate(["count"], params)
+    assert value(llm.core.metrics, "infinitevl:engine_steps_total", mode="eager") == 5
+    assert value(llm.core.metrics, "infinitevl:engine_steps_total", mode="cuda_graph") == 0
+    llm.core.metrics = make_metrics()
+    monkeypatch.setattr(llm.core.runner, "launch_is_host_bound", lambda batch: not batch.is_decode_only)
+    llm.generate(["count"], params)
+    assert value(llm.core.metrics, "infinitevl:engine_steps_total", mode="eager") == 1
+    assert value(llm.core.metrics, "infinitevl:engine_steps_total", mode="cuda_graph") == 4
