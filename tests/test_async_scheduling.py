@@ -210,7 +210,7 @@ def test_off_unless_asked_for(tiny_ckpt_dir) -> None:
         args = parser.parse_args(["serve", *argv])
         assert engine_config_from_args(args, str(tiny_ckpt_dir)).async_scheduling is want
     llm = LLM(str(tiny_ckpt_dir), device="cpu", dtype="float32", max_num_seqs=1)
-    assert llm.core.async_scheduling is False  # opt-in until it has run on a GPU
+    assert llm.core.async_scheduling is False  # opt-in: it costs time to first token (docs/benchmarks.md)
 
 
 def test_an_input_fault_after_a_choice_finished_in_flight(engines: dict[bool, LLM], monkeypatch) -> None:
