@@ -1,7 +1,8 @@
 """Host cost of one engine decode step with the model stubbed out (any CPU, no server).
 
-B requests of the embedded tiny checkpoint are prefilled, then the runner's launch (and execute, which
-engines before a828014 call) is replaced by a stub that returns random tokens at once, and
+B requests of the embedded tiny checkpoint are prefilled, then the runner's launch_forward (and launch
+and execute, which engines before async scheduling and before a828014 call) is replaced by a stub that
+returns random tokens at once, decode steps counting as CUDA-graph replays as on a GPU, and
 `EngineCore.step()` is timed: the whole step (scheduling, bookkeeping, detokenization, deltas), and the
 part on the device's critical path, which leaves out the output work that the engine overlaps with
 the device (`_emit_pending`, where it exists).
@@ -52,6 +53,15 @@ def measure(batch: int, steps: int) -> tuple[float, float]:
     def launch(b, reqs):
         return Done([SampledToken(r.request_id, r.choice, rng.randrange(200, 2000), None) for r in b.rows])
 
+    class Forward:
+        def __init__(self, b) -> None:
+            self.b = b
+
+        def sample(self, reqs) -> Done:
+            return launch(self.b, reqs)
+
+    core.runner.launch_forward = lambda b, reqs, prev=None: Forward(b)
+    core.runner.launch_is_host_bound = lambda b: not b.is_decode_only
     core.runner.launch = launch
     core.runner.execute = lambda b, reqs: launch(b, reqs).result()
     emit_s = [0.0]
