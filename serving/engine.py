@@ -198,7 +198,6 @@ class EngineCore:
         except Exception as e:  # noqa: BLE001 - a failed forward may have written part of every row's state
             self._finish_inflight()
             return self._forward_failed(batch, e)
-        self._emit_pending()  # the previous step's text, while the device runs this one
         if launched is None:  # async scheduling: take the step before, then enqueue this one's sampling
             self._finish_inflight()
             try:
@@ -207,6 +206,7 @@ class EngineCore:
                 return self._forward_failed(batch, e)
             self._emit_pending()  # the earlier step's text, while the device runs this one
         else:
+            self._emit_pending()  # the previous step's text, while the device runs this one
             try:
                 sampled = launched.result()
             except Exception as e:  # noqa: BLE001 - as above: the device failed somewhere in the step

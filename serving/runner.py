@@ -26,7 +26,7 @@ class SampledToken(NamedTuple):  # one per sampled row per step: a tuple is the 
 
 
 class PendingStep:
-    """A launched step whose sampled tokens may still be on the device (ModelRunner.launch)."""
+    """A launched step whose sampled tokens may still be on the device (LaunchedForward.sample)."""
 
     def __init__(self, sample: PendingSample | None, keys: list[tuple[str, int]]) -> None:
         self._sample = sample
@@ -96,17 +96,6 @@ class ModelRunner:
         self.video_token_id = model.config.text.video_token_id
         self.vision_seconds = 0.0  # accumulated encoder time, read and reset by the engine for metrics
         self.vision_items = (0, 0)  # (images, video frames) encoded since the last read
-
-    def execute(self, batch: ScheduledBatch, reqs: dict[str, EngineRequest]) -> list[SampledToken]:
-        """Run one step and wait for its tokens. Raises RequestFault for a per-request input problem
-        (nothing ran)."""
-        return self.launch(batch, reqs).result()
-
-    def launch(self, batch: ScheduledBatch, reqs: dict[str, EngineRequest]) -> PendingStep:
-        """Enqueue one step (forward and sampling) without waiting for the device; `result()` of the
-        returned handle waits and gives the sampled tokens. Raises RequestFault for a per-request
-        input problem (nothing ran)."""
-        return self.launch_forward(batch, reqs).sample(reqs)
 
     def launch_is_host_bound(self, batch: ScheduledBatch) -> bool:
         """Whether enqueueing this step keeps the host busy about as long as the device takes to run
