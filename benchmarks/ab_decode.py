@@ -2,7 +2,8 @@
 """A/B of decode-path switches of the Triton backend, on one GPU in one process: the gates computed
 inside the delta-rule kernel (`gates`: `gates_in_delta_rule`), the linear entries of the tuned decode
 GEMM table (`table`), its fused gate|up + silu_mul entries (`silu`), programmatic dependent launch of
-the Triton kernels (`pdl`, triton_kernels/pdl.py), the split-K partial sums of the output projections
+the Triton kernels (`pdl`, triton_kernels/pdl.py), the M-RoPE cos/sin tables in one launch
+(`mrope`: off runs the plain code's dozen small kernels at the head of the step), the split-K partial sums of the output projections
 added up inside the next residual-add RMSNorm instead of by a reduction kernel (`splitnorm`:
 `split_k_into_norm`) and decoder weights that cuBLAS multiplies stored
 transposed (`transposed`: [in, out] storage read through a `.t()` view, cuBLAS's "NN" kernels; the
@@ -10,13 +11,15 @@ MLP gate|up, which the Triton GEMM reads row-major, and the LM head keep their l
 steps at context 1K for every on/off combination of the chosen switches, in rounds (every
 combination once per round, three rounds), median per combination.
 
-    python benchmarks/ab_decode.py --out DIR [--batches 1,8,64,128] [--switches gates,table,silu,pdl,splitnorm,transposed]
+    python benchmarks/ab_decode.py --out DIR [--batches 1,8,64,128]
+        [--switches gates,table,silu,pdl,mrope,splitnorm,transposed]
         [--old-table PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import statistics
@@ -30,17 +33,24 @@ from profile_decode import graph_ms_with
 
 from model.backends.gemm_table import DecodeGemmTable
 from model.backends.triton_kernels import pdl
+from model.layers import mrope_cos_sin
 
-SWITCHES = ("gates", "table", "silu", "pdl", "splitnorm", "transposed")
+SWITCHES = ("gates", "table", "silu", "pdl", "mrope", "splitnorm", "transposed")
 
 
 def backend_attrs(
-    on: dict[str, bool], table: DecodeGemmTable, old_table: DecodeGemmTable | None = None
+    on: dict[str, bool],
+    table: DecodeGemmTable,
+    old_table: DecodeGemmTable | None = None,
+    pointwise=None,
 ) -> dict:
     """Backend attributes that turn switches off (an absent key keeps the backend's own choice);
     `table` is the backend's own GEMM table; with `old_table`, "table" off means that table instead
-    of no linear entries."""
+    of no linear entries; `pointwise` is the backend's own fused ops."""
     attrs: dict = {}
+    if not on.get("mrope", True):
+        attrs["pointwise"] = copy.copy(pointwise)
+        attrs["pointwise"].mrope_cos_sin = mrope_cos_sin  # the plain code
     if not on.get("gates", True):
         attrs["gates_in_delta_rule"] = lambda meta: False
     if not on.get("table", True):
@@ -101,6 +111,7 @@ def main() -> None:
     state = random_state(cfg, max(batches))
     combos = list(itertools.product((False, True), repeat=len(names)))
     table = model.backend.gemm_table
+    pointwise = model.backend.pointwise
     rows = []
     for batch in batches:
         ids, pos, meta = decode_inputs(batch, 1024)
@@ -113,7 +124,9 @@ def main() -> None:
             for c in combos:
                 on = dict(zip(names, c, strict=True))
                 with pdl_set(on.get("pdl")), transposed(model, on.get("transposed", False)):
-                    times[c].append(graph_ms_with(model, step, **backend_attrs(on, table, old_table)))
+                    times[c].append(
+                        graph_ms_with(model, step, **backend_attrs(on, table, old_table, pointwise))
+                    )
         floor_ms = decode_floor_s(batch, 1024) * 1e3
         for c, ms in times.items():
             med = statistics.median(ms)

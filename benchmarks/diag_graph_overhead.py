@@ -3,6 +3,10 @@
 (ab_decode.py): times, at context 1K, (1) runner.run (input copies + replay) and runner.run_host (host
 lists, one pinned copy), (2) the runner's graph
 replayed alone, (3) a bare graph of model.forward + compute_logits captured on the default stream;
+then the host time of run_host's parts (staging wait, numpy fill, pinned copy, event record, replay
+call; median of 50, the GPU idle before each) and the same step with the pinned copy enqueued by a
+direct cudaMemcpyAsync (no torch dispatch or host-allocator event; where libcudart is found), and
+back-to-back run_host steps (host work overlapping the GPU, as a pipelined serving loop runs them);
 then profiles (1) and (3) with torch.profiler and lists the kernels that differ.
 
     python benchmarks/diag_graph_overhead.py --out DIR [--batches 1,64]
@@ -11,7 +15,12 @@ then profiles (1) and (3) with torch.profiler and lists the kernels that differ.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import glob
 import json
+import os
+import statistics
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -40,6 +49,80 @@ def kernels(fn) -> tuple[Counter, Counter, float]:
 
 
 @torch.inference_mode()
+def _cudart():
+    """The process's libcudart (the one torch loaded), or None."""
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    for pattern in ("nvidia/cu*/lib/libcudart.so*", "nvidia/cuda_runtime/lib/libcudart.so*"):
+        for path in sorted(glob.glob(os.path.join(site, pattern))):
+            try:
+                return ctypes.CDLL(path)
+            except OSError:
+                continue
+    try:
+        return ctypes.CDLL("libcudart.so")
+    except OSError:
+        return None
+
+
+def host_parts(runner, batch: int, host, cudart) -> dict:
+    """Median host microseconds of run_host's parts, the GPU idle before each call; and the GPU time
+    of the step with the copy enqueued by a direct cudaMemcpyAsync (if cudart)."""
+    ids, pos, slots, ctx = host
+    parts: dict[str, list[float]] = {}
+    stream = torch.cuda.current_stream()
+    nbytes = runner._staging.numel() * runner._staging.element_size()
+
+    def raw_copy():
+        err = cudart.cudaMemcpyAsync(
+            ctypes.c_void_p(runner._static.data_ptr()),
+            ctypes.c_void_p(runner._staging.data_ptr()),
+            ctypes.c_size_t(nbytes),
+            ctypes.c_int(1),  # cudaMemcpyHostToDevice
+            ctypes.c_void_p(stream.cuda_stream),
+        )
+        if err:
+            raise RuntimeError(f"cudaMemcpyAsync: error {err}")
+
+    def one(copy) -> None:
+        t = [time.perf_counter()]
+        runner._staging_free.synchronize()
+        t.append(time.perf_counter())
+        h = runner._staging_np
+        h[0, :batch] = ids
+        h[1:4, :batch] = pos
+        h[4, :batch] = slots
+        h[5, :batch] = ctx
+        t.append(time.perf_counter())
+        copy()
+        t.append(time.perf_counter())
+        runner._staging_free.record()
+        t.append(time.perf_counter())
+        runner._graphs[batch].replay()
+        t.append(time.perf_counter())
+        for name, a, b in zip(("wait", "fill", "copy", "record", "replay"), t, t[1:], strict=False):
+            parts.setdefault(name, []).append((b - a) * 1e6)
+
+    def torch_copy():
+        runner._static.copy_(runner._staging, non_blocking=True)
+
+    with torch.inference_mode():
+        for _ in range(50):
+            one(torch_copy)
+            torch.cuda.synchronize()
+        out = {f"host_{k}_us": statistics.median(v) for k, v in parts.items()}
+        out["gpu_step_torch_copy_ms"] = cuda_time(lambda: one(torch_copy), reps=30) * 1e3
+        if cudart is not None:
+            out["gpu_step_raw_copy_ms"] = cuda_time(lambda: one(raw_copy), reps=30) * 1e3
+        # back to back: 40 steps enqueued, the host preparing step k+1 while the GPU runs step k
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(40):
+            runner.run_host(ids, pos, slots, ctx)
+        torch.cuda.synchronize()
+        out["back_to_back_step_ms"] = (time.perf_counter() - t0) / 40 * 1e3
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
@@ -50,6 +133,7 @@ def main() -> None:
     model = build_model(cfg)
     state = random_state(cfg, max(batches))
     runner = CudaGraphRunner(model, state, max_batch=max(batches), device=DEV, sizes=batches)
+    cudart = _cudart()
     res = []
     for batch in batches:
         ids, pos, meta = decode_inputs(batch, 1024)
@@ -80,6 +164,7 @@ def main() -> None:
                 cuda_time(runner._graphs[batch].replay, reps=30) * 1e3
             )
             row.setdefault("bare_replay_ms", []).append(cuda_time(bare.replay, reps=30) * 1e3)
+        row["host_parts"] = host_parts(runner, batch, host, cudart)
         c_run, us_run, busy_run = kernels(run)
         c_bare, us_bare, busy_bare = kernels(bare.replay)
         row["busy_ms"] = {"runner_run": busy_run, "bare": busy_bare}

@@ -18,7 +18,7 @@ as sweep_gemm.py does. With --ab, then times graph-captured decode steps with th
 empty one (all cuBLAS), alternating, in the same process.
 
     python benchmarks/tune_decode_gemm.py --out DIR [--table PATH] [--ops linear,silu_mul] [--shapes all]
-        [--max-m 128] [--pdl auto|on|off] [--partial-out on|off] [--ab]
+        [--max-m 128] [--buckets 1,64] [--pdl auto|on|off] [--partial-out on|off] [--ab]
 """
 
 from __future__ import annotations
@@ -262,6 +262,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="all", help="linear shapes to tune (sweep_gemm.shapes names)")
     ap.add_argument("--batches", default="1,8,64,128")
     ap.add_argument("--max-m", type=int, default=max(BUCKETS), help="tune the buckets up to this batch only")
+    ap.add_argument("--buckets", help="tune these batch buckets only (comma-separated, of BUCKETS)")
     ap.add_argument(
         "--pdl",
         choices=("auto", "on", "off"),
@@ -278,6 +279,11 @@ def main() -> None:
     if args.pdl != "auto":
         pdl.ENABLED = args.pdl == "on"
     buckets = tuple(m for m in BUCKETS if m <= args.max_m)
+    if args.buckets:
+        chosen = {int(b) for b in args.buckets.split(",")}
+        if not chosen <= set(BUCKETS):
+            raise SystemExit(f"--buckets: choose from {BUCKETS}")
+        buckets = tuple(m for m in buckets if m in chosen)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name()

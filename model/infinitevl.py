@@ -136,7 +136,10 @@ class InfiniteVLForCausalLM(nn.Module):
         """Final-norm hidden states [N, hidden] of every packed token; updates `state` in place."""
         cfg = self.config.text
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.to(self.dtype)
-        rope = mrope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, h.dtype)
+        pw = self.backend.pointwise
+        rope = (mrope_cos_sin if pw is None else pw.mrope_cos_sin)(
+            positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, h.dtype
+        )
         residual = None
         for layer in self.model.layers:
             h, residual = layer(h, residual, rope, meta, state, self.backend)

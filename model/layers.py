@@ -125,6 +125,12 @@ class MLP(nn.Module):
 # Multimodal RoPE (spec 4.6)
 
 
+def rope_inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    """The rotary frequencies [head_dim / 2] fp32: 1 / theta^(2 f / head_dim)."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    return 1.0 / (theta**exponent)
+
+
 def mrope_cos_sin(
     positions: torch.Tensor,
     head_dim: int,
@@ -140,8 +146,7 @@ def mrope_cos_sin(
     half = head_dim // 2
     if sum(mrope_section) != half:
         raise ValueError(f"mrope_section {mrope_section} must sum to head_dim/2 = {half}")
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=positions.device).float() / head_dim
-    inv_freq = 1.0 / (theta**exponent)  # [half] fp32
+    inv_freq = rope_inv_freq(head_dim, theta, positions.device)
     # slot f takes axis 0 (t), 1 (h) or 2 (w); built from host ints (no host->device copy, no sync:
     # this function runs inside captured CUDA graphs)
     pos_f = positions.float()

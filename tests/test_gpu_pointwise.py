@@ -101,6 +101,33 @@ def test_rope_in_place_on_projection_columns() -> None:
     assert torch.equal(qkv[:, heads * d :], tail), "columns past q|k changed"
 
 
+@pytest.mark.parametrize(
+    ("head_dim", "theta", "section", "n"),
+    [(16, 1e4, (2, 3, 3), 37), (128, 1e6, (16, 24, 24), 5), (12, 1e4, (2, 2, 2), 1)],
+)
+def test_mrope_cos_sin_table_equals_plain_code(head_dim, theta, section, n) -> None:
+    """One launch for the cos/sin tables, against the plain code: different positions on the three axes
+    (image tokens), large positions (long streams), sections that are not powers of two, a row count
+    that is not a multiple of the kernel's row block, and a head dim whose half is not a power of two."""
+    g = torch.Generator().manual_seed(n)
+    positions = torch.randint(0, 300_000, (3, n), generator=g).to(DEVICE)
+    positions[:, 0] = torch.tensor([0, 7, 3])
+    ops = _ops()
+    cos, sin = ops.mrope_cos_sin(positions, head_dim, theta, section, DT)
+    cos_ref, sin_ref = mrope_cos_sin(positions, head_dim, theta, section, DT)
+    assert cos.shape == sin.shape == (n, head_dim) and cos.dtype == sin.dtype == DT
+    for got, ref in ((cos, cos_ref), (sin, sin_ref)):
+        if HAS_CUDA:  # CUDA's cosf/sinf on the same fp32 angles, rounded once: the same bits
+            assert torch.equal(got, ref)
+        else:  # numpy's float32 cos/sin against torch's CPU ones: an ulp of fp32 apart at most
+            assert (got - ref).abs().max().item() < 1e-5
+    # positions whose row is a view with a row stride: the plain code must still be used or matched
+    wide = torch.zeros((3, n + 4), dtype=torch.int64, device=DEVICE)
+    wide[:, 2 : 2 + n] = positions
+    cos_w, _ = ops.mrope_cos_sin(wide[:, 2 : 2 + n], head_dim, theta, section, DT)
+    assert torch.equal(cos_w, cos)
+
+
 @torch.no_grad()
 def test_model_with_fused_ops_tracks_plain_code(tiny_ckpt_dir) -> None:
     """The tiny model (torch backend for the stateful parts) with and without the Triton pointwise ops,

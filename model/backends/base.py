@@ -107,6 +107,16 @@ class PointwiseOps(Protocol):
     ) -> torch.Tensor:  # x [N, heads, D] rotated in fp32 and rounded once (the vision tower's rotary)
         ...
 
+    def mrope_cos_sin(
+        self,
+        positions: torch.Tensor,  # [3, N] int64 (t, h, w)
+        head_dim: int,
+        theta: float,
+        mrope_section: tuple[int, ...],
+        dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # cos/sin [N, head_dim]: model.layers.mrope_cos_sin
+        ...
+
 
 class Backend(Protocol):
     name: str

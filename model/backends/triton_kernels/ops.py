@@ -15,6 +15,7 @@ from model.backends.triton_kernels import pointwise
 from model.backends.triton_kernels.conv import conv_decode
 from model.backends.triton_kernels.gdn import gdn_decode
 from model.backends.triton_kernels.swa import swa_decode
+from model.layers import mrope_cos_sin, rope_inv_freq
 
 
 def eager_or_op(op, launcher):
@@ -181,6 +182,9 @@ def _(x, cos, sin):
 class TritonPointwise:
     """The `PointwiseOps` of the Triton backend (see model.backends.base)."""
 
+    def __init__(self) -> None:
+        self._inv_freq: dict[tuple, torch.Tensor] = {}  # rotary frequencies by (device, head_dim, theta)
+
     def rms_norm(
         self,
         x: torch.Tensor | SplitKPartials,
@@ -210,6 +214,31 @@ class TritonPointwise:
     def vision_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         _rope_fp32(x, cos, sin)
         return x
+
+    def mrope_cos_sin(
+        self,
+        positions: torch.Tensor,
+        head_dim: int,
+        theta: float,
+        mrope_section: tuple[int, ...],
+        dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One launch for the plain code's dozen kernels; the plain code itself while torch.compile
+        traces (it fuses them) and, before the frequencies are cached, inside a CUDA-graph capture
+        (a tensor made there would live in the graph's pool)."""
+        if torch.compiler.is_compiling() or positions.stride(1) != 1:
+            return mrope_cos_sin(positions, head_dim, theta, mrope_section, dtype)
+        key = (positions.device, head_dim, float(theta))
+        inv_freq = self._inv_freq.get(key)
+        if inv_freq is None:
+            if _capturing():
+                return mrope_cos_sin(positions, head_dim, theta, mrope_section, dtype)
+            inv_freq = self._inv_freq[key] = rope_inv_freq(head_dim, theta, positions.device)
+        return pointwise.mrope_cos_sin(positions, inv_freq, tuple(mrope_section), dtype)
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _rms_norm_ops(

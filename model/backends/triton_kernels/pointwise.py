@@ -16,9 +16,13 @@ must have unit stride.
 - `rope_`: half-split rotary embedding applied in place to the q|k heads of the SWA projection.
 - `rope_fp32_`: the vision tower's rotary embedding (transformers' `apply_rotary_pos_emb_vision`): fp32
   math on fp32 cos/sin, rounded once; any even head dim (80 in the release), in place.
+- `mrope_cos_sin`: the M-RoPE cos/sin tables of a batch from its position triples in one launch (the
+  plain code takes about a dozen small kernels at the head of every decode step).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -279,3 +283,73 @@ def _check_unit_stride(x: torch.Tensor, other: torch.Tensor | None) -> None:
 
 def _warps(num_elements: int) -> int:
     return 8 if num_elements >= 4096 else 4 if num_elements >= 1024 else 2
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":  # numpy's float32 cos/sin
+
+    @triton.jit
+    def _cos_sin(x):
+        return tl.cos(x), tl.sin(x)
+
+else:  # CUDA's cosf/sinf, as torch's cos/sin kernels compute them (tl.cos may lower to an approximation)
+    from triton.language.extra.cuda import libdevice
+
+    @triton.jit
+    def _cos_sin(x):
+        return libdevice.cos(x), libdevice.sin(x)
+
+
+@triton.jit
+def _mrope_cos_sin_kernel(
+    pos_ptr, inv_ptr, cos_ptr, sin_ptr, N, stride_p, stride_c, stride_s,
+    S0: tl.constexpr, S01: tl.constexpr, HALF: tl.constexpr, BLOCK_F: tl.constexpr,
+    BLOCK_R: tl.constexpr, USE_PDL: tl.constexpr,
+):  # fmt: skip
+    pdl.prologue(USE_PDL)
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    f = tl.arange(0, BLOCK_F)
+    mr = rows < N
+    mf = f < HALF
+    pt = tl.load(pos_ptr + rows, mask=mr, other=0)[:, None]
+    ph = tl.load(pos_ptr + stride_p + rows, mask=mr, other=0)[:, None]
+    pw = tl.load(pos_ptr + 2 * stride_p + rows, mask=mr, other=0)[:, None]
+    # frequency slot f takes its position from axis t, h or w by contiguous sections
+    pos = tl.where(f[None, :] < S0, pt, tl.where(f[None, :] < S01, ph, pw)).to(tl.float32)
+    angle = pos * tl.load(inv_ptr + f, mask=mf, other=0.0)[None, :]
+    c, s = _cos_sin(angle)
+    dt = cos_ptr.dtype.element_ty
+    c = c.to(dt)
+    s = s.to(dt)
+    mask = mr[:, None] & mf[None, :]
+    pc = cos_ptr + rows[:, None].to(tl.int64) * stride_c + f[None, :]
+    ps = sin_ptr + rows[:, None].to(tl.int64) * stride_s + f[None, :]
+    tl.store(pc, c, mask=mask)  # both halves hold the same angles (rotate_half pairs f with f + HALF)
+    tl.store(pc + HALF, c, mask=mask)
+    tl.store(ps, s, mask=mask)
+    tl.store(ps + HALF, s, mask=mask)
+
+
+def mrope_cos_sin(
+    positions: torch.Tensor,  # [3, N] int64 (t, h, w), unit stride on N
+    inv_freq: torch.Tensor,  # [head_dim / 2] fp32, as model.layers.mrope_cos_sin computes it
+    mrope_section: tuple[int, ...],
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [N, head_dim] in `dtype`: model.layers.mrope_cos_sin in one launch (fp32 angles, the
+    same cos/sin, rounded once)."""
+    half = inv_freq.shape[0]
+    if positions.dim() != 2 or positions.shape[0] != 3 or positions.stride(1) != 1:
+        raise ValueError("mrope_cos_sin expects positions [3, N] with unit stride on N")
+    if len(mrope_section) != 3 or sum(mrope_section) != half:
+        raise ValueError(f"mrope_section {mrope_section} must be three sections summing to {half}")
+    n = positions.shape[1]
+    cos = torch.empty((n, 2 * half), dtype=dtype, device=positions.device)
+    sin = torch.empty_like(cos)
+    if n:
+        block_r = 16
+        _mrope_cos_sin_kernel[(triton.cdiv(n, block_r),)](
+            positions, inv_freq, cos, sin, n, positions.stride(0), cos.stride(0), sin.stride(0),
+            S0=mrope_section[0], S01=mrope_section[0] + mrope_section[1], HALF=half,
+            BLOCK_F=triton.next_power_of_2(half), BLOCK_R=block_r, num_warps=4, **pdl.launch_kwargs(),
+        )  # fmt: skip
+    return cos, sin
