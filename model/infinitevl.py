@@ -147,8 +147,8 @@ class InfiniteVLForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [N, vocab] fp32 from final-norm hidden states [N, hidden] (tied to the embedding):
-        the product is rounded to the model dtype, then widened (into `out` when given, one pass)."""
-        logits = self.backend.linear(hidden, self.model.embed_tokens.weight)
+        the product is rounded to the model dtype, then widened (into `out` when given)."""
+        weight = self.model.embed_tokens.weight
         if out is None:
-            return logits.float()
-        return out.copy_(logits)
+            out = torch.empty((hidden.shape[0], weight.shape[0]), dtype=torch.float32, device=hidden.device)
+        return self.backend.linear(hidden, weight, out=out)

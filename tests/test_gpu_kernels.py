@@ -310,6 +310,37 @@ def test_decode_gemm(m: int, n: int, k: int, bias: bool, cfg: dict, tma: bool) -
 
 
 @pytest.mark.parametrize(
+    "m,n,cfg",
+    [
+        (1, 300, {"block_n": 64}),  # a ragged last tile
+        (5, 256, {"block_n": 32, "num_programs": 3}),
+        (3, 200, {"block_n": 32, "split_k": 2}),  # split-K: summed, rounded, then widened
+        (2, 256, {"block_n": 64, "tma": True}),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_gemm_into_fp32_out(m: int, n: int, cfg: dict, dtype: torch.dtype) -> None:
+    """out=fp32 logits: the product rounded to x's dtype and widened, bit for bit what the launch
+    without out returns, widened; in a row-strided view of a wider buffer; bad `out` refused."""
+    from model.backends.triton_kernels.gemm import decode_gemm
+
+    g = torch.Generator(DEVICE).manual_seed(m + n)
+    x = torch.randn(m, 256, generator=g, device=DEVICE).to(dtype)
+    w = (torch.randn(n, 256, generator=g, device=DEVICE) * 0.05).to(dtype)
+    plain = decode_gemm(x, w, None, block_k=128, **cfg)
+    buf = torch.full((m, n + 7), float("nan"), device=DEVICE)
+    out = buf[:, 3 : 3 + n]
+    got = decode_gemm(x, w, None, block_k=128, out=out, **cfg)
+    assert got.data_ptr() == out.data_ptr()
+    assert torch.equal(out, plain.float())
+    assert buf[:, :3].isnan().all() and buf[:, 3 + n :].isnan().all(), "wrote outside out"
+    with pytest.raises(ValueError, match="fp32"):
+        decode_gemm(x, w, None, out=torch.empty(m, n, dtype=torch.bfloat16, device=DEVICE))
+    with pytest.raises(ValueError, match="unit stride"):
+        decode_gemm(x, w, None, out=torch.empty(m, 2 * n, device=DEVICE)[:, ::2])
+
+
+@pytest.mark.parametrize(
     "m,inter,k,cfg",
     [
         (1, 100, 256, {"block_n": 32}),  # a ragged last tile: up rows start mid-tile
@@ -469,6 +500,13 @@ def test_backend_linear_follows_the_gemm_table(monkeypatch: pytest.MonkeyPatch) 
     assert calls == []  # the table entry is for the shape without a bias
     empty = backend.linear(torch.randn(0, 256, device=DEVICE).to(DT), w)  # no rows: nothing to stream
     assert calls == [] and empty.shape == (0, 96)
+    for m in (1, 8):  # out= (the LM head's fp32 logits): through the table's GEMM, or F.linear widened
+        calls.clear()
+        x = torch.randn(m, 256, device=DEVICE).to(DT)
+        logits = torch.empty(m, 96, device=DEVICE)
+        assert backend.linear(x, w, out=logits) is logits
+        assert torch.equal(logits, backend.linear(x, w).float())
+        assert len(calls) == (2 if m == 1 else 0)
 
 
 def test_linear_partial_leaves_split_k_sums_to_the_norm() -> None:

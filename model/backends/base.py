@@ -123,12 +123,18 @@ class Backend(Protocol):
     pointwise: PointwiseOps | None  # fused elementwise ops, or None for the model's own code
 
     def linear(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, partial: bool = False
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        partial: bool = False,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor | SplitKPartials:
         """F.linear(x, weight, bias): every projection of the text decoder and the LM head. With
         `partial`, the caller hands the result only to `RMSNorm.add_forward` (an output projection
         before the residual add), so a backend may return the product's split-K partial sums for the
-        fused norm to add up; without it, always a tensor."""
+        fused norm to add up; without it, always a tensor. With `out` (fp32 [N, out_features], the LM
+        head's logits), the product rounded to x's dtype is written into out, widened, and out returned."""
         ...
 
     def linear_silu_mul(

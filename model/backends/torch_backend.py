@@ -47,9 +47,15 @@ class TorchBackend:
         return False
 
     def linear(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, partial: bool = False
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        partial: bool = False,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return F.linear(x, weight, bias)  # one kernel: never split partials, whatever `partial` allows
+        y = F.linear(x, weight, bias)  # one kernel: never split partials, whatever `partial` allows
+        return y if out is None else out.copy_(y)
 
     def linear_silu_mul(self, x: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor:
         return linear_silu_mul(self, x, gate_up_weight)

@@ -83,17 +83,26 @@ class TritonBackend:
         return self.gemm_table.lookup(x.shape[0], weight.shape[0], weight.shape[1], has_bias, op=op)
 
     def linear(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, partial: bool = False
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        partial: bool = False,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor | SplitKPartials:
         """F.linear, or the persistent Triton GEMM for the (shape, batch) pairs of `gemm_table`. With
         `partial` (and `split_k_into_norm`), a split-K entry's partial sums are returned unreduced,
-        for the next fused RMSNorm to add up: one launch less per output projection."""
+        for the next fused RMSNorm to add up: one launch less per output projection. With `out`, the
+        Triton GEMM stores the rounded product widened (the LM head: no bf16 logits pass)."""
         cfg = self._gemm_config(x, weight, bias is not None, "linear")
         if cfg is None:
-            return F.linear(x, weight, bias)
+            y = F.linear(x, weight, bias)
+            return y if out is None else out.copy_(y)
+        if out is not None:
+            return decode_gemm(x, weight, bias, out=out, **cfg)
         defer = partial and self.split_k_into_norm and self.pointwise is not None
-        out = decode_gemm(x, weight, bias, reduce=not defer, **cfg)
-        return SplitKPartials(out, x.dtype) if out.dim() == 3 else out
+        y = decode_gemm(x, weight, bias, reduce=not defer, **cfg)
+        return SplitKPartials(y, x.dtype) if y.dim() == 3 else y
 
     def linear_silu_mul(self, x: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up in one persistent GEMM where `gemm_table` has a "silu_mul" config for the

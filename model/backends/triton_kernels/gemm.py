@@ -48,9 +48,11 @@ def _decode_gemm_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_x, stride_w, stride_y, stride_ys, k_per_split,
     split_k, num_progs,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    NUM_STAGES: tl.constexpr, FLATTEN: tl.constexpr, SILU_MUL: tl.constexpr, USE_PDL: tl.constexpr,
+    NUM_STAGES: tl.constexpr, FLATTEN: tl.constexpr, SILU_MUL: tl.constexpr, ROUND_OUT: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
-    # N: output columns (I with SILU_MUL: W's up rows start at row N)
+    # N: output columns (I with SILU_MUL: W's up rows start at row N); ROUND_OUT: y is wider than x,
+    # and holds the product rounded to x's dtype (the LM head's fp32 logits)
     pdl.prologue(USE_PDL)
     pid = tl.program_id(0)
     n_units = tl.cdiv(N, BLOCK_N) * split_k  # unit = (row tile, K split)
@@ -85,6 +87,8 @@ def _decode_gemm_kernel(
                     other=0.0,
                 )
                 acc_up = tl.dot(x, tl.trans(w_up), acc_up)
+        if ROUND_OUT:
+            acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
         _store_unit(
             acc, acc_up, b_ptr, y_ptr, offs_m, mm, offs_n, mn, split, stride_y, stride_ys, HAS_BIAS, SILU_MUL
         )
@@ -162,6 +166,7 @@ def decode_gemm(
     tma: bool = False,
     warp_specialize: bool = False,
     reduce: bool = True,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [M, K] (M <= 128, unit stride on K) times weight [N, K]^T (+ bias [N]) -> [M, N] in x's dtype.
 
@@ -170,7 +175,9 @@ def decode_gemm(
     for a consumer that adds them up itself (pointwise.rms_norm).
     silu_mul (no bias, split_k 1): weight is gate|up [2 I, K]; returns silu(gate) * up [M, I], rounded
     as `pointwise.silu_mul` rounds the unfused product.
-    tma: TMA tile loads (x and weight 16-byte aligned, else the pointer-load kernel runs)."""
+    tma: TMA tile loads (x and weight 16-byte aligned, else the pointer-load kernel runs).
+    out: an fp32 [M, N] tensor (unit stride on N) that receives the product rounded to x's dtype, as
+    `F.linear(x, weight).float()` would, in one pass (no bias, no silu_mul); returned."""
     m, k = x.shape
     n = weight.shape[0]
     if m > DECODE_GEMM_MAX_M or x.stride(1) != 1 or weight.stride(1) != 1 or weight.shape[1] != k:
@@ -181,12 +188,23 @@ def decode_gemm(
         if bias is not None or split_k != 1 or n % 2:
             raise ValueError("decode_gemm: silu_mul needs an even number of weight rows, no bias, split_k 1")
         n //= 2
+    if out is not None and (bias is not None or silu_mul or out.dtype != torch.float32):
+        raise ValueError("decode_gemm: out must be fp32, without bias or silu_mul")
+    if out is not None and (out.shape != (m, n) or out.stride(1) != 1):
+        raise ValueError("decode_gemm: out must be [M, N] with unit stride on N")
     block_m = max(16, triton.next_power_of_2(m))
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     split_k = triton.cdiv(k, k_per_split)
+    if out is not None and (split_k > 1 or tma):  # rounded once after the sum: the product, widened
+        cfg = dict(block_n=block_n, block_k=block_k, split_k=split_k, num_stages=num_stages)
+        cfg |= dict(num_warps=num_warps, num_programs=num_programs, flatten=flatten, tma=tma)
+        return out.copy_(decode_gemm(x, weight, warp_specialize=warp_specialize, **cfg))
     reduce = reduce or split_k == 1
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device) if reduce else None
-    part = y if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
+    if out is not None:  # one split, stored widened
+        y = part = out
+    else:
+        y = torch.empty((m, n), dtype=x.dtype, device=x.device) if reduce else None
+        part = y if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
     programs = min(num_programs, triton.cdiv(n, block_n) * split_k)
     launch = pdl.launch_kwargs()
     if tma and _tma_aligned(x, weight):
@@ -201,9 +219,9 @@ def decode_gemm(
         return _sum_splits(part, y, m * n, split_k) if reduce else part
     _decode_gemm_kernel[(programs,)](
         x, weight, bias if bias is not None else weight, part, m, n, k, x.stride(0), weight.stride(0),
-        n, m * n, k_per_split, split_k, programs, HAS_BIAS=bias is not None, BLOCK_M=block_m,
+        part.stride(-2), m * n, k_per_split, split_k, programs, HAS_BIAS=bias is not None, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages, FLATTEN=flatten, SILU_MUL=silu_mul,
-        num_warps=num_warps, **launch,
+        ROUND_OUT=out is not None and x.dtype != torch.float32, num_warps=num_warps, **launch,
     )  # fmt: skip
     return _sum_splits(part, y, m * n, split_k) if reduce else part
 
