@@ -3,7 +3,8 @@
 inside the delta-rule kernel (`gates`: `gates_in_delta_rule`), the linear entries of the tuned decode
 GEMM table (`table`), its fused gate|up + silu_mul entries (`silu`), programmatic dependent launch of
 the Triton kernels (`pdl`, triton_kernels/pdl.py), the M-RoPE cos/sin tables in one launch
-(`mrope`: off runs the plain code's dozen small kernels at the head of the step), the split-K partial sums of the output projections
+(`mrope`: off runs the plain code's dozen small kernels at the head of the step), the LM head's fp32
+logits stored by its GEMM (`fp32logits`: off writes bf16 logits and widens them in a copy), the split-K partial sums of the output projections
 added up inside the next residual-add RMSNorm instead of by a reduction kernel (`splitnorm`:
 `split_k_into_norm`) and decoder weights that cuBLAS multiplies stored
 transposed (`transposed`: [in, out] storage read through a `.t()` view, cuBLAS's "NN" kernels; the
@@ -12,7 +13,7 @@ steps at context 1K for every on/off combination of the chosen switches, in roun
 combination once per round, three rounds), median per combination.
 
     python benchmarks/ab_decode.py --out DIR [--batches 1,8,64,128]
-        [--switches gates,table,silu,pdl,mrope,splitnorm,transposed]
+        [--switches gates,table,silu,pdl,mrope,fp32logits,splitnorm,transposed]
         [--old-table PATH]
 """
 
@@ -35,7 +36,7 @@ from model.backends.gemm_table import DecodeGemmTable
 from model.backends.triton_kernels import pdl
 from model.layers import mrope_cos_sin
 
-SWITCHES = ("gates", "table", "silu", "pdl", "mrope", "splitnorm", "transposed")
+SWITCHES = ("gates", "table", "silu", "pdl", "mrope", "fp32logits", "splitnorm", "transposed")
 
 
 def backend_attrs(
@@ -116,13 +117,19 @@ def main() -> None:
     for batch in batches:
         ids, pos, meta = decode_inputs(batch, 1024)
 
+        fp32_logits = [True]
+
         def step():
-            return model.compute_logits(model.forward(ids, pos, meta, state))
+            hidden = model.forward(ids, pos, meta, state)
+            if fp32_logits[0]:
+                return model.compute_logits(hidden)
+            return model.backend.linear(hidden, model.model.embed_tokens.weight).float()  # before c330a4a
 
         times: dict[tuple[bool, ...], list[float]] = {c: [] for c in combos}
         for _ in range(3):
             for c in combos:
                 on = dict(zip(names, c, strict=True))
+                fp32_logits[0] = on.get("fp32logits", True)
                 with pdl_set(on.get("pdl")), transposed(model, on.get("transposed", False)):
                     times[c].append(
                         graph_ms_with(model, step, **backend_attrs(on, table, old_table, pointwise))
