@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One device call: the GPU tests of the newest kernel (FIRST_TESTS, a pytest -k expression over
-# test_gpu_pointwise.py), a retune of the decode GEMM table's output projections with their split-K
+# One device call: the GPU tests of the newest kernels (FIRST_TESTS, a pytest -k expression over
+# test_gpu_pointwise.py and test_gpu_kernels.py), a retune of the decode GEMM table's output projections with their split-K
 # partials handed to the norm (tune_decode_gemm.py --partial-out on, PDL on; buckets TUNE_BUCKETS, "" for none; 64
 # first), the A/B of the new table against the old one and of AB_SWITCHES (ab_decode.py), the host cost
 # of a runner step (diag_graph_overhead.py) and the decode table with everything (bench_gpu.py).
@@ -9,7 +9,8 @@
 set -uo pipefail
 source benchmarks/device_setup.sh
 if [ -n "${FIRST_TESTS-}" ]; then
-  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_pointwise.py -k "$FIRST_TESTS" 2>&1 | tail -6
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_pointwise.py tests/test_gpu_kernels.py \
+    -k "$FIRST_TESTS" 2>&1 | tail -6
 fi
 echo "seconds left: $(left)"
 cp model/backends/decode_gemm_sm90.json "$OUT/old_table.json"
