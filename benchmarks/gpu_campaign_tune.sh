@@ -23,7 +23,7 @@ for b in ${TUNE_BUCKETS-64 1}; do
 done
 echo "seconds left: $(left)"
 timeout $(( $(left) > 330 ? 170 : $(left) / 3 )) python3 benchmarks/ab_decode.py \
-  --switches "${AB_SWITCHES:-table,mrope}" --old-table "$OUT/old_table.json" --batches 1,64,128 --out "$OUT" 2>&1 | tail -12
+  --switches "${AB_SWITCHES:-table,mrope}" --old-table "$OUT/old_table.json" --batches "${AB_BATCHES:-1,64,128}" --out "$OUT" 2>&1 | tail -12
 echo "seconds left: $(left)"
 if [ "$(left)" -gt 150 ]; then
   timeout 70 python3 benchmarks/diag_graph_overhead.py --batches 1,64 --out "$OUT" 2>&1 \
