@@ -3,11 +3,11 @@
 (ab_decode.py): times, at context 1K, (1) runner.run (input copies + replay) and runner.run_host (host
 lists, one pinned copy), (2) the runner's graph
 replayed alone, (3) a bare graph of model.forward + compute_logits captured on the default stream;
-then the host time of run_host's parts (staging wait, numpy fill, pinned copy, replay call, event
-record; median of 50, the GPU idle before each; before any profiling: a torch.profiler run leaves
-host overhead behind in the process) and the same step with the pinned copy enqueued by a
-direct cudaMemcpyAsync (no torch dispatch or host-allocator event; where libcudart is found), and
-back-to-back run_host steps (host work overlapping the GPU, as a pipelined serving loop runs them);
+then the host time of run_host's parts (staging wait, numpy fill, pinned copy, event record, replay
+call; median of 50, the GPU idle before each; before any profiling: a torch.profiler run leaves
+host overhead behind in the process), the step with the event recorded after the launch instead,
+the same steps with the pinned copy enqueued by a direct cudaMemcpyAsync (no torch dispatch or
+host-allocator event; where libcudart is found), and back-to-back run_host steps (host work overlapping the GPU, as a pipelined serving loop runs them);
 then profiles (1) and (3) with torch.profiler and lists the kernels that differ.
 
     python benchmarks/diag_graph_overhead.py --out DIR [--batches 1,64]
@@ -71,7 +71,7 @@ def host_parts(runner, batch: int, host, cudart) -> dict:
     ids, pos, slots, ctx = host
     parts: dict[str, list[float]] = {}
     stream = torch.cuda.current_stream()
-    staging = runner._staging[0]  # one twin: the GPU is idle before each call
+    staging = runner._staging
     nbytes = staging.numel() * staging.element_size()
     free = torch.cuda.Event()
 
@@ -86,11 +86,11 @@ def host_parts(runner, batch: int, host, cudart) -> dict:
         if err:
             raise RuntimeError(f"cudaMemcpyAsync: error {err}")
 
-    def one(copy) -> None:
+    def one(copy, record_first: bool = True) -> None:
         t = [time.perf_counter()]
         free.synchronize()
         t.append(time.perf_counter())
-        h = runner._staging_np[0]
+        h = runner._staging_np
         h[0, :batch] = ids
         h[1:4, :batch] = pos
         h[4, :batch] = slots
@@ -98,11 +98,16 @@ def host_parts(runner, batch: int, host, cudart) -> dict:
         t.append(time.perf_counter())
         copy()
         t.append(time.perf_counter())
+        if record_first:  # as run_host does: the event between the copy and the launch
+            free.record()
+            t.append(time.perf_counter())
         runner._graphs[batch].replay()
         t.append(time.perf_counter())
-        free.record()  # after the replay, as run_host does
-        t.append(time.perf_counter())
-        for name, a, b in zip(("wait", "fill", "copy", "replay", "record"), t, t[1:], strict=False):
+        if not record_first:  # the candidate: recorded after the launch (needs two staging twins)
+            free.record()
+            t.append(time.perf_counter())
+        order = ("record", "replay") if record_first else ("replay", "record")
+        for name, a, b in zip(("wait", "fill", "copy", *order), t, t[1:], strict=False):
             parts.setdefault(name, []).append((b - a) * 1e6)
 
     def torch_copy():
@@ -114,8 +119,10 @@ def host_parts(runner, batch: int, host, cudart) -> dict:
             torch.cuda.synchronize()
         out = {f"host_{k}_us": statistics.median(v) for k, v in parts.items()}
         out["gpu_step_torch_copy_ms"] = cuda_time(lambda: one(torch_copy), reps=30) * 1e3
+        out["gpu_step_record_after_ms"] = cuda_time(lambda: one(torch_copy, False), reps=30) * 1e3
         if cudart is not None:
             out["gpu_step_raw_copy_ms"] = cuda_time(lambda: one(raw_copy), reps=30) * 1e3
+            out["gpu_step_raw_copy_record_after_ms"] = cuda_time(lambda: one(raw_copy, False), reps=30) * 1e3
         # back to back: 40 steps enqueued, the host preparing step k+1 while the GPU runs step k
         torch.cuda.synchronize()
         t0 = time.perf_counter()

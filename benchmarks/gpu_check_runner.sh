@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A short device call for a change to the CUDA-graph runner: its GPU tests (graph replay = eager,
+# A short device call for a change to the CUDA-graph runner (none run yet): its GPU tests (graph replay = eager,
 # padding confined to the dummy slot, the engine with and without async scheduling), the host parts
 # of a runner step (diag_graph_overhead.py) and the decode table at batches BATCHES (results under $OUT).
 #   COMMIT=$(git rev-parse --short HEAD) BUDGET=300 bash benchmarks/gpu_check_runner.sh     (.whl/ carried)
