@@ -1,14 +1,14 @@
 # ruff: noqa: B023  (closures are called at once, inside the loop that binds their variables)
 """Why a CudaGraphRunner step (bench_gpu's decode table) takes longer than a bare captured step
 (ab_decode.py): times, at context 1K, (1) runner.run (input copies + replay) and runner.run_host (host
-lists, one pinned copy), (2) the runner's graph
-replayed alone, (3) a bare graph of model.forward + compute_logits captured on the default stream;
-then the host time of run_host's parts (staging wait, numpy fill, pinned copy, event record, replay
-call; median of 50, the GPU idle before each; before any profiling: a torch.profiler run leaves
-host overhead behind in the process), the step with the event recorded after the launch instead,
-the same steps with the pinned copy enqueued by a direct cudaMemcpyAsync (no torch dispatch or
-host-allocator event; where libcudart is found), and back-to-back run_host steps (host work overlapping the GPU, as a pipelined serving loop runs them);
-then profiles (1) and (3) with torch.profiler and lists the kernels that differ.
+lists, one pinned copy), (2) the runner's graph replayed alone, (3) a bare graph of model.forward +
+compute_logits captured on the default stream; then the host time of run_host's parts (staging wait,
+numpy fill, pinned copy, event record, replay call; median of 50, the GPU idle before each), the step
+with the event recorded after the launch instead, the same steps with the pinned copy enqueued by a
+direct cudaMemcpyAsync (no torch dispatch or host-allocator event; where libcudart is found), and
+back-to-back run_host steps (host work overlapping the GPU, as a pipelined serving loop runs them);
+last, as a torch.profiler run leaves host overhead behind in the process, profiles (1) and (3) and
+lists the kernels that differ.
 
     python benchmarks/diag_graph_overhead.py --out DIR [--batches 1,64]
 """
@@ -49,7 +49,6 @@ def kernels(fn) -> tuple[Counter, Counter, float]:
     return calls, us, sum(us.values()) / 1e3
 
 
-@torch.inference_mode()
 def _cudart():
     """The process's libcudart (the one torch loaded), or None."""
     site = os.path.dirname(os.path.dirname(torch.__file__))
@@ -66,8 +65,9 @@ def _cudart():
 
 
 def host_parts(runner, batch: int, host, cudart) -> dict:
-    """Median host microseconds of run_host's parts, the GPU idle before each call; and the GPU time
-    of the step with the copy enqueued by a direct cudaMemcpyAsync (if cudart)."""
+    """Median host microseconds of run_host's parts, the GPU idle before each call; the GPU time of the
+    step with the event recorded before or after the launch, with torch's copy or a direct
+    cudaMemcpyAsync (if cudart); the time per step of back-to-back run_host calls."""
     ids, pos, slots, ctx = host
     parts: dict[str, list[float]] = {}
     stream = torch.cuda.current_stream()
@@ -113,26 +113,26 @@ def host_parts(runner, batch: int, host, cudart) -> dict:
     def torch_copy():
         runner._static.copy_(staging, non_blocking=True)
 
-    with torch.inference_mode():
-        for _ in range(50):
-            one(torch_copy)
-            torch.cuda.synchronize()
-        out = {f"host_{k}_us": statistics.median(v) for k, v in parts.items()}
-        out["gpu_step_torch_copy_ms"] = cuda_time(lambda: one(torch_copy), reps=30) * 1e3
-        out["gpu_step_record_after_ms"] = cuda_time(lambda: one(torch_copy, False), reps=30) * 1e3
-        if cudart is not None:
-            out["gpu_step_raw_copy_ms"] = cuda_time(lambda: one(raw_copy), reps=30) * 1e3
-            out["gpu_step_raw_copy_record_after_ms"] = cuda_time(lambda: one(raw_copy, False), reps=30) * 1e3
-        # back to back: 40 steps enqueued, the host preparing step k+1 while the GPU runs step k
+    for _ in range(50):
+        one(torch_copy)
         torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(40):
-            runner.run_host(ids, pos, slots, ctx)
-        torch.cuda.synchronize()
-        out["back_to_back_step_ms"] = (time.perf_counter() - t0) / 40 * 1e3
+    out = {f"host_{k}_us": statistics.median(v) for k, v in parts.items()}
+    out["gpu_step_torch_copy_ms"] = cuda_time(lambda: one(torch_copy), reps=30) * 1e3
+    out["gpu_step_record_after_ms"] = cuda_time(lambda: one(torch_copy, False), reps=30) * 1e3
+    if cudart is not None:
+        out["gpu_step_raw_copy_ms"] = cuda_time(lambda: one(raw_copy), reps=30) * 1e3
+        out["gpu_step_raw_copy_record_after_ms"] = cuda_time(lambda: one(raw_copy, False), reps=30) * 1e3
+    # back to back: 40 steps enqueued, the host preparing step k+1 while the GPU runs step k
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(40):
+        runner.run_host(ids, pos, slots, ctx)
+    torch.cuda.synchronize()
+    out["back_to_back_step_ms"] = (time.perf_counter() - t0) / 40 * 1e3
     return out
 
 
+@torch.inference_mode()
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
