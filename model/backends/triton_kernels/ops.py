@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from model.backends.base import SplitKPartials
-from model.backends.triton_kernels import pointwise
+from model.backends.triton_kernels import pdl, pointwise
 from model.backends.triton_kernels.conv import conv_decode
 from model.backends.triton_kernels.gdn import gdn_decode
 from model.backends.triton_kernels.swa import swa_decode
@@ -231,14 +231,10 @@ class TritonPointwise:
         key = (positions.device, head_dim, float(theta))
         inv_freq = self._inv_freq.get(key)
         if inv_freq is None:
-            if _capturing():
+            if pdl.capturing():
                 return mrope_cos_sin(positions, head_dim, theta, mrope_section, dtype)
             inv_freq = self._inv_freq[key] = rope_inv_freq(head_dim, theta, positions.device)
         return pointwise.mrope_cos_sin(positions, inv_freq, tuple(mrope_section), dtype)
-
-
-def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _rms_norm_ops(

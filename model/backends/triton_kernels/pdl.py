@@ -51,13 +51,18 @@ def warmup() -> Iterator[None]:
         _warmups -= 1
 
 
+def capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def launch_kwargs() -> dict:
     """Extra launch arguments of a PDL-aware kernel: its USE_PDL constexpr and Triton's launch_pdl
     (PDL while a CUDA graph is captured or inside `warmup()`)."""
     global ENABLED
     if ENABLED is None:
         ENABLED = supported()
-    if ENABLED and (_warmups or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())):
+    if ENABLED and (_warmups or capturing()):
         return {"USE_PDL": True, "launch_pdl": True}
     return {"USE_PDL": False}
 
