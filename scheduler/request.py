@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import NamedTuple
 
 
@@ -75,6 +76,6 @@ class ScheduledBatch:
     def is_empty(self) -> bool:
         return not self.rows
 
-    @property
+    @cached_property  # asked by the engine and the runner several times a step; rows never change
     def is_decode_only(self) -> bool:
         return all(not r.is_prefill and r.num_tokens == 1 for r in self.rows)
