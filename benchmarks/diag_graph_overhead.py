@@ -71,7 +71,7 @@ def host_parts(runner, batch: int, host, cudart) -> dict:
     ids, pos, slots, ctx = host
     parts: dict[str, list[float]] = {}
     stream = torch.cuda.current_stream()
-    staging = runner._staging
+    staging = runner._staging[0]  # one twin: the GPU is idle before each call
     nbytes = staging.numel() * staging.element_size()
     free = torch.cuda.Event()
 
@@ -90,7 +90,7 @@ def host_parts(runner, batch: int, host, cudart) -> dict:
         t = [time.perf_counter()]
         free.synchronize()
         t.append(time.perf_counter())
-        h = runner._staging_np
+        h = runner._staging_np[0]
         h[0, :batch] = ids
         h[1:4, :batch] = pos
         h[4, :batch] = slots

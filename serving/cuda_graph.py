@@ -84,10 +84,14 @@ class CudaGraphRunner:
         # static inputs [n] / [3, n], rows of one buffer that run_host fills with one copy from its
         # pinned twin; rows beyond the live batch hold the dummy slot. Rows 6 and 7: the (dst, src)
         # index pairs of a TokenPatch (input tokens still on the device), read outside the graphs
+        # Two pinned twins, used in turn: a step's event is recorded after its replay (not between the
+        # copy and the replay, where it delayed the launch), and the twin it guards is written again
+        # two steps later, when that step is long done (the engine has taken its tokens).
         self._static = torch.zeros(8, n, dtype=torch.int64, device=dev)
-        self._staging = torch.zeros(8, n, dtype=torch.int64).pin_memory()
-        self._staging_np = self._staging.numpy()  # the same memory: numpy writes lists without torch ops
-        self._staging_free: torch.cuda.Event | None = None  # recorded after the staging copy
+        self._staging = [torch.zeros(8, n, dtype=torch.int64).pin_memory() for _ in range(2)]
+        self._staging_np = [s.numpy() for s in self._staging]  # the same memory: numpy writes lists
+        self._staging_free: list[torch.cuda.Event | None] = [None, None]  # recorded after the replay
+        self._staging_next = 0
         self.input_ids = self._static[0]
         self.positions = self._static[1:4]
         self.slot_ids = self._static[4]
@@ -169,9 +173,12 @@ class CudaGraphRunner:
         size = self.padded_size(num_rows) if self.enabled else None
         if size is None:
             raise ValueError(f"no captured graph for {num_rows} rows")
-        if self._staging_free is not None:
-            self._staging_free.synchronize()  # the previous step's copy has read the staging buffer
-        host = self._staging_np
+        j = self._staging_next
+        self._staging_next = 1 - j
+        free = self._staging_free[j]
+        if free is not None:
+            free.synchronize()  # the step before the previous one has read this twin
+        host = self._staging_np[j]
         host[0, :num_rows] = input_ids
         host[1:4, :num_rows] = positions  # the same position on the three M-RoPE axes
         host[4, :num_rows] = slot_ids
@@ -183,14 +190,14 @@ class CudaGraphRunner:
         if k:
             host[6, :k] = patch.dst
             host[7, :k] = patch.src
-        self._static.copy_(self._staging, non_blocking=True)
-        if self._staging_free is None:
-            self._staging_free = torch.cuda.Event()
-        self._staging_free.record()
+        self._static.copy_(self._staging[j], non_blocking=True)
         if k:
             tokens = patch.tokens.index_select(0, self._static[7, :k])
             self.input_ids.index_copy_(0, self._static[6, :k], tokens)
         self._graphs[size].replay()
+        if free is None:
+            free = self._staging_free[j] = torch.cuda.Event()
+        free.record()
         return self.logits[:num_rows]
 
     @torch.inference_mode()
