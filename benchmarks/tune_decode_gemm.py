@@ -11,7 +11,9 @@ with PDL a Triton GEMM's launch overlaps its predecessor's tail, which cuBLAS ca
 
 The output projections (MLP down, GDN and SWA o_proj) hand their split-K partial sums to the residual-add
 RMSNorm after them (TritonBackend.split_k_into_norm), so their split-K configs are timed without the
-reduction kernel (`--partial-out on`, the default; `off` times them as the backend ran before 1aa90de).
+reduction kernel (`--partial-out on`, the default; `off` times them as the backend ran before 1aa90de),
+and every candidate of theirs, cuBLAS too, is timed together with that norm: a split that makes the
+GEMM faster can make the norm slower by more.
 
 Timings replay a CUDA graph of 20 calls cycling through 256 MB or more of weight copies (no L2 reuse),
 as sweep_gemm.py does. With --ab, then times graph-captured decode steps with the new table against an
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from bench_gpu import DEV, build_model, cuda_time, decode_floor_s, load_cfg, random_state
 from sweep_gemm import ROTATE_BYTES, graph_time, shapes
 
+from model.backends.base import SplitKPartials
 from model.backends.gemm_table import TABLE_SM90, DecodeGemmTable
 from model.backends.triton_kernels import pdl
 from model.backends.triton_kernels.gemm import decode_gemm
@@ -80,13 +83,16 @@ def weight_copies(n: int, k: int) -> list[torch.Tensor]:
     ]
 
 
-def search(label: str, cfgs: list[dict], run, ws: list[torch.Tensor], ref: torch.Tensor):
+def search(label: str, cfgs: list[dict], run, ws: list[torch.Tensor], ref: torch.Tensor, then=None):
     """(best config, its seconds per call) of `run(w, cfg)` over `cfgs`, timed over the weight copies
-    `ws`; configs the compiler rejects or whose output is off `ref` by 1% or more are skipped. The
-    winner is timed twice, as the baselines are. (None, None) when nothing ran."""
+    `ws` (followed by `then(product)` where given, the consumer of the product); configs the compiler
+    rejects or whose output is off `ref` by 1% or more are skipped. The winner is timed twice, as the
+    baselines are. (None, None) when nothing ran."""
 
     def seconds(cfg: dict) -> float:
-        return graph_time([lambda w=w: run(w, cfg) for w in ws])
+        if then is None:
+            return graph_time([lambda w=w: run(w, cfg) for w in ws])
+        return graph_time([lambda w=w: then(run(w, cfg)) for w in ws])
 
     best, best_s = None, None
     for cfg in cfgs:
@@ -108,10 +114,30 @@ def search(label: str, cfgs: list[dict], run, ws: list[torch.Tensor], ref: torch
     return best, best_s
 
 
+def norm_after(m: int, n: int):
+    """The residual-add RMSNorm that consumes an output projection's [m, n] product in a decode step
+    (pointwise.rms_norm; it adds up split-K partials itself), for timing the pair: more K splits can
+    make the GEMM faster and the norm slower (4 fp32 partials to read instead of one bf16 product),
+    so a GEMM timed alone picked split-K configs that made the whole step slower
+    (gpu_h100_f6b18f0_ab_decode_table_splitk4.json)."""
+    from model.backends.triton_kernels.pointwise import rms_norm
+
+    weight = torch.ones(n, dtype=BF16, device=DEV)
+    residual = torch.randn(m, n, dtype=BF16, device=DEV)
+
+    def then(y: torch.Tensor):
+        if y.dim() == 3:  # partials, left unreduced (partial_out) for the norm to add up
+            y = SplitKPartials(y, BF16)
+        return rms_norm(y, weight, 1e-6, residual)
+
+    return then
+
+
 @torch.inference_mode()
 def tune(names: set[str], buckets: tuple[int, ...] = BUCKETS, partial_out: bool = True) -> list[dict]:
     """partial_out: time the output projections' split-K configs without their reduction kernel (the
-    norm after them adds the partials up)."""
+    norm after them adds the partials up). Output projections are timed with that norm after them,
+    cuBLAS as well as Triton."""
     entries = []
     for name, n, k, _calls, has_bias in shapes():
         if name not in names:
@@ -123,13 +149,15 @@ def tune(names: set[str], buckets: tuple[int, ...] = BUCKETS, partial_out: bool 
             t0 = time.perf_counter()
             x = torch.randn(m, k, dtype=BF16, device=DEV)
             ref = F.linear(x.float(), ws[0].float(), None if b is None else b.float())
-            cublas_s = min(graph_time([lambda w=w: F.linear(x, w, b) for w in ws]) for _ in range(2))
+            then = norm_after(m, n) if name in OUTPUT_PROJECTIONS else (lambda y: y)
+            cublas_s = min(graph_time([lambda w=w: then(F.linear(x, w, b)) for w in ws]) for _ in range(2))
             best, best_s = search(
                 f"{name} M={m}",
                 configs(m, n, has_bias),
                 lambda w, cfg: decode_gemm(x, w, b, reduce=reduce, **cfg),
                 ws,
                 ref,
+                then,
             )
             win = best is not None and best_s < MARGIN * cublas_s
             entry = {
@@ -143,6 +171,7 @@ def tune(names: set[str], buckets: tuple[int, ...] = BUCKETS, partial_out: bool 
                 "triton_us": round(best_s * 1e6, 2) if best_s is not None else None,
                 "triton_config": best,
                 "timed_unreduced": not reduce,
+                "timed_with_norm": name in OUTPUT_PROJECTIONS,
             }
             entries.append(entry)
             print(
