@@ -1,6 +1,7 @@
 """Host cost of eager forwards at the real shape (CUDA only): every step that carries a prefill chunk runs
 without a CUDA graph, and its launch alone holds the host for tens of ms (docs/benchmarks.md), which is
 what the inter-token latency tails of the HTTP runs are made of.
+The prefill cases are timed again with fla's public wrapper (TritonBackend.fla_direct off).
 
 For each case: the host time to enqueue one forward (no wait), and the wall time from the first kernel's
 enqueue to the last kernel's end; a case whose enqueue time is close to its wall time is host-bound.
@@ -104,6 +105,17 @@ def main() -> None:
         r = time_case(step)
         res["cases"][name] = r
         print(f"{name}: host enqueue {r['host_enqueue_ms']:.1f} ms, wall {r['wall_ms']:.1f} ms", flush=True)
+    # A/B: fla's public wrapper instead of its forward called directly (TritonBackend.fla_direct)
+    if getattr(model.backend, "fla_direct", False):
+        model.backend.fla_direct = False
+        res["cases_fla_wrapper"] = {}
+        for name in ("prefill 256", "mixed 64 + 512", "mixed 64 + 2048"):
+            r = time_case(steps[name])
+            res["cases_fla_wrapper"][name] = r
+            print(
+                f"{name}, fla wrapper: host enqueue {r['host_enqueue_ms']:.1f} ms, wall {r['wall_ms']:.1f} ms"
+            )
+        model.backend.fla_direct = True
     prof = python_profile(steps["mixed 64 + 512"])
     res["python_profile_mixed_64_512"] = prof
     print(prof["tottime"][:6000])

@@ -190,6 +190,45 @@ def test_gdn_prefill(seed: int, dims: tuple[int, int, int], qk_normalized: bool)
     _compare_pools(pool, pool_ref, slots, TOL)
 
 
+def test_fla_forward_below_the_wrapper_is_found() -> None:
+    """With the fla the project pins for its GPU path (0.6), prefill calls fla's forward directly: a
+    changed signature would silently fall back to the public wrapper (slower on the host, still right)."""
+    from importlib.metadata import version
+
+    from model.backends import triton_backend
+
+    if not version("flash-linear-attention").startswith("0.6."):
+        pytest.skip("the direct call is checked against fla 0.6's signature")
+    assert triton_backend.FLA_FORWARD is not None
+    assert triton_backend.TritonBackend(DEVICE).fla_direct
+
+
+@pytest.mark.skipif(INTERPRET and not torch.cuda.is_available(), reason="fla's chunk kernel needs a GPU")
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gdn_prefill_direct_fla_call_equals_the_wrapper(seed: int) -> None:
+    """The direct call runs the same kernels as fla's public wrapper: bit-identical outputs and states."""
+    tri, _ = _backends()
+    if not tri.fla_direct:
+        pytest.skip("this fla has no forward below its wrapper that the backend can call")
+    torch.manual_seed(seed)
+    slots, lens, ctx, num_slots = _case(False, seed)
+    meta = BatchMeta.build(slots, lens, ctx, DEVICE)
+    H, DK, DV = 4, 128, 256
+    n = sum(lens)
+    q, k, v = _qkv(n, H, DK, DV)
+    q = torch.nn.functional.normalize(q.float(), dim=-1).to(DT)
+    k = torch.nn.functional.normalize(k.float(), dim=-1).to(DT)
+    g = torch.nn.functional.logsigmoid(torch.randn(n, H, device=DEVICE)) * 0.3
+    beta = torch.rand(n, H, dtype=DT, device=DEVICE)
+    pool = _pool((H, DK, DV), num_slots, torch.float32, slots, ctx)
+    pool_wrapped = pool.clone()
+    out = tri.gated_delta_rule(q, k, v, g, beta, meta, pool, True)
+    tri.fla_direct = False
+    out_wrapped = tri.gated_delta_rule(q, k, v, g, beta, meta, pool_wrapped, True)
+    assert torch.equal(out, out_wrapped)
+    assert torch.equal(pool[slots], pool_wrapped[slots])
+
+
 def _run_swa(
     slots: list[int], lens: list[int], ctx: list[int], num_slots: int, window: int
 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:

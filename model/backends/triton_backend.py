@@ -8,6 +8,7 @@ This module imports triton and fla: the CPU path must never import it.
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -36,6 +37,28 @@ CONV_PREFILL_LAUNCH = {"block_t": 32, "block_c": 256}
 FLA_CHUNK = 64  # chunk size of fla's chunked delta-rule kernel (its default)
 
 
+def _fla_forward():
+    """fla's forward of the chunked delta rule below its public wrapper (0.6: `chunk_gated_delta_rule_fwd`,
+    returning (g, o, A, final_state, initial_state, g_input)), or None where this fla has no such
+    function or it takes other arguments. The wrapper around it (dispatch, argument checks, the
+    autograd Function with its saved tensors, the input guard) is host time on every prefill layer and
+    does nothing for inference."""
+    try:
+        from fla.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_fwd as fwd
+    except ImportError:
+        return None
+    params = inspect.signature(fwd).parameters
+    positional = ("q", "k", "v", "g", "beta", "scale", "initial_state", "output_final_state")
+    if tuple(params)[: len(positional)] != positional:
+        return None
+    if not {"cu_seqlens", "chunk_indices", "chunk_size"} <= params.keys():
+        return None
+    return fwd
+
+
+FLA_FORWARD = _fla_forward()
+
+
 class TritonBackend:
     """Kernel seam on CUDA: in-place pool updates by slot index, no per-step state gathers in decode."""
 
@@ -57,6 +80,8 @@ class TritonBackend:
         # output projections with split-K table entries leave their partial sums to the residual-add
         # RMSNorm after them (no reduction kernel); False: linear always reduces (A/B switch)
         self.split_k_into_norm = True
+        # prefill calls fla's forward below its public wrapper where this fla has it (A/B switch)
+        self.fla_direct = FLA_FORWARD is not None
 
     # --- host-built index tables for prefill (cached for the meta of the current call) ---
 
@@ -185,6 +210,23 @@ class TritonBackend:
         h0 = state.index_select(0, meta.slot_ids).float()  # [B, H, d_k, d_v]: one gather per chunk
         # fresh sequences start from zero whatever the row holds (NaN included: no multiply by 0)
         h0 = torch.where(t["has_ctx"].view(-1, 1, 1, 1), h0, 0.0)
+        if self.fla_direct and qk_normalized and FLA_FORWARD is not None:
+            # what the wrapper would do for these inputs: contiguous tensors, chunk indices given
+            _, o, _, ht, _, _ = FLA_FORWARD(
+                q.unsqueeze(0).contiguous(),
+                k.unsqueeze(0).contiguous(),
+                v.unsqueeze(0).contiguous(),
+                g.float().unsqueeze(0).contiguous(),
+                beta.unsqueeze(0).contiguous(),
+                scale,
+                h0.contiguous(),
+                True,
+                cu_seqlens=t["cu_long"],
+                chunk_indices=t["chunk_indices"],
+                chunk_size=FLA_CHUNK,
+            )
+            state.index_copy_(0, meta.slot_ids, ht.to(state.dtype))
+            return o.squeeze(0).to(v.dtype)
         o, ht = chunk_gated_delta_rule(
             q.unsqueeze(0),
             k.unsqueeze(0),
