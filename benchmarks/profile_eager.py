@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from bench_gpu import build_model, load_cfg, random_state, text_positions
 
+from model.backends.triton_backend import FLA_FORWARD
 from model.batch import BatchMeta
 
 DEV = "cuda"
@@ -83,6 +84,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = load_cfg()
     model = build_model(cfg)
+    model.backend.fla_direct = FLA_FORWARD is not None  # the A/B below turns it off
     state = random_state(cfg, 80)
     cases = {
         "decode b1": (1, 0),
@@ -106,7 +108,7 @@ def main() -> None:
         res["cases"][name] = r
         print(f"{name}: host enqueue {r['host_enqueue_ms']:.1f} ms, wall {r['wall_ms']:.1f} ms", flush=True)
     # A/B: fla's public wrapper instead of its forward called directly (TritonBackend.fla_direct)
-    if getattr(model.backend, "fla_direct", False):
+    if model.backend.fla_direct:
         model.backend.fla_direct = False
         res["cases_fla_wrapper"] = {}
         for name in ("prefill 256", "mixed 64 + 512", "mixed 64 + 2048"):

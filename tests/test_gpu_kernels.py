@@ -200,16 +200,18 @@ def test_fla_forward_below_the_wrapper_is_found() -> None:
     if not version("flash-linear-attention").startswith("0.6."):
         pytest.skip("the direct call is checked against fla 0.6's signature")
     assert triton_backend.FLA_FORWARD is not None
-    assert triton_backend.TritonBackend(DEVICE).fla_direct
 
 
 @pytest.mark.skipif(INTERPRET and not torch.cuda.is_available(), reason="fla's chunk kernel needs a GPU")
 @pytest.mark.parametrize("seed", [0, 1])
 def test_gdn_prefill_direct_fla_call_equals_the_wrapper(seed: int) -> None:
     """The direct call runs the same kernels as fla's public wrapper: bit-identical outputs and states."""
-    tri, _ = _backends()
-    if not tri.fla_direct:
+    from model.backends.triton_backend import FLA_FORWARD
+
+    if FLA_FORWARD is None:
         pytest.skip("this fla has no forward below its wrapper that the backend can call")
+    tri, _ = _backends()
+    tri.fla_direct = True
     torch.manual_seed(seed)
     slots, lens, ctx, num_slots = _case(False, seed)
     meta = BatchMeta.build(slots, lens, ctx, DEVICE)

@@ -80,8 +80,9 @@ class TritonBackend:
         # output projections with split-K table entries leave their partial sums to the residual-add
         # RMSNorm after them (no reduction kernel); False: linear always reduces (A/B switch)
         self.split_k_into_norm = True
-        # prefill calls fla's forward below its public wrapper where this fla has it (A/B switch)
-        self.fla_direct = FLA_FORWARD is not None
+        # prefill calls fla's forward below its public wrapper (where this fla has it): off until a
+        # GPU run has shown it bit-identical to the wrapper (test_gdn_prefill_direct_fla_call_...)
+        self.fla_direct = False
 
     # --- host-built index tables for prefill (cached for the meta of the current call) ---
 
