@@ -165,12 +165,8 @@ def test_gdn_gate_inputs(decode: bool) -> None:
         assert torch.equal(pool[slots], pool_sep[slots])
 
 
-@pytest.mark.skipif(INTERPRET and not torch.cuda.is_available(), reason="fla's chunk kernel needs a GPU")
-@pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("dims", [(4, 128, 256), (2, 16, 32)])  # real head dims; the tiny model's
-@pytest.mark.parametrize("qk_normalized", [False, True])
-def test_gdn_prefill(seed: int, dims: tuple[int, int, int], qk_normalized: bool) -> None:
-    tri, ref = _backends()
+def _gdn_prefill_case(seed: int, dims: tuple[int, int, int], qk_normalized: bool):
+    """((q, k, v, g, beta), meta, NaN-poisoned fp32 state pool, live slots) of a prefill call."""
     torch.manual_seed(seed)
     slots, lens, ctx, num_slots = _case(False, seed)
     meta = BatchMeta.build(slots, lens, ctx, DEVICE)
@@ -183,6 +179,16 @@ def test_gdn_prefill(seed: int, dims: tuple[int, int, int], qk_normalized: bool)
         q = torch.nn.functional.normalize(q.float(), dim=-1).to(DT)
         k = torch.nn.functional.normalize(k.float(), dim=-1).to(DT)
     pool = _pool((H, DK, DV), num_slots, torch.float32, slots, ctx)
+    return (q, k, v, g, beta), meta, pool, slots
+
+
+@pytest.mark.skipif(INTERPRET and not torch.cuda.is_available(), reason="fla's chunk kernel needs a GPU")
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("dims", [(4, 128, 256), (2, 16, 32)])  # real head dims; the tiny model's
+@pytest.mark.parametrize("qk_normalized", [False, True])
+def test_gdn_prefill(seed: int, dims: tuple[int, int, int], qk_normalized: bool) -> None:
+    tri, ref = _backends()
+    (q, k, v, g, beta), meta, pool, slots = _gdn_prefill_case(seed, dims, qk_normalized)
     pool_ref = pool.clone()
     out = tri.gated_delta_rule(q, k, v, g, beta, meta, pool, qk_normalized)
     out_ref = ref.gated_delta_rule(q, k, v, g, beta, meta, pool_ref, qk_normalized)
@@ -212,21 +218,11 @@ def test_gdn_prefill_direct_fla_call_equals_the_wrapper(seed: int) -> None:
         pytest.skip("this fla has no forward below its wrapper that the backend can call")
     tri, _ = _backends()
     tri.fla_direct = True
-    torch.manual_seed(seed)
-    slots, lens, ctx, num_slots = _case(False, seed)
-    meta = BatchMeta.build(slots, lens, ctx, DEVICE)
-    H, DK, DV = 4, 128, 256
-    n = sum(lens)
-    q, k, v = _qkv(n, H, DK, DV)
-    q = torch.nn.functional.normalize(q.float(), dim=-1).to(DT)
-    k = torch.nn.functional.normalize(k.float(), dim=-1).to(DT)
-    g = torch.nn.functional.logsigmoid(torch.randn(n, H, device=DEVICE)) * 0.3
-    beta = torch.rand(n, H, dtype=DT, device=DEVICE)
-    pool = _pool((H, DK, DV), num_slots, torch.float32, slots, ctx)
+    inputs, meta, pool, slots = _gdn_prefill_case(seed, (4, 128, 256), True)
     pool_wrapped = pool.clone()
-    out = tri.gated_delta_rule(q, k, v, g, beta, meta, pool, True)
+    out = tri.gated_delta_rule(*inputs, meta, pool, True)
     tri.fla_direct = False
-    out_wrapped = tri.gated_delta_rule(q, k, v, g, beta, meta, pool_wrapped, True)
+    out_wrapped = tri.gated_delta_rule(*inputs, meta, pool_wrapped, True)
     assert torch.equal(out, out_wrapped)
     assert torch.equal(pool[slots], pool_wrapped[slots])
 
