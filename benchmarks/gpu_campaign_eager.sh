@@ -10,7 +10,7 @@ set -uo pipefail
 source benchmarks/device_setup.sh
 cp model/backends/decode_gemm_sm90.json "$OUT/old_table.json"
 timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py -k "${FIRST_TESTS:-direct_fla or fla_forward}" 2>&1 | tail -3
-timeout $(( $(left) > 280 ? 220 : $(left) - 40 )) python3 benchmarks/profile_eager.py --out "$OUT" > "$OUT/profile_eager.log" 2>&1
+timeout $(( $(left) > 280 ? 220 : $(left) - 40 )) python3 benchmarks/profile_eager.py --out "$OUT" ${EAGER_CASES:+--cases "$EAGER_CASES"} > "$OUT/profile_eager.log" 2>&1
 grep -E "host enqueue" "$OUT/profile_eager.log"; grep -E "^ +[0-9]+ +[0-9.]+ +[0-9.]+ " "$OUT/profile_eager.log" | head -25
 echo "seconds left: $(left)"
 if [ "$(left)" -gt 300 ] && grep -q H100 "$OUT/device.txt"; then  # the table is tuned on the H100

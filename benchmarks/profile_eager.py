@@ -81,6 +81,7 @@ def python_profile(step, top: int = 30) -> dict[str, str]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
+    ap.add_argument("--cases", help="comma-separated case names to run (default: all)")
     args = ap.parse_args()
     cfg = load_cfg()
     model = build_model(cfg)
@@ -94,6 +95,11 @@ def main() -> None:
         "mixed 64 + 2048": (64, 2048),
         "prefill 8192": (0, 8192),
     }
+    if args.cases:
+        chosen = args.cases.split(",")
+        if not set(chosen) <= cases.keys() or "mixed 64 + 512" not in chosen:
+            raise SystemExit(f"--cases: choose from {list(cases)}, with 'mixed 64 + 512' (profiled)")
+        cases = {k: v for k, v in cases.items() if k in chosen}
     res: dict = {"device": torch.cuda.get_device_name(), "cases": {}}
     steps = {}
     for name, (rows, tokens) in cases.items():
@@ -111,7 +117,7 @@ def main() -> None:
     if model.backend.fla_direct:
         model.backend.fla_direct = False
         res["cases_fla_wrapper"] = {}
-        for name in ("prefill 256", "mixed 64 + 512", "mixed 64 + 2048"):
+        for name in [c for c in ("prefill 256", "mixed 64 + 512", "mixed 64 + 2048") if c in steps]:
             r = time_case(steps[name])
             res["cases_fla_wrapper"][name] = r
             print(
