@@ -53,7 +53,7 @@ def _fla_forward():
         return None
     if not {"cu_seqlens", "chunk_indices", "chunk_size"} <= params.keys():
         return None
-    return fwd
+    return torch.compiler.disable(fwd)  # opaque to torch.compile, as fla's public function is
 
 
 FLA_FORWARD = _fla_forward()
