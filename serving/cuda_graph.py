@@ -58,12 +58,18 @@ class CudaGraphRunner:
         enabled: bool = True,
         compile_model: bool = False,
         sizes: list[int] | None = None,
+        copy_in_graph: bool = False,
     ) -> None:
         """Captures every size at once (default `capture_sizes(max_batch)`, or the given `sizes`).
 
         compile_model: torch.compile the forward before capture (fuses the elementwise code between
         kernels; experimental: each size compiles for ~20 s and bf16 results differ from eager by
         inductor's rounding, checked only by the noise-policy test in tests/test_gpu_graph.py).
+        copy_in_graph: each graph starts with the host-to-device copy of the pinned staging buffer, so
+        that `run_host` launches one graph and no separate copy (the copy call is 40-95 us of host time
+        before the launch on the H100 machine). Only for a loop that issues a step after the previous
+        one's tokens reached the host: there is one staging buffer, `run_host` takes no TokenPatch (async
+        scheduling) and `run` (device tensors) is not available.
         """
         self.model = model
         # dynamic=False: one compile per captured size. dynamic=True gave wrong states with the in-place
@@ -74,6 +80,7 @@ class CudaGraphRunner:
         self.max_batch = max_batch
         self.dummy_slot = state.dummy_slot
         self.enabled = bool(enabled) and self.device.type == "cuda" and max_batch >= 1
+        self.copy_in_graph = copy_in_graph
         if sizes is not None and (not sizes or max(sizes) > max_batch or min(sizes) < 1):
             raise ValueError(f"capture sizes {sizes} must lie in 1..max_batch={max_batch}")
         self.sizes = (sorted(set(sizes)) if sizes else capture_sizes(max_batch)) if self.enabled else []
@@ -92,6 +99,8 @@ class CudaGraphRunner:
         self._staging_np = [s.numpy() for s in self._staging]  # the same memory: numpy writes lists
         self._staging_free: list[torch.cuda.Event | None] = [None, None]  # recorded after the replay
         self._staging_next = 0
+        for h in self._staging_np:  # as the static buffer: dummy-slot rows (what a capture copies)
+            h[4] = self.dummy_slot
         self.input_ids = self._static[0]
         self.positions = self._static[1:4]
         self.slot_ids = self._static[4]
@@ -118,6 +127,8 @@ class CudaGraphRunner:
         )
 
     def _step(self, size: int) -> None:
+        if self.copy_in_graph:  # the graph reads the staging buffer when it runs (a memcpy node)
+            self._static.copy_(self._staging[0], non_blocking=True)
         meta = self._meta(size)
         hidden = self._forward(self.input_ids[:size], self.positions[:, :size], meta, self.state)
         self.model.compute_logits(hidden, out=self.logits[:size])
@@ -173,11 +184,16 @@ class CudaGraphRunner:
         size = self.padded_size(num_rows) if self.enabled else None
         if size is None:
             raise ValueError(f"no captured graph for {num_rows} rows")
-        j = self._staging_next
-        self._staging_next = 1 - j
+        if self.copy_in_graph:
+            if patch is not None:
+                raise ValueError("graphs that copy their own inputs take no token patch")
+            j = 0  # one buffer, read by the previous graph: done once its tokens reached the host
+        else:
+            j = self._staging_next
+            self._staging_next = 1 - j
         free = self._staging_free[j]
         if free is not None:
-            free.synchronize()  # the step before the previous one has read this twin
+            free.synchronize()  # the step that last read this buffer is done
         host = self._staging_np[j]
         host[0, :num_rows] = input_ids
         host[1:4, :num_rows] = positions  # the same position on the three M-RoPE axes
@@ -190,7 +206,8 @@ class CudaGraphRunner:
         if k:
             host[6, :k] = patch.dst
             host[7, :k] = patch.src
-        self._static.copy_(self._staging[j], non_blocking=True)
+        if not self.copy_in_graph:
+            self._static.copy_(self._staging[j], non_blocking=True)
         if k:
             tokens = patch.tokens.index_select(0, self._static[7, :k])
             self.input_ids.index_copy_(0, self._static[6, :k], tokens)
@@ -216,6 +233,8 @@ class CudaGraphRunner:
         size = self.padded_size(num_rows) if self.enabled else None
         if size is None:
             return self._eager(input_ids, positions, slot_ids, context_lens)
+        if self.copy_in_graph:
+            raise ValueError("graphs that copy their own inputs from host lists take them by run_host")
         self.input_ids[:num_rows].copy_(input_ids, non_blocking=True)
         self.positions[:, :num_rows].copy_(positions, non_blocking=True)
         self.slot_ids[:num_rows].copy_(slot_ids, non_blocking=True)

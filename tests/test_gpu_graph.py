@@ -53,28 +53,35 @@ def _prompts(vocab: int, lens: list[int], seed: int) -> list[torch.Tensor]:
     return [torch.randint(0, vocab, (n,), generator=g) for n in lens]
 
 
-@pytest.mark.parametrize("host_inputs,use_pdl", [(False, False), (True, False), (True, True)])
-def test_replay_equals_eager_and_padding_is_confined(gpu_model, host_inputs: bool, use_pdl: bool) -> None:
+@pytest.mark.parametrize(
+    "host_inputs,use_pdl,copy_in_graph",
+    [(False, False, False), (True, False, False), (True, True, False), (True, True, True)],
+)
+def test_replay_equals_eager_and_padding_is_confined(
+    gpu_model, host_inputs: bool, use_pdl: bool, copy_in_graph: bool
+) -> None:
     """host_inputs: the engine's path (run_host: host lists through one pinned staging copy);
-    use_pdl: the Triton kernels captured with programmatic dependent launch (triton_kernels/pdl.py)."""
+    use_pdl: the Triton kernels captured with programmatic dependent launch (triton_kernels/pdl.py);
+    copy_in_graph: that staging copy captured at the head of each graph."""
     from model.backends.triton_kernels import pdl
 
     saved_pdl, pdl.ENABLED = pdl.ENABLED, use_pdl
     try:
-        _replay_case(gpu_model, host_inputs)
+        _replay_case(gpu_model, host_inputs, copy_in_graph)
     finally:
         pdl.ENABLED = saved_pdl
 
 
-def _replay_case(gpu_model, host_inputs: bool) -> None:
+def _replay_case(gpu_model, host_inputs: bool, copy_in_graph: bool = False) -> None:
     from serving.cuda_graph import CudaGraphRunner
+    from serving.runner import TokenPatch
 
     model = gpu_model
     num_slots = 8
     state = allocate_state(model.config.text, num_slots, torch.float32, model.dtype, DEV)
     for t in (state.recurrent, state.conv, state.key, state.value):
         t.fill_(float("nan"))  # every row poisoned: only rows the batch names may change
-    graphs = CudaGraphRunner(model, state, max_batch=8, device=DEV)
+    graphs = CudaGraphRunner(model, state, max_batch=8, device=DEV, copy_in_graph=copy_in_graph)
     assert graphs.sizes == [1, 2, 4, 8]
     slots, lens = [5, 1, 6], [7, 30, 3]  # batch of 3 replays the graph of 4: one padded row
     _prefill(model, state, slots, _prompts(model.config.text.vocab_size, lens, 0))
@@ -99,6 +106,11 @@ def _replay_case(gpu_model, host_inputs: bool) -> None:
         assert rel_err(t[:, slots], e[:, slots]) < 1e-2, name
     with pytest.raises(ValueError, match="no captured graph"):
         graphs.run_host([1] * 9, [1] * 9, list(range(9)), [1] * 9)  # more rows than any graph
+    if copy_in_graph:  # one staging buffer: no device-side inputs, no token patch
+        with pytest.raises(ValueError, match="copy their own inputs"):
+            graphs.run(ids, _positions(ctx, [1, 1, 1]), live.to(DEV), torch.tensor(ctx, device=DEV))
+        with pytest.raises(ValueError, match="copy their own inputs"):
+            graphs.run_host([-1, 1, 2], ctx, slots, ctx, TokenPatch([0], [0], ids))
 
 
 @pytest.fixture(scope="module")
