@@ -628,3 +628,17 @@ def test_model_decode_with_split_k_sums_in_the_norms(tiny_ckpt_dir) -> None:
         assert sum(deferred) == (2 * text.num_hidden_layers * 4 if into_norm else 0)
     for fused, reduced in zip(*runs, strict=True):
         assert torch.equal(fused, reduced)
+
+
+def test_norm_folded_into_the_gate_up_gemv_experiment() -> None:
+    """benchmarks/exp_norm_gemv.py (an experiment, not wired into the model): its kernel, the residual-add
+    RMSNorm computed in the gate|up GEMV's prologue, gives the two launches' residual stream exactly
+    and their activation within bf16 rounding."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "exp_norm_gemv.py"
+    spec = importlib.util.spec_from_file_location("exp_norm_gemv", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.check()
