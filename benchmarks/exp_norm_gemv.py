@@ -1,19 +1,20 @@
 # ruff: noqa: B023  (closures are called at once, inside the loop that binds their variables)
-"""Experiment: the residual-add RMSNorm folded into the prologue of the MLP's gate|up GEMV (with its
-silu_mul epilogue), against the two launches the decode step runs today (pointwise.rms_norm on the
-output projection's split-K partials, then decode_gemm with silu_mul). At batch 1 the decode step is
-a chain of about 340 kernels, and the 36 norms before the MLPs are latency-bound launches of their own
-(docs/benchmarks.md); here every program of the GEMV computes the row's inverse RMS itself (K = 2048
-values, read from L2), program 0 writes the new residual stream, and the normalised activations are
-made tile by tile as the weights stream. Not wired into the model: this measures whether it pays.
+"""Experiment: the residual-add RMSNorm folded into the prologue of the GEMV after it (the MLP's
+gate|up with its silu_mul epilogue, and the GDN input projection), against the two launches the decode
+step runs today (pointwise.rms_norm on the output projection's split-K partials, then the GEMM). At
+batch 1 the decode step is a chain of about 340 kernels, and the 73 norms are latency-bound launches
+of their own (docs/benchmarks.md); here every program of the GEMV computes the row's inverse RMS
+itself (K = 2048 values, read from L2), program 0 writes the new residual stream, and the normalised
+activations are made tile by tile as the weights stream. Not wired into the model: this measures
+whether it pays.
 
     TRITON_INTERPRET=1 python benchmarks/exp_norm_gemv.py --check     (CPU: the fused result against the
-                                                                     two-launch path, tiny shape)
-    python benchmarks/exp_norm_gemv.py --out DIR [--batches 1,2,4,8,16]   (GPU: timings, real shape)
+                                                                     two-launch path, tiny shapes)
+    python benchmarks/exp_norm_gemv.py --out DIR [--batches 1,2,4,8,16]   (GPU: timings, real shapes)
 
-The new residual stream equals the unfused one exactly (the same sums in the same order); the MLP
-activation may differ in a few bf16 roundings, because the row's sum of squares is added up in chunks
-of BLOCK_K rather than in one reduction.
+The new residual stream equals the unfused one exactly (the same sums in the same order); the product
+may differ in a few bf16 roundings, because the row's sum of squares is added up in chunks of BLOCK_K
+rather than in one reduction.
 """
 
 from __future__ import annotations
@@ -57,12 +58,13 @@ def _residual_chunk(
 
 
 @triton.jit
-def _norm_silu_gemv_kernel(
+def _norm_gemv_kernel(
     p_ptr, res_ptr, nw_ptr, w_ptr, y_ptr, s_ptr, M, INTER, K, stride_ps, stride_pm, stride_res, stride_w, stride_y,
     stride_s, eps, num_progs,
     SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    NUM_STAGES: tl.constexpr, USE_PDL: tl.constexpr,
+    NUM_STAGES: tl.constexpr, SILU_MUL: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    # INTER: output columns (with SILU_MUL the weight's up rows start at row INTER)
     pdl.prologue(USE_PDL)
     pid = tl.program_id(0)
     dt = y_ptr.dtype.element_ty
@@ -99,51 +101,59 @@ def _norm_silu_gemv_kernel(
                 w_ptr + offs_n[:, None].to(tl.int64) * stride_w + offs_k[None, :], mask=wmask, other=0.0
             )
             acc = tl.dot(x, tl.trans(w), acc)
-            w_up = tl.load(
-                w_ptr + (offs_n[:, None] + INTER).to(tl.int64) * stride_w + offs_k[None, :],
-                mask=wmask,
-                other=0.0,
-            )
-            acc_up = tl.dot(x, tl.trans(w_up), acc_up)
-        gate = acc.to(dt).to(tl.float32)  # the unfused path's roundings (gemm._store_unit)
-        act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
-        out = act * acc_up.to(dt).to(tl.float32)
+            if SILU_MUL:
+                w_up = tl.load(
+                    w_ptr + (offs_n[:, None] + INTER).to(tl.int64) * stride_w + offs_k[None, :],
+                    mask=wmask,
+                    other=0.0,
+                )
+                acc_up = tl.dot(x, tl.trans(w_up), acc_up)
+        out = acc
+        if SILU_MUL:
+            gate = acc.to(dt).to(tl.float32)  # the unfused path's roundings (gemm._store_unit)
+            act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
+            out = act * acc_up.to(dt).to(tl.float32)
         tl.store(
             y_ptr + offs_m[:, None] * stride_y + offs_n[None, :], out.to(dt), mask=mm[:, None] & mn[None, :]
         )
 
 
-def norm_silu_gemv(
+def norm_gemv(
     partials: torch.Tensor,  # [S, M, K] fp32 split-K partials of the output projection
     residual: torch.Tensor,  # [M, K]
     norm_weight: torch.Tensor,  # [K]
-    gate_up: torch.Tensor,  # [2 I, K]
+    weight: torch.Tensor,  # [N, K], or gate|up [2 I, K] with silu_mul
     eps: float,
+    silu_mul: bool = False,
     block_n: int = 64,
     block_k: int = 128,
     num_stages: int = 4,
     num_warps: int = 4,
     num_programs: int = 132,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(silu(gate) * up of rmsnorm(s) * norm_weight [M, I], s [M, K]) with s = residual + sum(partials)."""
+    """(x W^T [M, N], or silu(gate) * up [M, I] with silu_mul, of x = rmsnorm(s) * norm_weight; s [M, K])
+    with s = residual + sum(partials), the new residual stream."""
     splits, m, k = partials.shape
-    i = gate_up.shape[0] // 2
-    y = torch.empty((m, i), dtype=residual.dtype, device=residual.device)
+    n = weight.shape[0] // 2 if silu_mul else weight.shape[0]
+    y = torch.empty((m, n), dtype=residual.dtype, device=residual.device)
     s = torch.empty((m, k), dtype=residual.dtype, device=residual.device)
-    progs = min(num_programs, triton.cdiv(i, block_n))
-    _norm_silu_gemv_kernel[(progs,)](
-        partials, residual, norm_weight, gate_up, y, s, m, i, k, partials.stride(0), partials.stride(1),
-        residual.stride(0), gate_up.stride(0), y.stride(0), s.stride(0), eps, progs, SPLITS=splits,
+    progs = min(num_programs, triton.cdiv(n, block_n))
+    _norm_gemv_kernel[(progs,)](
+        partials, residual, norm_weight, weight, y, s, m, n, k, partials.stride(0), partials.stride(1),
+        residual.stride(0), weight.stride(0), y.stride(0), s.stride(0), eps, progs, SPLITS=splits,
         BLOCK_M=max(16, triton.next_power_of_2(m)), BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages,
-        num_warps=num_warps, **pdl.launch_kwargs(),
+        SILU_MUL=silu_mul, num_warps=num_warps, **pdl.launch_kwargs(),
     )  # fmt: skip
     return y, s
 
 
-def two_launches(partials, residual, norm_weight, gate_up, eps, gemm_cfg: dict):
-    """Today's path: the norm adds up the partials, then the fused gate|up + silu_mul GEMM."""
+def two_launches(partials, residual, norm_weight, weight, eps, silu_mul: bool, gemm_cfg: dict | None):
+    """Today's path: the norm adds up the partials, then the GEMM (the fused gate|up + silu_mul one
+    with silu_mul; cuBLAS where `gemm_cfg` is None)."""
     normed, s = rms_norm(SplitKPartials(partials, residual.dtype), norm_weight, eps, residual)
-    return decode_gemm(normed, gate_up, silu_mul=True, **gemm_cfg), s
+    if gemm_cfg is None:
+        return torch.nn.functional.linear(normed, weight), s
+    return decode_gemm(normed, weight, silu_mul=silu_mul, **gemm_cfg), s
 
 
 def inputs(m: int, k: int, i: int, splits: int, device, seed: int = 0):
@@ -158,14 +168,15 @@ def inputs(m: int, k: int, i: int, splits: int, device, seed: int = 0):
 def check() -> None:
     """The fused kernel against the two launches at tiny shapes (Triton's interpreter on a CPU)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    for m, k, i, splits, bn, bk in ((1, 64, 48, 2, 16, 32), (3, 96, 40, 1, 32, 32), (5, 64, 32, 3, 16, 64)):
+    cases = ((1, 64, 48, 2, 16, 32, True), (3, 96, 40, 1, 32, 32, True), (5, 64, 32, 3, 16, 64, False))
+    for m, k, i, splits, bn, bk, silu in cases:
         p, r, nw, w = inputs(m, k, i, splits, device, seed=m)
-        y, s = norm_silu_gemv(p, r, nw, w, 1e-6, block_n=bn, block_k=bk, num_stages=2, num_programs=2)
-        y_ref, s_ref = two_launches(p, r, nw, w, 1e-6, {"block_n": bn, "block_k": bk, "num_stages": 2})
+        y, s = norm_gemv(p, r, nw, w, 1e-6, silu, block_n=bn, block_k=bk, num_stages=2, num_programs=2)
+        y_ref, s_ref = two_launches(p, r, nw, w, 1e-6, silu, {"block_n": bn, "block_k": bk, "num_stages": 2})
         assert torch.equal(s, s_ref), "the residual stream differs"
         err = ((y.float() - y_ref.float()).norm() / y_ref.float().norm()).item()
-        assert err < 1e-2, f"activation rel err {err:.2e}"
-        print(f"M={m} K={k} I={i} splits={splits}: residual stream equal, activation rel err {err:.1e}")
+        assert err < 1e-2, f"product rel err {err:.2e}"
+        print(f"M={m} K={k} N={w.shape[0]} silu_mul={silu}: residual stream equal, product rel err {err:.1e}")
 
 
 @torch.inference_mode()
@@ -175,28 +186,44 @@ def timings(batches: list[int], out: Path) -> None:
     from model.backends.gemm_table import default_table
 
     pdl.ENABLED = pdl.supported()
-    k, i, splits = 2048, 11008, 2
+    k, splits = 2048, 2  # hidden size; the partials of an output projection split in two
     table = default_table(torch.device("cuda"))
-    copies = max(2, -(-ROTATE_BYTES // (2 * i * k * 2)))
-    ws = [(torch.randn(2 * i, k, device="cuda") * k**-0.5).to(BF16) for _ in range(copies)]
     rows = []
-    for m in batches:
-        p, r, nw, _ = inputs(m, k, i, splits, "cuda")
-        cfg = table.lookup(m, 2 * i, k, False, "silu_mul") or {"block_n": 32, "block_k": 128, "num_stages": 4}
-        base = graph_time([lambda w=w: two_launches(p, r, nw, w, 1e-6, cfg) for w in ws])
-        best, best_s = None, None
-        for bn, stages, progs in itertools.product((16, 32, 64), (3, 4, 5), (132, 264)):
-            c = {"block_n": bn, "num_stages": stages, "num_programs": progs}
-            try:
-                s = graph_time([lambda w=w: norm_silu_gemv(p, r, nw, w, 1e-6, **c) for w in ws])
-            except Exception as e:  # a config the compiler rejects
-                print(f"  M={m} {c}: {type(e).__name__}", flush=True)
-                continue
-            if best_s is None or s < best_s:
-                best, best_s = c, s
-        row = {"batch": m, "two_launches_us": base * 1e6, "fused_us": best_s * 1e6, "fused_config": best}
-        rows.append(row)
-        print(f"M={m}: norm + gate|up {row['two_launches_us']:.2f} us, fused {row['fused_us']:.2f} us {best}")
+    # the MLP's gate|up with silu_mul (36 per step), the GDN input projection (27 per step, cuBLAS today)
+    for name, n, silu in (("mlp_gate_up", 2 * 11008, True), ("gdn_in", 12320, False)):
+        copies = max(2, -(-ROTATE_BYTES // (n * k * 2)))
+        ws = [(torch.randn(n, k, device="cuda") * k**-0.5).to(BF16) for _ in range(copies)]
+        for m in batches:
+            p, r, nw, _ = inputs(m, k, 1, splits, "cuda")
+            cfg = table.lookup(m, n, k, False, "silu_mul" if silu else "linear")
+            if silu and cfg is None:
+                cfg = {"block_n": 32, "block_k": 128, "num_stages": 4}
+            base = graph_time([lambda w=w: two_launches(p, r, nw, w, 1e-6, silu, cfg) for w in ws])
+            best, best_s = None, None
+            for bn, stages, progs in itertools.product((16, 32, 64), (3, 4, 5), (132, 264)):
+                c = {"block_n": bn, "num_stages": stages, "num_programs": progs}
+                try:
+                    s = graph_time([lambda w=w: norm_gemv(p, r, nw, w, 1e-6, silu, **c) for w in ws])
+                except Exception as e:  # a config the compiler rejects
+                    print(f"  {name} M={m} {c}: {type(e).__name__}", flush=True)
+                    continue
+                if best_s is None or s < best_s:
+                    best, best_s = c, s
+            row = {
+                "gemm": name,
+                "batch": m,
+                "two_launches_us": base * 1e6,
+                "two_launches_gemm": "cublas" if cfg is None else cfg,
+                "fused_us": None if best_s is None else best_s * 1e6,
+                "fused_config": best,
+            }
+            rows.append(row)
+            print(
+                f"M={m} {name}: norm + GEMM {base * 1e6:.2f} us, fused {row['fused_us']} us {best}",
+                flush=True,
+            )
+        ws = None
+        torch.cuda.empty_cache()
     out.mkdir(parents=True, exist_ok=True)
     (out / "exp_norm_gemv.json").write_text(
         json.dumps({"device": torch.cuda.get_device_name(), "rows": rows})
