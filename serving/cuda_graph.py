@@ -7,7 +7,10 @@ The decode path of the kernels reads only BatchMeta's device tensors, which here
 static buffers; the host tuples of the captured BatchMeta are placeholders and are never read.
 
 The engine feeds a step with `run_host` (host lists: one pinned-memory copy fills every static input,
-padding included); `run` takes device tensors (four device copies).
+padding included; two pinned staging buffers are used in turn, so the host can fill one while the
+previous step's graph still reads the other); `run` takes device tensors (four device copies). With
+`copy_in_graph` that pinned copy is captured at the head of each graph instead (one staging buffer,
+for a loop that waits for each step's tokens before issuing the next).
 """
 
 from __future__ import annotations
