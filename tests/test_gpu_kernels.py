@@ -205,6 +205,8 @@ def test_fla_forward_below_the_wrapper_is_found() -> None:
 
     if not version("flash-linear-attention").startswith("0.6."):
         pytest.skip("the direct call is checked against fla 0.6's signature")
+    if triton_backend._fla_has_other_backend():
+        pytest.skip("fla dispatches the chunked delta rule to another backend here (FlashQLA)")
     assert triton_backend.FLA_FORWARD is not None
 
 

@@ -47,6 +47,8 @@ def _fla_forward():
         from fla.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_fwd as fwd
     except ImportError:
         return None
+    if _fla_has_other_backend():  # the public function would dispatch to it: do not bypass it
+        return None
     params = inspect.signature(fwd).parameters
     positional = ("q", "k", "v", "g", "beta", "scale", "initial_state", "output_final_state")
     if tuple(params)[: len(positional)] != positional:
@@ -54,6 +56,17 @@ def _fla_forward():
     if not {"cu_seqlens", "chunk_indices", "chunk_size"} <= params.keys():
         return None
     return torch.compiler.disable(fwd)  # opaque to torch.compile, as fla's public function is
+
+
+def _fla_has_other_backend() -> bool:
+    """Whether fla would run the chunked delta rule on another backend than its Triton kernels (0.6
+    registers FlashQLA for Hopper and Blackwell, used where its package is installed), or cannot say."""
+    try:
+        from fla.backends import _load_operation_registry
+
+        return _load_operation_registry("gated_delta_rule").get_active() is not None
+    except Exception:  # an fla without this registry: do not assume the Triton path
+        return True
 
 
 FLA_FORWARD = _fla_forward()
