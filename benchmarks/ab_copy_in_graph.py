@@ -13,22 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 from bench_gpu import build_model, cuda_time, decode_floor_s, load_cfg, random_state
+from diag_graph_overhead import back_to_back_ms
 
 from serving.cuda_graph import CudaGraphRunner
-
-
-def back_to_back_ms(runner: CudaGraphRunner, host: tuple, steps: int = 40) -> float:
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        runner.run_host(*host)
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps * 1e3
 
 
 @torch.inference_mode()

@@ -122,14 +122,19 @@ def host_parts(runner, batch: int, host, cudart) -> dict:
     if cudart is not None:
         out["gpu_step_raw_copy_ms"] = cuda_time(lambda: one(raw_copy), reps=30) * 1e3
         out["gpu_step_raw_copy_record_after_ms"] = cuda_time(lambda: one(raw_copy, False), reps=30) * 1e3
-    # back to back: 40 steps enqueued, the host preparing step k+1 while the GPU runs step k
+    out["back_to_back_step_ms"] = back_to_back_ms(runner, host)
+    return out
+
+
+def back_to_back_ms(runner, host, steps: int = 40) -> float:
+    """ms per `run_host(*host)` step with `steps` enqueued back to back: the host preparing step k+1
+    while the GPU runs step k, as a pipelined serving loop issues them."""
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for _ in range(40):
-        runner.run_host(ids, pos, slots, ctx)
+    for _ in range(steps):
+        runner.run_host(*host)
     torch.cuda.synchronize()
-    out["back_to_back_step_ms"] = (time.perf_counter() - t0) / 40 * 1e3
-    return out
+    return (time.perf_counter() - t0) / steps * 1e3
 
 
 @torch.inference_mode()
