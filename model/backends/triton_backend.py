@@ -224,14 +224,11 @@ class TritonBackend:
         h0 = state.index_select(0, meta.slot_ids).float()  # [B, H, d_k, d_v]: one gather per chunk
         # fresh sequences start from zero whatever the row holds (NaN included: no multiply by 0)
         h0 = torch.where(t["has_ctx"].view(-1, 1, 1, 1), h0, 0.0)
+        qkvgb = (q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), g.float().unsqueeze(0), beta.unsqueeze(0))
         if self.fla_direct and qk_normalized and FLA_FORWARD is not None:
             # what the wrapper would do for these inputs: contiguous tensors, chunk indices given
             _, o, _, ht, _, _ = FLA_FORWARD(
-                q.unsqueeze(0).contiguous(),
-                k.unsqueeze(0).contiguous(),
-                v.unsqueeze(0).contiguous(),
-                g.float().unsqueeze(0).contiguous(),
-                beta.unsqueeze(0).contiguous(),
+                *(x.contiguous() for x in qkvgb),
                 scale,
                 h0.contiguous(),
                 True,
@@ -239,23 +236,18 @@ class TritonBackend:
                 chunk_indices=t["chunk_indices"],
                 chunk_size=FLA_CHUNK,
             )
-            state.index_copy_(0, meta.slot_ids, ht.to(state.dtype))
-            return o.squeeze(0).to(v.dtype)
-        o, ht = chunk_gated_delta_rule(
-            q.unsqueeze(0),
-            k.unsqueeze(0),
-            v.unsqueeze(0),
-            g.float().unsqueeze(0),
-            beta.unsqueeze(0),
-            scale=scale,
-            initial_state=h0,
-            output_final_state=True,
-            use_qk_l2norm_in_kernel=not qk_normalized,
-            cu_seqlens=t["cu_long"],
-            cu_seqlens_cpu=t["cu_cpu"],
-            chunk_indices=t["chunk_indices"],
-            chunk_size=FLA_CHUNK,
-        )
+        else:
+            o, ht = chunk_gated_delta_rule(
+                *qkvgb,
+                scale=scale,
+                initial_state=h0,
+                output_final_state=True,
+                use_qk_l2norm_in_kernel=not qk_normalized,
+                cu_seqlens=t["cu_long"],
+                cu_seqlens_cpu=t["cu_cpu"],
+                chunk_indices=t["chunk_indices"],
+                chunk_size=FLA_CHUNK,
+            )
         state.index_copy_(0, meta.slot_ids, ht.to(state.dtype))
         return o.squeeze(0).to(v.dtype)
 
