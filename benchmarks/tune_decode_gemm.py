@@ -89,10 +89,10 @@ def search(label: str, cfgs: list[dict], run, ws: list[torch.Tensor], ref: torch
     rejects or whose output is off `ref` by 1% or more are skipped. The winner is timed twice, as the
     baselines are. (None, None) when nothing ran."""
 
+    consume = then if then is not None else (lambda y: y)
+
     def seconds(cfg: dict) -> float:
-        if then is None:
-            return graph_time([lambda w=w: run(w, cfg) for w in ws])
-        return graph_time([lambda w=w: then(run(w, cfg)) for w in ws])
+        return graph_time([lambda w=w: consume(run(w, cfg)) for w in ws])
 
     best, best_s = None, None
     for cfg in cfgs:
