@@ -632,15 +632,118 @@ def test_model_decode_with_split_k_sums_in_the_norms(tiny_ckpt_dir) -> None:
         assert torch.equal(fused, reduced)
 
 
-def test_norm_folded_into_the_gate_up_gemv_experiment() -> None:
-    """benchmarks/exp_norm_gemv.py (an experiment, not wired into the model): its kernel, the residual-add
-    RMSNorm computed in the gate|up GEMV's prologue, gives the two launches' residual stream exactly
-    and their activation within bf16 rounding."""
-    import importlib.util
-    from pathlib import Path
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("splits", [0, 1, 3])  # 0: the block output as a tensor
+@pytest.mark.parametrize("silu_mul", [False, True])
+def test_norm_gemm_equals_the_norm_then_the_gemm(m: int, splits: int, silu_mul: bool) -> None:
+    """norm_gemm (the residual-add RMSNorm folded into the GEMV) against its two launches, the fused
+    norm and then the product: the residual stream exactly, the product within bf16 rounding; K past
+    the last block's end, N past the last tile's, more tiles than programs."""
+    from model.backends.base import SplitKPartials
+    from model.backends.triton_kernels.gemm import decode_gemm
+    from model.backends.triton_kernels.norm_gemm import norm_gemm
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "exp_norm_gemv.py"
-    spec = importlib.util.spec_from_file_location("exp_norm_gemv", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.check()
+    backend, _ = _backends()
+    g = torch.Generator(DEVICE).manual_seed(m * 10 + splits)
+    k, n = 200, 72
+    rows = 2 * n if silu_mul else n
+    if splits:
+        x = SplitKPartials(torch.randn(splits, m, k, generator=g, device=DEVICE), DT)
+    else:
+        x = torch.randn(m, k, generator=g, device=DEVICE).to(DT)
+    residual = torch.randn(m, k, generator=g, device=DEVICE).to(DT)
+    norm_w = (1 + 0.1 * torch.randn(k, generator=g, device=DEVICE)).to(DT)
+    w = (torch.randn(rows, k, generator=g, device=DEVICE) * k**-0.5).to(DT)
+    y, s = norm_gemm(
+        x, residual, norm_w, w, 1e-6, silu_mul, block_n=16, block_k=64, num_stages=2, num_programs=3
+    )
+    normed, s_ref = backend.pointwise.rms_norm(x, norm_w, 1e-6, residual)
+    y_ref = decode_gemm(normed, w, silu_mul=silu_mul, block_n=16, block_k=64)
+    assert torch.equal(s, s_ref)
+    assert y.shape == (m, n) and y.dtype == DT
+    assert rel_err(y, y_ref) < TOL
+
+
+def test_backend_norm_linear_follows_the_gemm_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TritonBackend.norm_linear folds the norm into the GEMV where the table has a "norm_linear" /
+    "norm_silu_mul" entry for the shape and batch (and there is a residual to add), else runs the
+    norm and the product's own path; every way equals the torch backend's two steps."""
+    import model.backends.triton_backend as tb
+    from model.backends.gemm_table import DecodeGemmTable
+
+    calls: list[tuple[bool, dict]] = []
+    real = tb.norm_gemm
+
+    def spy(x, res, nw, w, eps, silu_mul=False, **cfg):
+        calls.append((silu_mul, cfg))
+        return real(x, res, nw, w, eps, silu_mul, **cfg)
+
+    monkeypatch.setattr(tb, "norm_gemm", spy)
+    backend, ref_backend = _backends()
+    cfg = {"block_n": 16, "block_k": 64, "num_stages": 2}
+    backend.gemm_table = DecodeGemmTable(
+        [
+            {"op": "norm_silu_mul", "N": 128, "K": 96, "max_m": 4, "config": cfg},
+            {"op": "norm_linear", "N": 80, "K": 96, "max_m": 2, "config": cfg},
+        ]
+    )
+    g = torch.Generator(DEVICE).manual_seed(5)
+    norm_w = (1 + 0.1 * torch.randn(96, generator=g, device=DEVICE)).to(DT)
+    gate_up = (torch.randn(128, 96, generator=g, device=DEVICE) * 0.1).to(DT)
+    proj = (torch.randn(80, 96, generator=g, device=DEVICE) * 0.1).to(DT)
+    cases = [(gate_up, True, m, m <= 4) for m in (1, 4, 8)] + [(proj, False, m, m <= 2) for m in (2, 3)]
+    for w, silu, m, fused in cases:
+        for with_residual in (True, False):
+            calls.clear()
+            x = torch.randn(m, 96, generator=g, device=DEVICE).to(DT)
+            res = torch.randn(m, 96, generator=g, device=DEVICE).to(DT) if with_residual else None
+            y, s = backend.norm_linear(x, res, norm_w, 1e-6, w, silu)
+            y_ref, s_ref = ref_backend.norm_linear(x, res, norm_w, 1e-6, w, silu)
+            assert calls == ([(silu, cfg)] if fused and with_residual else []), (m, silu, with_residual)
+            assert rel_err(s, s_ref) < 1e-6 and rel_err(y, y_ref) < TOL
+
+
+@torch.no_grad()
+def test_model_decode_with_norms_folded_into_the_gemvs(tiny_ckpt_dir) -> None:
+    """The tiny model's decode steps with "norm_linear" / "norm_silu_mul" entries for the GDN input
+    projection and the MLP gate|up: the norms before them run inside the GEMVs (every layer's MLP, every
+    GDN layer but a first one, which has no residual yet), and the hidden states and pool rows match
+    the unfused steps within bf16 tolerance."""
+    import model.backends.triton_backend as tb
+    from model.backends.gemm_table import DecodeGemmTable
+    from model.loader import load_model
+    from model.state import allocate_state
+
+    runs, fused_calls = [], []
+    real = tb.norm_gemm
+    for fold in (True, False):
+        model = load_model(tiny_ckpt_dir, dtype=DT, device=DEVICE, backend="triton")
+        text = model.config.text
+        layer = model.model.layers[text.gdn_layers[0]]
+        cfg = {"block_n": 16, "block_k": 64, "num_stages": 2}
+        entries = [
+            {"op": "norm_linear", "N": layer.self_attn.in_proj_weight.shape[0], "K": text.hidden_size},
+            {"op": "norm_silu_mul", "N": 2 * text.intermediate_size, "K": text.hidden_size},
+        ]
+        model.backend.gemm_table = DecodeGemmTable(
+            [{**e, "max_m": 4, "config": cfg} for e in entries] if fold else []
+        )
+        calls: list[bool] = []
+        tb.norm_gemm = lambda *a, seen=calls, **kw: seen.append(True) or real(*a, **kw)
+        try:
+            slots = [2, 0, 1]
+            state = allocate_state(text, 3, torch.float32, model.dtype, DEVICE)
+            hidden_states = []
+            for step in range(3):
+                ids = torch.tensor([7 + step, 40 + step, 90 + step], device=DEVICE)
+                pos = torch.full((3, 3), step, device=DEVICE)
+                meta = BatchMeta.build(slots, [1, 1, 1], [step] * 3, DEVICE)
+                hidden_states.append(model(ids, pos, meta, state))
+        finally:
+            tb.norm_gemm = real
+        fused_calls.append(len(calls))
+        runs.append([torch.cat(hidden_states), state.recurrent.clone(), state.key.clone()])
+    gdn_with_residual = sum(1 for i in text.gdn_layers if i > 0)
+    assert fused_calls == [3 * (text.num_hidden_layers + gdn_with_residual), 0]
+    for folded, unfolded in zip(*runs, strict=True):
+        assert rel_err(folded, unfolded) < TOL
