@@ -263,6 +263,7 @@ def section_decode(
     batches: list[int],
     compile_model: bool = False,
     copy_bw: float = COPY_BW,
+    copy_in_graph: bool = False,
 ) -> dict[str, Any]:
     from serving.cuda_graph import CudaGraphRunner
 
@@ -270,7 +271,13 @@ def section_decode(
     state = random_state(cfg, max_batch)
     t0 = time.perf_counter()
     graphs = CudaGraphRunner(
-        model, state, max_batch=max_batch, device=DEV, compile_model=compile_model, sizes=batches
+        model,
+        state,
+        max_batch=max_batch,
+        device=DEV,
+        compile_model=compile_model,
+        sizes=batches,
+        copy_in_graph=copy_in_graph,
     )
     capture_s = time.perf_counter() - t0
     lm_head = cfg.text.vocab_size * cfg.text.hidden_size * 2
@@ -573,6 +580,11 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=8192, help="prefill chunk (tokens per call)")
     ap.add_argument("--frames", type=int, default=20)
     ap.add_argument("--compile", action="store_true", help="torch.compile the decode forward before capture")
+    ap.add_argument(
+        "--copy-in-graph",
+        action="store_true",
+        help="decode graphs begin with the staging copy (CudaGraphRunner)",
+    )
     ap.add_argument("--commit", default="", help="commit to record (the device copy has no git history)")
     args = ap.parse_args()
     out = Path(args.out)
@@ -591,6 +603,7 @@ def main() -> None:
             "commit": commit or "unknown",
             "torch": torch.__version__,
             "sections": sections,
+            "copy_in_graph": args.copy_in_graph,
         }
     }
     cfg = load_cfg()
@@ -610,7 +623,7 @@ def main() -> None:
     model = build_model(cfg)
     if "decode" in sections:
         batches = [int(b) for b in args.batches.split(",")]
-        results["decode"] = section_decode(model, cfg, batches, args.compile, copy_bw)
+        results["decode"] = section_decode(model, cfg, batches, args.compile, copy_bw, args.copy_in_graph)
         save()
     if "prefill" in sections:
         results["prefill"] = section_prefill(model, cfg, args.chunk, matmul_flops)
