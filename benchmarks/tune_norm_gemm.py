@@ -49,6 +49,14 @@ def products() -> list[tuple[str, str, int, int]]:
     ]
 
 
+def balanced_programs(tiles: int, sms: int = 132) -> list[int]:
+    """Program counts that give every persistent program the same number of tiles (to one), from one
+    to two programs per SM (the tuned decode GEMM table's counts are of this kind: 115 programs for
+    344 tiles)."""
+    counts = {-(-tiles // r) for r in range(max(1, -(-tiles // (2 * sms))), -(-tiles // sms) + 1)}
+    return sorted(c for c in counts if c <= 2 * sms)
+
+
 def block_inputs(m: int, k: int, splits: int = 2, seed: int = 0):
     """An output projection's split-K partials, the residual stream and a norm weight."""
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -76,8 +84,12 @@ def tune(batches: list[int], out: Path) -> None:
             )
             y_ref, s_ref = backend.norm_linear(x, res, nw, 1e-6, ws[0], silu)
             best, best_s = None, None
-            for bn, bk, stages, progs in itertools.product((16, 32, 64), (128, 256), (3, 4), (132, 264)):
-                c = {"block_n": bn, "block_k": bk, "num_stages": stages, "num_programs": progs}
+            configs = [
+                {"block_n": bn, "block_k": 128, "num_stages": stages, "num_programs": progs}
+                for bn, stages in itertools.product((16, 32, 64), (4, 5))
+                for progs in balanced_programs(-(-(n // 2 if silu else n) // bn))
+            ]
+            for c in configs:
                 try:
                     y, s = norm_gemm(x, res, nw, ws[0], 1e-6, silu, **c)
                     err = ((y.float() - y_ref.float()).norm() / y_ref.float().norm()).item()
