@@ -6,9 +6,7 @@ the Triton kernels (`pdl`, triton_kernels/pdl.py), the M-RoPE cos/sin tables in 
 (`mrope`: off runs the plain code's dozen small kernels at the head of the step), the LM head's fp32
 logits stored by its GEMM (`fp32logits`: off writes bf16 logits and widens them in a copy), the split-K partial sums of the output projections
 added up inside the next residual-add RMSNorm instead of by a reduction kernel (`splitnorm`:
-`split_k_into_norm`), the block norms folded into the GEMVs after them (`normgemm`: on adds the
-"norm_linear" / "norm_silu_mul" entries of `--norm-table`, benchmarks/tune_norm_gemm.py's output, to
-the table; off runs the table without such entries) and decoder weights that cuBLAS multiplies stored
+`split_k_into_norm`) and decoder weights that cuBLAS multiplies stored
 transposed (`transposed`: [in, out] storage read through a `.t()` view, cuBLAS's "NN" kernels; the
 MLP gate|up, which the Triton GEMM reads row-major, and the LM head keep their layout). Graph-captured
 steps at context 1K for every on/off combination of the chosen switches, in rounds (every
@@ -16,7 +14,7 @@ combination once per round, three rounds), median per combination.
 
     python benchmarks/ab_decode.py --out DIR [--batches 1,8,64,128]
         [--switches gates,table,silu,pdl,mrope,fp32logits,splitnorm,transposed]
-        [--old-table PATH] [--norm-table PATH]
+        [--old-table PATH]
 """
 
 from __future__ import annotations
@@ -38,8 +36,7 @@ from model.backends.gemm_table import DecodeGemmTable
 from model.backends.triton_kernels import pdl
 from model.layers import mrope_cos_sin
 
-SWITCHES = ("gates", "table", "silu", "pdl", "mrope", "fp32logits", "splitnorm", "normgemm", "transposed")
-NORM_OPS = ("norm_linear", "norm_silu_mul")
+SWITCHES = ("gates", "table", "silu", "pdl", "mrope", "fp32logits", "splitnorm", "transposed")
 
 
 def backend_attrs(
@@ -47,12 +44,10 @@ def backend_attrs(
     table: DecodeGemmTable,
     old_table: DecodeGemmTable | None = None,
     pointwise=None,
-    norm_entries: list[dict] | None = None,
 ) -> dict:
     """Backend attributes that turn switches off (an absent key keeps the backend's own choice);
     `table` is the backend's own GEMM table; with `old_table`, "table" off means that table instead
-    of no linear entries; `pointwise` is the backend's own fused ops; "normgemm" on adds
-    `norm_entries` to the table, off removes every norm-folding entry."""
+    of no linear entries; `pointwise` is the backend's own fused ops."""
     attrs: dict = {}
     if not on.get("mrope", True):
         attrs["pointwise"] = copy.copy(pointwise)
@@ -65,11 +60,6 @@ def backend_attrs(
         table = table.without("silu_mul")
     if not on.get("splitnorm", True):
         attrs["split_k_into_norm"] = False
-    if "normgemm" in on:
-        for op in NORM_OPS:
-            table = table.without(op)
-        if on["normgemm"]:
-            table = table.extended(norm_entries or [])
     attrs["gemm_table"] = table
     return attrs
 
@@ -111,14 +101,8 @@ def main() -> None:
     ap.add_argument(
         "--old-table", help="GEMM table JSON that `table` off stands for (default: no linear entries)"
     )
-    ap.add_argument("--norm-table", help="norm-folding table entries that `normgemm` on adds (JSON)")
     args = ap.parse_args()
     old_table = DecodeGemmTable.load(Path(args.old_table)) if args.old_table else None
-    norm_entries = None
-    if args.norm_table:
-        norm_entries = [
-            e for e in json.loads(Path(args.norm_table).read_text())["entries"] if e["op"] in NORM_OPS
-        ]
     batches = [int(b) for b in args.batches.split(",")]
     names = args.switches.split(",")
     if not set(names) <= set(SWITCHES):
@@ -148,9 +132,7 @@ def main() -> None:
                 fp32_logits[0] = on.get("fp32logits", True)
                 with pdl_set(on.get("pdl")), transposed(model, on.get("transposed", False)):
                     times[c].append(
-                        graph_ms_with(
-                            model, step, **backend_attrs(on, table, old_table, pointwise, norm_entries)
-                        )
+                        graph_ms_with(model, step, **backend_attrs(on, table, old_table, pointwise))
                     )
         floor_ms = decode_floor_s(batch, 1024) * 1e3
         for c, ms in times.items():

@@ -44,24 +44,14 @@ class DecoderLayer(nn.Module):
         each residual add into the next norm lets a backend fuse the two (same roundings), and the
         output projections before those norms may leave their split-K sums to them (`partial`)."""
         ops = backend.pointwise
-        i, mixer, mlp = self.state_index, self.self_attn, self.mlp
-        norm = self.input_layernorm
-        if self.is_linear and mixer.in_proj_weight is not None:  # fused projections: the backend
-            # may fold the norm into the GEMM (Backend.norm_linear)
-            proj, residual = backend.norm_linear(h, residual, norm.weight, norm.eps, mixer.in_proj_weight)
-            a = mixer.mix(proj, meta, state.conv[i], state.recurrent[i], backend, partial=True)
+        x, residual = self.input_layernorm.add_forward(h, residual, ops)
+        i = self.state_index
+        if self.is_linear:
+            a = self.self_attn(x, meta, state.conv[i], state.recurrent[i], backend, partial=True)
         else:
-            x, residual = norm.add_forward(h, residual, ops)
-            if self.is_linear:
-                a = mixer(x, meta, state.conv[i], state.recurrent[i], backend, partial=True)
-            else:
-                a = mixer(x, rope, meta, state.key[i], state.value[i], backend, partial=True)
-        norm = self.post_attention_layernorm
-        if mlp.gate_up_weight is not None:
-            act, residual = backend.norm_linear(a, residual, norm.weight, norm.eps, mlp.gate_up_weight, True)
-            return mlp.down(act, backend, partial=True), residual
-        x, residual = norm.add_forward(a, residual, ops)
-        return mlp(x, backend, partial=True), residual
+            a = self.self_attn(x, rope, meta, state.key[i], state.value[i], backend, partial=True)
+        x, residual = self.post_attention_layernorm.add_forward(a, residual, ops)
+        return self.mlp(x, backend, partial=True), residual
 
 
 class TextModel(nn.Module):

@@ -20,14 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.backends.base import (
-    Backend,
-    GateInputs,
-    PointwiseOps,
-    SplitKPartials,
-    add_rms_norm,
-    gate_values,
-)
+from model.backends.base import Backend, GateInputs, PointwiseOps, SplitKPartials, gate_values
 from model.batch import BatchMeta
 from model.config import TextConfig
 
@@ -51,7 +44,12 @@ class RMSNorm(nn.Module):
         """(norm(s), s) with s = residual + x, the residual stream in x's dtype (s = x when residual
         is None); one fused kernel when the backend has pointwise ops, which also adds up x when it
         is a projection's split-K partials (`Backend.linear` with `partial`)."""
-        return add_rms_norm(ops, x, residual, self.weight, self.eps)
+        if ops is not None:
+            return ops.rms_norm(x, self.weight, self.eps, residual)
+        if isinstance(x, SplitKPartials):
+            x = x.total()
+        s = x if residual is None else residual + x
+        return self(s), s
 
 
 @torch.no_grad()
@@ -120,12 +118,6 @@ class MLP(nn.Module):
         else:
             gate = backend.linear(x, self.gate_proj.weight)
             act = F.silu(gate) * backend.linear(x, self.up_proj.weight)
-        return self.down(act, backend, partial)
-
-    def down(
-        self, act: torch.Tensor, backend: Backend, partial: bool = False
-    ) -> torch.Tensor | SplitKPartials:
-        """The down projection of the activation silu(gate) * up [N, intermediate]."""
         return backend.linear(act, self.down_proj.weight, partial=partial)
 
 
@@ -318,20 +310,8 @@ class GatedDeltaNet(nn.Module):
         backend: Backend,
         partial: bool = False,  # the output goes straight to a residual-add norm (Backend.linear)
     ) -> torch.Tensor | SplitKPartials:
+        n = x.shape[0]
         proj = _project(x, self.in_proj_weight, None, self._parts(), backend)  # [N, sum(split_sizes)]
-        return self.mix(proj, meta, conv_state, recurrent_state, backend, partial)
-
-    def mix(
-        self,
-        proj: torch.Tensor,  # [N, sum(split_sizes)] the input projection q|k|v|a|b|g of x
-        meta: BatchMeta,
-        conv_state: torch.Tensor,
-        recurrent_state: torch.Tensor,
-        backend: Backend,
-        partial: bool = False,
-    ) -> torch.Tensor | SplitKPartials:
-        """`forward` from the input projection on (the decoder block may compute it with its norm)."""
-        n = proj.shape[0]
         # column slices: rows keep stride proj.shape[1], unit stride on channels
         stream, a, b, z = proj.split(self.split_sizes, dim=-1)
         key_dim = self.num_heads * self.head_k_dim

@@ -72,7 +72,9 @@ class CudaGraphRunner:
         that `run_host` launches one graph and no separate copy (the copy call is 40-95 us of host time
         before the launch on the H100 machine). Only for a loop that issues a step after the previous
         one's tokens reached the host: there is one staging buffer, `run_host` takes no TokenPatch (async
-        scheduling) and `run` (device tensors) is not available.
+        scheduling) and `run` (device tensors) is not available. Off in the engine: on the H100 it
+        took 0.006-0.02 ms off a step issued onto an idle GPU and added 0.02-0.035 ms back to back
+        (benchmarks/ab_copy_in_graph.py, docs/benchmarks.md).
         """
         self.model = model
         # dynamic=False: one compile per captured size. dynamic=True gave wrong states with the in-place

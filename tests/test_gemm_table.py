@@ -52,29 +52,6 @@ def test_ops_are_looked_up_apart() -> None:
 def test_unknown_launch_keys_are_rejected() -> None:
     with pytest.raises(ValueError, match="block_q"):
         DecodeGemmTable([{"N": 1, "K": 1, "max_m": 1, "config": {"block_q": 3}}])
-    with pytest.raises(ValueError, match="split_k"):  # decode_gemm's key, not norm_gemm's
-        DecodeGemmTable([{"op": "norm_linear", "N": 1, "K": 1, "max_m": 1, "config": {"split_k": 2}}])
-
-
-def test_extended_adds_entries_and_replaces_their_shapes() -> None:
-    a, b, c = {"block_n": 64}, {"block_n": 32}, {"block_n": 16, "num_programs": 264}
-    table = DecodeGemmTable(
-        [
-            {"N": 10, "K": 20, "max_m": 8, "config": a},
-            {"op": "norm_linear", "N": 10, "K": 20, "max_m": 4, "config": b},
-        ]
-    )
-    more = table.extended(
-        [
-            {"op": "norm_linear", "N": 10, "K": 20, "max_m": 1, "config": c},
-            {"op": "norm_silu_mul", "N": 30, "K": 20, "max_m": 2, "config": None},
-        ]
-    )
-    assert more.lookup(1, 10, 20, False) == a  # untouched
-    assert more.lookup(1, 10, 20, False, op="norm_linear") == c
-    assert more.lookup(4, 10, 20, False, op="norm_linear") is None  # the old buckets are gone
-    assert more.lookup(2, 30, 20, False, op="norm_silu_mul") is None
-    assert len(more) == 3 and len(table) == 2  # the table itself is unchanged
 
 
 def test_cpu_gets_an_empty_table() -> None:

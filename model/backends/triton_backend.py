@@ -15,11 +15,10 @@ import torch
 import torch.nn.functional as F
 from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
-from model.backends.base import GateInputs, SplitKPartials, gate_values, linear_silu_mul, norm_linear
+from model.backends.base import GateInputs, SplitKPartials, gate_values, linear_silu_mul
 from model.backends.gemm_table import DecodeGemmTable, default_table
 from model.backends.triton_kernels.conv import conv_prefill, l2norm_args
 from model.backends.triton_kernels.gemm import DECODE_GEMM_MAX_M, decode_gemm
-from model.backends.triton_kernels.norm_gemm import NORM_GEMM_MAX_M, norm_gemm
 from model.backends.triton_kernels.ops import (
     TritonPointwise,
     conv_decode_call,
@@ -94,9 +93,10 @@ class TritonBackend:
         # output projections with split-K table entries leave their partial sums to the residual-add
         # RMSNorm after them (no reduction kernel); False: linear always reduces (A/B switch)
         self.split_k_into_norm = True
-        # prefill calls fla's forward below its public wrapper (where this fla has it): off until a
-        # GPU run has shown it bit-identical to the wrapper (test_gdn_prefill_direct_fla_call_...)
-        self.fla_direct = False
+        # prefill calls fla's forward below its public wrapper where this fla has it (bit-identical
+        # to the wrapper on the H100; a 256-token prefill step enqueues in 41 ms instead of 59.5,
+        # docs/benchmarks.md); False: always the public function (A/B switch)
+        self.fla_direct = True
 
     # --- host-built index tables for prefill (cached for the meta of the current call) ---
 
@@ -151,27 +151,6 @@ class TritonBackend:
         if cfg is not None:
             return decode_gemm(x, gate_up_weight, None, silu_mul=True, **cfg)
         return linear_silu_mul(self, x, gate_up_weight)
-
-    def norm_linear(
-        self,
-        x: torch.Tensor | SplitKPartials,
-        residual: torch.Tensor | None,
-        norm_weight: torch.Tensor,
-        eps: float,
-        weight: torch.Tensor,
-        silu_mul: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The residual-add norm folded into the GEMV (`norm_gemm`, one launch) where `gemm_table` has
-        a "norm_linear" / "norm_silu_mul" entry for the shape and batch; else the norm's launch and
-        the product's own path."""
-        cfg = None
-        m = residual.shape[0] if residual is not None else 0
-        if 0 < m <= NORM_GEMM_MAX_M and self.pointwise is not None and not torch.compiler.is_compiling():
-            op = "norm_silu_mul" if silu_mul else "norm_linear"
-            cfg = self.gemm_table.lookup(m, weight.shape[0], weight.shape[1], False, op=op)
-        if cfg is None:
-            return norm_linear(self, x, residual, norm_weight, eps, weight, silu_mul)
-        return norm_gemm(x, residual, norm_weight, weight, eps, silu_mul, **cfg)
 
     def qk_l2norm_in_conv(self, meta: BatchMeta) -> bool:
         """Prefill: the conv epilogue normalises q and k, so fla skips its l2norm pass (1.3% of an 8K
