@@ -1,7 +1,8 @@
 """Host cost of eager forwards at the real shape (CUDA only): every step that carries a prefill chunk runs
 without a CUDA graph, and its launch alone holds the host for tens of ms (docs/benchmarks.md), which is
 what the inter-token latency tails of the HTTP runs are made of.
-The prefill cases are timed again with fla's public wrapper (TritonBackend.fla_direct off).
+The prefill cases are then timed with fla's forward called directly and with its public wrapper
+(TritonBackend.fla_direct on and off) in alternating rounds, and the mixed step is profiled both ways.
 
 For each case: the host time to enqueue one forward (no wait), and the wall time from the first kernel's
 enqueue to the last kernel's end; a case whose enqueue time is close to its wall time is host-bound.
@@ -82,6 +83,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--cases", help="comma-separated case names to run (default: all)")
+    ap.add_argument("--ab-rounds", type=int, default=4, help="alternating rounds of the fla_direct A/B")
     args = ap.parse_args()
     cfg = load_cfg()
     model = build_model(cfg)
@@ -113,17 +115,29 @@ def main() -> None:
         r = time_case(step)
         res["cases"][name] = r
         print(f"{name}: host enqueue {r['host_enqueue_ms']:.1f} ms, wall {r['wall_ms']:.1f} ms", flush=True)
-    # A/B: fla's public wrapper instead of its forward called directly (TritonBackend.fla_direct)
+    # A/B: fla's public wrapper instead of its forward called directly (TritonBackend.fla_direct), in
+    # alternating rounds (the order of the two settings flips each round); median of the rounds' medians
     if model.backend.fla_direct:
-        model.backend.fla_direct = False
-        res["cases_fla_wrapper"] = {}
-        for name in [c for c in ("prefill 256", "mixed 64 + 512", "mixed 64 + 2048") if c in steps]:
-            r = time_case(steps[name])
-            res["cases_fla_wrapper"][name] = r
+        ab_cases = [c for c in ("prefill 256", "mixed 64 + 512", "mixed 64 + 2048") if c in steps]
+        rounds: dict = {flag: {name: [] for name in ab_cases} for flag in (True, False)}
+        for i in range(args.ab_rounds):
+            for flag in (True, False) if i % 2 == 0 else (False, True):
+                model.backend.fla_direct = flag
+                for name in ab_cases:
+                    rounds[flag][name].append(time_case(steps[name])["host_enqueue_ms"])
+        res["fla_direct_ab_host_enqueue_ms"] = {
+            "direct" if flag else "wrapper": per_case for flag, per_case in rounds.items()
+        }
+        for name in ab_cases:
+            on, off = (statistics.median(rounds[f][name]) for f in (True, False))
             print(
-                f"{name}, fla wrapper: host enqueue {r['host_enqueue_ms']:.1f} ms, wall {r['wall_ms']:.1f} ms"
+                f"{name}: host enqueue direct {on:.1f} ms, fla wrapper {off:.1f} ms ({args.ab_rounds} rounds)"
             )
-        model.backend.fla_direct = True
+        for flag in (False, True):  # the mixed step's profile with the wrapper, then direct
+            model.backend.fla_direct = flag
+            res[f"python_profile_mixed_64_512_{'direct' if flag else 'wrapper'}"] = python_profile(
+                steps["mixed 64 + 512"]
+            )
     prof = python_profile(steps["mixed 64 + 512"])
     res["python_profile_mixed_64_512"] = prof
     print(prof["tottime"][:6000])
