@@ -3,6 +3,8 @@ without a CUDA graph, and its launch alone holds the host for tens of ms (docs/b
 what the inter-token latency tails of the HTTP runs are made of.
 The prefill cases are then timed with fla's forward called directly and with its public wrapper
 (TritonBackend.fla_direct on and off) in alternating rounds, and the mixed step is profiled both ways.
+With --piecewise, the steps of up to 1024 tokens are also timed through the piecewise CUDA graphs
+(serving.piecewise_graph) against the eager forward.
 
 For each case: the host time to enqueue one forward (no wait), and the wall time from the first kernel's
 enqueue to the last kernel's end; a case whose enqueue time is close to its wall time is host-bound.
@@ -10,7 +12,7 @@ Then the Python functions that take the enqueue time of the mixed step (cProfile
 cumulative time), which says where the host goes: our model code, Triton's launcher, fla's wrappers or
 torch's dispatcher.
 
-    python benchmarks/profile_eager.py --out DIR
+    python benchmarks/profile_eager.py --out DIR [--cases ...] [--ab-rounds 4] [--piecewise]
 """
 
 from __future__ import annotations
@@ -78,12 +80,57 @@ def python_profile(step, top: int = 30) -> dict[str, str]:
     return out
 
 
+def piecewise_ab(model, state, cases: dict, rounds: int, sizes=(64, 256, 512, 1024)) -> dict:
+    """The steps with prefill rows of up to max(sizes) tokens through the piecewise CUDA graphs
+    (serving.piecewise_graph) against the eager forward, in alternating rounds: host enqueue and wall
+    ms (medians of the rounds' medians), the capture time and the memory the graphs hold."""
+    from serving.piecewise_graph import PiecewiseGraphRunner
+
+    torch.cuda.synchronize()
+    mem0, t0 = torch.cuda.memory_allocated(), time.perf_counter()
+    runner = PiecewiseGraphRunner(model, state, DEV, sizes=sizes)
+    out: dict = {
+        "sizes": list(sizes),
+        "capture_s": time.perf_counter() - t0,
+        "memory_mib": (torch.cuda.memory_allocated() - mem0) / 2**20,
+        "cases": {},
+    }
+    print(f"piecewise graphs: captured in {out['capture_s']:.1f} s, {out['memory_mib']:.0f} MiB", flush=True)
+    for name, (rows, tokens) in cases.items():
+        if tokens == 0 or not runner.can_run(rows + tokens):
+            continue
+        ids, pos, meta = case_inputs(rows, tokens)
+        ways = {
+            "eager": lambda ids=ids, pos=pos, meta=meta: model.forward(ids, pos, meta, state),
+            "piecewise": lambda ids=ids, pos=pos, meta=meta: runner.forward(ids, pos, meta),
+        }
+        got: dict = {w: {"host_enqueue_ms": [], "wall_ms": []} for w in ways}
+        for i in range(rounds):
+            for w in ways if i % 2 == 0 else reversed(list(ways)):
+                r = time_case(ways[w])
+                for key in ("host_enqueue_ms", "wall_ms"):
+                    got[w][key].append(r[key])
+        # the fresh prompt's rows (its state starts from zero in both, the decode rows' state moved on)
+        ref, new = ways["eager"]()[-tokens:].float(), ways["piecewise"]()[-tokens:].float()
+        err = ((new - ref).norm() / ref.norm()).item()
+        out["cases"][name] = {"rounds": got, "rel_err_hidden": err}
+        med = {w: {k: statistics.median(v) for k, v in got[w].items()} for w in got}
+        print(
+            f"{name}: host enqueue eager {med['eager']['host_enqueue_ms']:.1f} ms, piecewise "
+            f"{med['piecewise']['host_enqueue_ms']:.1f} ms; wall {med['eager']['wall_ms']:.1f} / "
+            f"{med['piecewise']['wall_ms']:.1f} ms; hidden rel err {err:.1e}",
+            flush=True,
+        )
+    return out
+
+
 @torch.inference_mode()
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--cases", help="comma-separated case names to run (default: all)")
-    ap.add_argument("--ab-rounds", type=int, default=4, help="alternating rounds of the fla_direct A/B")
+    ap.add_argument("--ab-rounds", type=int, default=4, help="alternating rounds of the A/Bs")
+    ap.add_argument("--piecewise", action="store_true", help="A/B of the piecewise CUDA graphs")
     args = ap.parse_args()
     cfg = load_cfg()
     model = build_model(cfg)
@@ -138,6 +185,8 @@ def main() -> None:
             res[f"python_profile_mixed_64_512_{'direct' if flag else 'wrapper'}"] = python_profile(
                 steps["mixed 64 + 512"]
             )
+    if args.piecewise:
+        res["piecewise"] = piecewise_ab(model, state, cases, args.ab_rounds)
     prof = python_profile(steps["mixed 64 + 512"])
     res["python_profile_mixed_64_512"] = prof
     print(prof["tottime"][:6000])

@@ -43,14 +43,52 @@ class DecoderLayer(nn.Module):
         """(mlp output, residual stream before it is added): the sum is this block's output. Deferring
         each residual add into the next norm lets a backend fuse the two (same roundings), and the
         output projections before those norms may leave their split-K sums to them (`partial`)."""
-        ops = backend.pointwise
-        x, residual = self.input_layernorm.add_forward(h, residual, ops)
+        mixer_in, residual = self.head(h, residual, rope, backend)
+        mid = self.mix(mixer_in, meta, state, backend)
+        return self.tail(mid, mixer_in, residual, backend)
+
+    # The block in three parts, so that a caller may run the stateless ones (head, tail) apart from the
+    # stateful one (mix), e.g. in CUDA graphs captured for a fixed number of tokens while the mix runs
+    # eagerly on the step's own tokens (serving.piecewise_graph). Every part works row by row.
+
+    def head(
+        self,
+        h: torch.Tensor | SplitKPartials,
+        residual: torch.Tensor | None,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        backend: Backend,
+    ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """The input norm (adding h to the residual stream) and the mixer's input projection: (the
+        mixer's inputs: (proj,) for Gated DeltaNet, (q, k, v) rotated for attention; the residual stream)."""
+        x, residual = self.input_layernorm.add_forward(h, residual, backend.pointwise)
+        if self.is_linear:
+            return (self.self_attn.project(x, backend),), residual
+        return self.self_attn.project(x, rope, backend), residual
+
+    def mix(
+        self, mixer_in: tuple[torch.Tensor, ...], meta: BatchMeta, state: StateTensors, backend: Backend
+    ) -> torch.Tensor:
+        """The mixer's stateful part on its inputs from `head`: the delta-rule output [N, H, d_v] or the
+        attention output [N, Hq, D]; this layer's pool rows of meta.slot_ids updated."""
         i = self.state_index
         if self.is_linear:
-            a = self.self_attn(x, meta, state.conv[i], state.recurrent[i], backend, partial=True)
+            return self.self_attn.recur(mixer_in[0], meta, state.conv[i], state.recurrent[i], backend)
+        return self.self_attn.attend(*mixer_in, meta, state.key[i], state.value[i], backend)
+
+    def tail(
+        self,
+        mid: torch.Tensor,
+        mixer_in: tuple[torch.Tensor, ...],
+        residual: torch.Tensor,
+        backend: Backend,
+    ) -> tuple[torch.Tensor | SplitKPartials, torch.Tensor]:
+        """The mixer's output projection (after the gated norm, for Gated DeltaNet, whose output gate
+        is in the projection `mixer_in`), the post-attention norm and the MLP: (mlp output, residual)."""
+        if self.is_linear:
+            a = self.self_attn.finish(mid, mixer_in[0], backend, partial=True)
         else:
-            a = self.self_attn(x, rope, meta, state.key[i], state.value[i], backend, partial=True)
-        x, residual = self.post_attention_layernorm.add_forward(a, residual, ops)
+            a = self.self_attn.finish(mid, backend, partial=True)
+        x, residual = self.post_attention_layernorm.add_forward(a, residual, backend.pointwise)
         return self.mlp(x, backend, partial=True), residual
 
 

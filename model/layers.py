@@ -203,6 +203,15 @@ class SlidingWindowAttention(nn.Module):
         backend: Backend,
         partial: bool = False,  # the output goes straight to a residual-add norm (Backend.linear)
     ) -> torch.Tensor | SplitKPartials:
+        q, k, v = self.project(x, rope, backend)
+        out = self.attend(q, k, v, meta, key_cache, value_cache, backend)
+        return self.finish(out, backend, partial)
+
+    def project(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], backend: Backend
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [N, Hq, D] and k [N, Hkv, D] rotated, v [N, Hkv, D]: row-strided views, unit stride on D
+        (the stateless part before the attention)."""
         n, hq, d = x.shape[0], self.num_heads, self.head_dim
         qkv = _project(x, self.qkv_weight, self.qkv_bias, self._parts(), backend)  # [N, (Hq + 2 Hkv) * D]
         qk_dim = (hq + self.num_kv_heads) * d
@@ -211,8 +220,26 @@ class SlidingWindowAttention(nn.Module):
         qk = apply_rope(qk, *rope) if backend.pointwise is None else backend.pointwise.rope(qk, *rope)
         q, k = qk[:, :hq], qk[:, hq:]  # head-strided views, unit stride on D
         v = qkv[:, qk_dim:].view(n, self.num_kv_heads, d)
-        out = backend.sliding_window_attention(q, k, v, meta, key_cache, value_cache, self.scale)
-        return backend.linear(out.reshape(n, -1), self.o_proj.weight, partial=partial)
+        return q, k, v
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: BatchMeta,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        backend: Backend,
+    ) -> torch.Tensor:
+        """The windowed attention over the slot rings [N, Hq, D] (the stateful part; rings updated)."""
+        return backend.sliding_window_attention(q, k, v, meta, key_cache, value_cache, self.scale)
+
+    def finish(
+        self, out: torch.Tensor, backend: Backend, partial: bool = False
+    ) -> torch.Tensor | SplitKPartials:
+        """The output projection of the attention output [N, Hq, D]."""
+        return backend.linear(out.reshape(out.shape[0], -1), self.o_proj.weight, partial=partial)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -310,10 +337,28 @@ class GatedDeltaNet(nn.Module):
         backend: Backend,
         partial: bool = False,  # the output goes straight to a residual-add norm (Backend.linear)
     ) -> torch.Tensor | SplitKPartials:
-        n = x.shape[0]
-        proj = _project(x, self.in_proj_weight, None, self._parts(), backend)  # [N, sum(split_sizes)]
+        proj = self.project(x, backend)
+        o = self.recur(proj, meta, conv_state, recurrent_state, backend)
+        return self.finish(o, proj, backend, partial)
+
+    def project(self, x: torch.Tensor, backend: Backend) -> torch.Tensor:
+        """The input projection q|k|v|a|b|g [N, sum(split_sizes)] (the stateless part before the
+        recurrence)."""
+        return _project(x, self.in_proj_weight, None, self._parts(), backend)
+
+    def recur(
+        self,
+        proj: torch.Tensor,  # [N, sum(split_sizes)] (any row stride, unit stride on channels)
+        meta: BatchMeta,
+        conv_state: torch.Tensor,
+        recurrent_state: torch.Tensor,
+        backend: Backend,
+    ) -> torch.Tensor:
+        """Short conv, gates and the delta rule: the output o [N, H, d_v] before the gated norm (the
+        stateful part; conv and recurrent state rows updated)."""
+        n = proj.shape[0]
         # column slices: rows keep stride proj.shape[1], unit stride on channels
-        stream, a, b, z = proj.split(self.split_sizes, dim=-1)
+        stream, a, b, _ = proj.split(self.split_sizes, dim=-1)
         key_dim = self.num_heads * self.head_k_dim
         value_dim = self.num_heads * self.head_v_dim
         norm_dim = self.head_k_dim if backend.qk_l2norm_in_conv(meta) else None
@@ -332,7 +377,15 @@ class GatedDeltaNet(nn.Module):
             g, beta = ops.gdn_gates(a, b, self.neg_exp_a, self.dt_bias_f32)
         else:
             g, beta = self.gates_from(a, b)
-        o = backend.gated_delta_rule(q, k, v, g, beta, meta, recurrent_state, norm_dim is not None, gates)
+        return backend.gated_delta_rule(q, k, v, g, beta, meta, recurrent_state, norm_dim is not None, gates)
+
+    def finish(
+        self, o: torch.Tensor, proj: torch.Tensor, backend: Backend, partial: bool = False
+    ) -> torch.Tensor | SplitKPartials:
+        """The gated output norm of o [N, H, d_v] with z from the projection, then the output projection."""
+        n = o.shape[0]
+        z = proj[:, proj.shape[1] - self.split_sizes[-1] :]
+        ops = backend.pointwise if self.neg_exp_a is not None else None
         if ops is not None:
             normed = ops.gated_rms_norm(o, z, self.o_norm_weight_f32, self.norm_eps)
         else:

@@ -71,13 +71,18 @@ def build_engine(config: EngineConfig, metrics: Any = None) -> EngineStack:
         memory_budget_bytes=budget,
     )
     pool = StatePool(text, layout, device)
-    graphs = None
+    graphs = piecewise = None
     backend_name = getattr(model.backend, "name", "torch")
     if device.type == "cuda" and not config.enforce_eager and backend_name != "torch":
         from serving.cuda_graph import CudaGraphRunner
 
         graphs = CudaGraphRunner(model, pool.state, layout.num_slots, device)
-    runner = ModelRunner(model, pool, device, graphs=graphs)
+        if config.piecewise_graphs:
+            from serving.piecewise_graph import DEFAULT_SIZES, PiecewiseGraphRunner
+
+            sizes = [s for s in DEFAULT_SIZES if s <= config.max_num_batched_tokens]
+            piecewise = PiecewiseGraphRunner(model, pool.state, device, sizes=sizes) if sizes else None
+    runner = ModelRunner(model, pool, device, graphs=graphs, piecewise=piecewise)
     core = EngineCore(
         config, runner, pool, processor.tokenizer, eos_token_ids(Path(model_dir), text), metrics=metrics
     )

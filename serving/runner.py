@@ -86,12 +86,15 @@ class RequestFault(Exception):
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, pool: StatePool, device: torch.device, graphs=None) -> None:
+    def __init__(
+        self, model: torch.nn.Module, pool: StatePool, device: torch.device, graphs=None, piecewise=None
+    ) -> None:
         self.model = model
         self.pool = pool
         self.device = device
         self.sampler = Sampler()
         self.graphs = graphs  # serving.cuda_graph.CudaGraphRunner or None
+        self.piecewise = piecewise  # serving.piecewise_graph.PiecewiseGraphRunner or None
         self.image_token_id = model.config.text.image_token_id
         self.video_token_id = model.config.text.video_token_id
         self.vision_seconds = 0.0  # accumulated encoder time, read and reset by the engine for metrics
@@ -132,7 +135,10 @@ class ModelRunner:
                 device=self.device,
             )
             embeds = self._embeds(batch, reqs, input_ids)
-            hidden = self.model.forward(input_ids, positions, meta, self.pool.state, inputs_embeds=embeds)
+            if self.piecewise is not None and self.piecewise.can_run(input_ids.shape[0]):
+                hidden = self.piecewise.forward(input_ids, positions, meta, inputs_embeds=embeds)
+            else:
+                hidden = self.model.forward(input_ids, positions, meta, self.pool.state, inputs_embeds=embeds)
             self._score_prompts(batch, reqs, hidden)
             which = [i for i, r in enumerate(batch.rows) if r.is_sampled]
             last = meta.logits_indices[upload_values(which, self.device, torch.int64)]

@@ -216,3 +216,45 @@ def test_engine_with_async_scheduling_gives_the_sequential_tokens(tiny_ckpt_dir)
         del llm
     assert all(len(o[0]) == 24 for o in outs[True])
     assert outs[True] == outs[False]
+
+
+@pytest.mark.parametrize("use_pdl", [False, True])
+def test_piecewise_graphs_equal_eager_and_padding_is_confined(gpu_model, use_pdl: bool) -> None:
+    """Steps with prefill rows through the piecewise CUDA graphs (serving.piecewise_graph): the
+    stateless segments replayed at a padded size, the mixes eager on the step's own tokens. Hidden
+    states and the pool rows of the batch equal the eager forward's within bf16 noise, over steps of
+    several sizes (a larger one first, so padding rows hold stale values); every other row stays NaN."""
+    from model.backends.triton_kernels import pdl
+    from serving.piecewise_graph import PiecewiseGraphRunner
+
+    model = gpu_model
+    vocab = model.config.text.vocab_size
+    num_slots = 8
+    state = allocate_state(model.config.text, num_slots, torch.float32, model.dtype, DEV)
+    for t in (state.recurrent, state.conv, state.key, state.value):
+        t.fill_(float("nan"))
+    saved = pdl.ENABLED
+    pdl.ENABLED = use_pdl and pdl.supported()
+    try:
+        runner = PiecewiseGraphRunner(model, state, DEV, sizes=(16, 64, 128))
+        eager_state = _clone(state)
+        slots = [5, 1, 6, 2]
+        ctx = [0, 0, 0, 0]
+        for step, lens in enumerate(([100, 20, 1, 5], [30, 1, 1, 1], [1, 7, 1, 3], [1, 1, 1, 1])):
+            ids = torch.cat(_prompts(vocab, lens, step)).to(DEV)
+            pos = _positions(ctx, lens)
+            with torch.inference_mode():
+                meta = BatchMeta.build(slots, lens, ctx, DEV)
+                ref = model.forward(ids, pos, meta, eager_state)
+                out = runner.forward(ids, pos, meta)
+            assert out.shape == ref.shape and torch.isfinite(out).all()
+            assert rel_err(out, ref) < 1e-2, step
+            ctx = [c + n for c, n in zip(ctx, lens, strict=True)]
+        others = [s for s in range(num_slots) if s not in slots]
+        for name in ("recurrent", "conv", "key", "value"):
+            t, e = getattr(state, name), getattr(eager_state, name)
+            assert torch.isnan(t[:, others].float()).all(), f"{name}: a non-participating slot changed"
+            assert rel_err(t[:, slots], e[:, slots]) < 1e-2, name
+        assert not runner.can_run(129)
+    finally:
+        pdl.ENABLED = saved
