@@ -42,6 +42,10 @@ DEFAULT_SIZES = (64, 128, 256, 512, 1024)
 
 
 class PiecewiseGraphRunner:
+    """Runs model.forward for steps of up to max(sizes) tokens as L + 1 graph replays (one per padded
+    size) with the L stateful mixes between them; see the module docstring. One instance per model and
+    state pool; `forward` is not re-entrant (the buffers are shared by every call)."""
+
     def __init__(
         self,
         model: torch.nn.Module,
