@@ -32,7 +32,7 @@ from api.protocol import (
     TopLogprob,
     UsageInfo,
 )
-from api.sse import DONE, data_event
+from api.sse import DONE, ChunkTemplate, data_event
 from serving.types import Delta, EngineClient, GenerateRequest, LogprobEntry
 
 MIN_LOGPROB = -9999.0  # OpenAI's stand-in for "very unlikely" (JSON has no -inf)
@@ -382,6 +382,12 @@ async def chat_stream(
         )
         return data_event(c, exclude)
 
+    # content chunks without logprobs or running usage: by concatenation (the same bytes)
+    fast = None
+    if not spec.want_logprobs and spec.usage(results) is None:
+        fast = ChunkTemplate.of(
+            chunk(ChatChunkChoice(index=0, delta=DeltaMessage(content=ChunkTemplate.TEXT)))
+        )
     finished = False
     try:
         for i in range(spec.n):
@@ -391,7 +397,9 @@ async def chat_stream(
             if d.finish_reason == "error":
                 yield _error_event(d)
                 return
-            if d.text or d.logprobs:
+            if (d.text or d.logprobs) and fast is not None:
+                yield fast.render(d.index, d.text)
+            elif d.text or d.logprobs:
                 lp = chat_logprobs(d.logprobs or ()) if spec.want_logprobs else None
                 yield chunk(ChatChunkChoice(index=d.index, delta=DeltaMessage(content=d.text), logprobs=lp))
             if d.finish_reason is not None:
@@ -428,6 +436,11 @@ async def completion_stream(
     results = [ChoiceResult(i) for i in range(spec.n)]
     offsets = [0] * spec.n
     echo = list(spec.prefixes)  # consumed by each choice's first chunk
+    # chunks without logprobs, finish reason or running usage: by concatenation (the same bytes)
+    fast = None
+    if not spec.want_logprobs and spec.usage(results) is None:
+        probe = CompletionChoice(index=0, text=ChunkTemplate.TEXT, logprobs=None, finish_reason=None)
+        fast = ChunkTemplate.of(chunk([probe]))
     finished = False
     try:
         async for d in deltas:
@@ -442,6 +455,9 @@ async def completion_stream(
             lp = legacy_logprobs(entries, offsets[d.index]) if spec.want_logprobs else None
             offsets[d.index] += len(text)
             reason = openai_finish_reason(d.finish_reason)
+            if fast is not None and reason is None:
+                yield fast.render(d.index, text)
+                continue
             choice = CompletionChoice(index=d.index, text=text, logprobs=lp, finish_reason=reason)
             yield chunk([choice], spec.usage(results))
         finished = True
