@@ -285,3 +285,55 @@ def test_engine_counts_eager_and_graph_steps(tiny_ckpt_dir, monkeypatch):
     llm.generate(["count"], params)
     assert value(llm.core.metrics, "infinitevl:engine_steps_total", mode="eager") == 1
     assert value(llm.core.metrics, "infinitevl:engine_steps_total", mode="cuda_graph") == 4
+
+
+def test_observe_many_equals_observing_one_by_one() -> None:
+    """observe_many (a finished request's token intervals in one go) leaves every bucket and the count
+    as observing each value does, the sum within float rounding; values on a bucket edge land in it,
+    past the last finite edge in +Inf, and a NaN in none (as observe)."""
+    import random
+
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from serving.metrics import ITL_BUCKETS, observe_many
+
+    rng = random.Random(1)
+    values = [rng.random() * 0.3 for _ in range(500)] + list(ITL_BUCKETS) + [0.0, 100.0]
+    for extra in ([], [float("nan")]):
+        rendered = []
+        for bulk in (False, True):
+            reg = CollectorRegistry()
+            child = Histogram("h", "d", ["m"], buckets=ITL_BUCKETS, registry=reg).labels("x")
+            if bulk:
+                observe_many(child, values + extra)
+            else:
+                for v in values + extra:
+                    child.observe(v)
+            samples = [s for f in reg.collect() for s in f.samples if not s.name.endswith("_created")]
+            rendered.append({s.name + s.labels.get("le", ""): s.value for s in samples})
+        one, many = rendered
+        assert one.keys() == many.keys()
+        for key in one:
+            if key == "h_sum":
+                assert (
+                    (one[key] != one[key] and many[key] != many[key])
+                    if extra
+                    else many[key] == pytest.approx(one[key])
+                )
+            else:
+                assert one[key] == many[key], key
+        assert one["h_count"] == len(values)
+
+
+def test_observe_many_falls_back_without_the_histogram_fields() -> None:
+    from serving.metrics import observe_many
+
+    class Plain:
+        seen: list[float] = []
+
+        def observe(self, v: float) -> None:
+            self.seen.append(v)
+
+    p = Plain()
+    observe_many(p, [0.1, 0.2])
+    assert p.seen == [0.1, 0.2]
