@@ -80,8 +80,14 @@ def build_engine(config: EngineConfig, metrics: Any = None) -> EngineStack:
         if config.piecewise_graphs:
             from serving.piecewise_graph import DEFAULT_SIZES, PiecewiseGraphRunner
 
-            sizes = [s for s in DEFAULT_SIZES if s <= config.max_num_batched_tokens]
-            piecewise = PiecewiseGraphRunner(model, pool.state, device, sizes=sizes) if sizes else None
+            top = min(config.max_num_batched_tokens, DEFAULT_SIZES[-1])  # no step is larger than the budget
+            sizes = [s for s in DEFAULT_SIZES if s < top] + [top]
+            piecewise = PiecewiseGraphRunner(model, pool.state, device, sizes=sizes)
+    elif config.piecewise_graphs:
+        logger.warning(
+            "--piecewise-graphs needs CUDA graphs (a CUDA device, the Triton backend, no --enforce-eager): "
+            "every step runs eagerly"
+        )
     runner = ModelRunner(model, pool, device, graphs=graphs, piecewise=piecewise)
     core = EngineCore(
         config, runner, pool, processor.tokenizer, eos_token_ids(Path(model_dir), text), metrics=metrics

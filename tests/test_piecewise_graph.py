@@ -124,3 +124,14 @@ def test_engine_steps_through_the_segments_generate_the_same_tokens(tiny_ckpt_di
         if piecewise:
             assert len(used) > 3 and max(used) > 8  # every step with prefill rows went through them
     assert runs[0] == runs[1]
+
+
+def test_piecewise_flag_without_cuda_graphs_warns_and_runs_eagerly(tiny_ckpt_dir, caplog) -> None:
+    import logging
+
+    from serving.llm import LLM
+
+    with caplog.at_level(logging.WARNING, logger="serving.build"):
+        llm = LLM(str(tiny_ckpt_dir), device="cpu", dtype="float32", piecewise_graphs=True)
+    assert llm.core.runner.piecewise is None
+    assert any("--piecewise-graphs needs CUDA graphs" in r.getMessage() for r in caplog.records)
