@@ -172,15 +172,23 @@ class InfiniteVLForCausalLM(nn.Module):
         inputs_embeds: torch.Tensor | None = None,  # [N, hidden]; replaces embed(input_ids) if given
     ) -> torch.Tensor:
         """Final-norm hidden states [N, hidden] of every packed token; updates `state` in place."""
-        cfg = self.config.text
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.to(self.dtype)
-        pw = self.backend.pointwise
-        rope = (mrope_cos_sin if pw is None else pw.mrope_cos_sin)(
-            positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, h.dtype
-        )
+        rope = self.rope_tables(positions, h.dtype)
         residual = None
         for layer in self.model.layers:
             h, residual = layer(h, residual, rope, meta, state, self.backend)
+        return self.final_norm(h, residual)
+
+    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The M-RoPE cos/sin tables [N, head_dim] in `dtype` of positions [3, N]: the backend's fused op,
+        or the plain code."""
+        cfg, pw = self.config.text, self.backend.pointwise
+        return (mrope_cos_sin if pw is None else pw.mrope_cos_sin)(
+            positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, dtype
+        )
+
+    def final_norm(self, h: torch.Tensor | SplitKPartials, residual: torch.Tensor | None) -> torch.Tensor:
+        """The final RMSNorm of the last block's output h added to the residual stream [N, hidden]."""
         return self.model.norm.add_forward(h, residual, self.backend.pointwise)[0]
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

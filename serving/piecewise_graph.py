@@ -33,7 +33,6 @@ from collections.abc import Callable
 import torch
 
 from model.batch import BatchMeta
-from model.layers import mrope_cos_sin
 from model.state import StateTensors
 
 logger = logging.getLogger(__name__)
@@ -121,18 +120,10 @@ class PiecewiseGraphRunner:
     def _segment(self, k: int, n: int) -> Callable[[], None]:
         """Segment k for n rows: layer k-1's tail (k > 0), then layer k's head (k < L) or the final norm."""
         backend, layers = self.backend, self.layers
-        text = self.model.config.text
 
         def run() -> None:
             if k == 0:
-                pw = backend.pointwise
-                cos, sin = (mrope_cos_sin if pw is None else pw.mrope_cos_sin)(
-                    self.positions[:, :n],
-                    text.head_dim,
-                    text.rope_theta,
-                    text.mrope_section,
-                    self.embeds.dtype,
-                )
+                cos, sin = self.model.rope_tables(self.positions[:, :n], self.embeds.dtype)
                 self.rope[0][:n].copy_(cos)
                 self.rope[1][:n].copy_(sin)
                 h, residual = self.embeds[:n], None
@@ -142,7 +133,7 @@ class PiecewiseGraphRunner:
                     self._mid(prev, n), self._mixer_in(prev, n), self.residual[:n], backend
                 )
             if k == len(layers):
-                self.hidden[:n].copy_(self.model.model.norm.add_forward(h, residual, backend.pointwise)[0])
+                self.hidden[:n].copy_(self.model.final_norm(h, residual))
                 return
             layer = layers[k]
             mixer_in, residual = layer.head(h, residual, (self.rope[0][:n], self.rope[1][:n]), backend)
