@@ -24,6 +24,7 @@ import json
 import pstats
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -61,6 +62,18 @@ def time_case(step, reps: int = 5) -> dict[str, float]:
         b.synchronize()
         wall.append(a.elapsed_time(b))
     return {"host_enqueue_ms": statistics.median(host), "wall_ms": statistics.median(wall)}
+
+
+def alternating_rounds(ways: dict[str, Callable[[], dict[str, float]]], rounds: int) -> dict[str, dict]:
+    """Each way's timings (a `time_case` dict per call) over `rounds` rounds, the order of the ways
+    reversed every other round: {way: {key: [one value per round]}}."""
+    got: dict[str, dict[str, list[float]]] = {w: {} for w in ways}
+    names = list(ways)
+    for i in range(rounds):
+        for w in names if i % 2 == 0 else names[::-1]:
+            for key, value in ways[w]().items():
+                got[w].setdefault(key, []).append(value)
+    return got
 
 
 def python_profile(step, top: int = 30) -> dict[str, str]:
@@ -104,12 +117,7 @@ def piecewise_ab(model, state, cases: dict, rounds: int, sizes=(64, 256, 512, 10
             "eager": lambda ids=ids, pos=pos, meta=meta: model.forward(ids, pos, meta, state),
             "piecewise": lambda ids=ids, pos=pos, meta=meta: runner.forward(ids, pos, meta),
         }
-        got: dict = {w: {"host_enqueue_ms": [], "wall_ms": []} for w in ways}
-        for i in range(rounds):
-            for w in ways if i % 2 == 0 else reversed(list(ways)):
-                r = time_case(ways[w])
-                for key in ("host_enqueue_ms", "wall_ms"):
-                    got[w][key].append(r[key])
+        got = alternating_rounds({w: lambda f=f: time_case(f) for w, f in ways.items()}, rounds)
         # the fresh prompt's rows (its state starts from zero in both, the decode rows' state moved on)
         ref, new = ways["eager"]()[-tokens:].float(), ways["piecewise"]()[-tokens:].float()
         err = ((new - ref).norm() / ref.norm()).item()
@@ -165,18 +173,22 @@ def main() -> None:
     # A/B: fla's public wrapper instead of its forward called directly (TritonBackend.fla_direct), in
     # alternating rounds (the order of the two settings flips each round); median of the rounds' medians
     if model.backend.fla_direct:
-        ab_cases = [c for c in ("prefill 256", "mixed 64 + 512", "mixed 64 + 2048") if c in steps]
-        rounds: dict = {flag: {name: [] for name in ab_cases} for flag in (True, False)}
-        for i in range(args.ab_rounds):
-            for flag in (True, False) if i % 2 == 0 else (False, True):
+
+        def timed_with(flag: bool, step) -> Callable[[], dict[str, float]]:
+            def run() -> dict[str, float]:
                 model.backend.fla_direct = flag
-                for name in ab_cases:
-                    rounds[flag][name].append(time_case(steps[name])["host_enqueue_ms"])
-        res["fla_direct_ab_host_enqueue_ms"] = {
-            "direct" if flag else "wrapper": per_case for flag, per_case in rounds.items()
-        }
-        for name in ab_cases:
-            on, off = (statistics.median(rounds[f][name]) for f in (True, False))
+                return time_case(step)
+
+            return run
+
+        res["fla_direct_ab"] = {}
+        for name in [c for c in ("prefill 256", "mixed 64 + 512", "mixed 64 + 2048") if c in steps]:
+            got = alternating_rounds(
+                {"direct": timed_with(True, steps[name]), "wrapper": timed_with(False, steps[name])},
+                args.ab_rounds,
+            )
+            res["fla_direct_ab"][name] = got
+            on, off = (statistics.median(got[w]["host_enqueue_ms"]) for w in ("direct", "wrapper"))
             print(
                 f"{name}: host enqueue direct {on:.1f} ms, fla wrapper {off:.1f} ms ({args.ab_rounds} rounds)"
             )
