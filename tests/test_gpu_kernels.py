@@ -408,6 +408,47 @@ def test_decode_gemm_silu_mul(m: int, inter: int, k: int, cfg: dict) -> None:
         decode_gemm(x, w, None, split_k=2, silu_mul=True)
 
 
+@pytest.mark.parametrize(
+    "m,n,c,cfg",
+    [
+        (1, 300, 200, {"block_n": 64}),  # a tile straddling the end of the conv stream, a ragged last one
+        (4, 256, 256, {"block_n": 32, "num_programs": 3}),  # every column convolved, units per program
+        (6, 192, 96, {"block_n": 64, "flatten": False, "num_warps": 8}),
+        (3, 160, 64, {"block_n": 32, "tma": True}),  # tma asked for: the pointer-load kernel runs
+    ],
+)
+def test_decode_gemm_conv_epilogue_equals_projection_then_conv(m: int, n: int, c: int, cfg: dict) -> None:
+    """conv=: the first C columns equal conv_decode of the plain launch's product, the others that
+    product; the rows' conv states shift as conv_decode shifts them (fresh sequences read no history);
+    no other pool row is touched."""
+    from model.backends.triton_kernels.conv import conv_decode
+    from model.backends.triton_kernels.gemm import ConvEpilogue, decode_gemm
+
+    g = torch.Generator(DEVICE).manual_seed(m * 100 + c)
+    x = torch.randn(m, 256, generator=g, device=DEVICE).to(DT)
+    w = (torch.randn(n, 256, generator=g, device=DEVICE) * 0.1).to(DT)
+    cw = (torch.randn(c, 4, generator=g, device=DEVICE) * 0.5).to(DT)
+    num_slots = m + 2
+    slots = torch.randperm(num_slots, generator=g)[:m].to(DEVICE)
+    ctx = torch.tensor([0, 7, 1, 0, 300, 2][:m], device=DEVICE, dtype=torch.int32)
+    pool = _pool((c, 4), num_slots, DT, slots.tolist(), ctx.tolist())
+    pool_ref = pool.clone()
+    plain = decode_gemm(x, w, None, block_k=128, **cfg)
+    conv_ref = conv_decode(plain[:, :c].contiguous(), cw, pool_ref, slots, ctx)
+    out = decode_gemm(x, w, None, block_k=128, conv=ConvEpilogue(cw, pool, slots, ctx), **cfg)
+    assert out.shape == (m, n) and out.dtype == DT
+    assert torch.equal(out[:, c:], plain[:, c:])
+    assert rel_err(out[:, :c], conv_ref) < (1e-2 if HAS_CUDA else 1e-6)
+    assert torch.equal(pool[slots], pool_ref[slots])  # shifted copies of the rounded product
+    _compare_pools(pool, pool_ref, slots.tolist(), 1e-9)
+    bad = ConvEpilogue(cw, pool, slots, ctx)
+    with pytest.raises(ValueError, match="conv takes"):
+        decode_gemm(x, w, None, split_k=2, conv=bad)
+    other_dtype = pool.to(torch.float16 if pool.dtype != torch.float16 else torch.float32)
+    with pytest.raises(ValueError, match="conv state"):
+        decode_gemm(x, w, None, conv=bad._replace(state=other_dtype))
+
+
 def test_pdl_only_in_captures_and_warmups() -> None:
     """Eager launches never carry the PDL attribute (it doubles their host cost); launches inside
     `warmup()` do, as captured ones would; nothing does with PDL off."""
@@ -630,3 +671,64 @@ def test_model_decode_with_split_k_sums_in_the_norms(tiny_ckpt_dir) -> None:
         assert sum(deferred) == (2 * text.num_hidden_layers * 4 if into_norm else 0)
     for fused, reduced in zip(*runs, strict=True):
         assert torch.equal(fused, reduced)
+
+
+@torch.no_grad()
+def test_model_decode_with_the_conv_in_the_input_projection(tiny_ckpt_dir) -> None:
+    """The tiny model on the Triton backend with a "linear_conv" entry for its GDN input projection:
+    decode steps run the conv in the projection's epilogue (one fused launch per GDN layer and step,
+    never in a prefill step) and give the hidden states and pool rows of the projection followed by
+    the conv kernel."""
+    from model.backends.gemm_table import DecodeGemmTable
+    from model.backends.triton_kernels import gemm
+    from model.loader import load_model
+    from model.state import allocate_state
+
+    runs, fused_calls = [], []
+    for fuse in (True, False):
+        model = load_model(tiny_ckpt_dir, dtype=DT, device=DEVICE, backend="triton")
+        text = model.config.text
+        gdn = model.model.layers[text.gdn_layers[0]].self_attn
+        n, k = gdn.in_proj_weight.shape
+        cfg = {"block_n": 32, "block_k": 32, "num_programs": 5}
+        entries = [{"op": "linear", "N": n, "K": k, "max_m": 4, "config": cfg}]
+        if fuse:
+            entries.append({"op": "linear_conv", "N": n, "K": k, "max_m": 4, "config": cfg})
+        model.backend.gemm_table = DecodeGemmTable(entries)
+        calls = []
+        real = gemm.decode_gemm
+
+        def spy(*args, conv=None, seen=calls, f=real, **kw):
+            seen.append(conv is not None)
+            return f(*args, conv=conv, **kw)
+
+        slots = [2, 0, 1]
+        state = allocate_state(text, 3, torch.float32, model.dtype, DEVICE)
+        hidden_states = []
+        # a prefill step first where fla's kernels can run (not in the interpreter): decode from fresh
+        lens = [1, 1, 1] if INTERPRET else [3, 1, 2]
+        import model.backends.triton_backend as tb
+
+        tb.decode_gemm = spy
+        try:
+            if not INTERPRET:
+                ids = torch.arange(5, 5 + sum(lens), device=DEVICE)
+                pos = torch.cat([torch.arange(n_) for n_ in lens]).to(DEVICE).expand(3, -1)
+                meta = BatchMeta.build(slots, lens, [0, 0, 0], DEVICE)
+                hidden_states.append(model(ids, pos, meta, state))
+                assert not any(calls), "a prefill step took the fused projection"
+            for step in range(3):
+                ids = torch.tensor([7 + step, 40 + step, 90 + step], device=DEVICE)
+                ctx = [(0 if INTERPRET else c) + step for c in lens]
+                pos = torch.tensor(ctx, device=DEVICE).expand(3, -1)
+                hidden_states.append(model(ids, pos, BatchMeta.build(slots, [1, 1, 1], ctx, DEVICE), state))
+        finally:
+            tb.decode_gemm = real
+        fused_calls.append(sum(calls))
+        runs.append(
+            [torch.cat(hidden_states)]
+            + [t.clone() for t in (state.recurrent, state.conv, state.key, state.value)]
+        )
+    assert fused_calls == [3 * len(text.gdn_layers), 0]
+    for fused, plain in zip(*runs, strict=True):
+        assert rel_err(fused, plain) < (TOL if HAS_CUDA else 1e-6)
