@@ -11,13 +11,12 @@ transposed (`transposed`: [in, out] storage read through a `.t()` view, cuBLAS's
 MLP gate|up, which the Triton GEMM reads row-major, and the LM head keep their layout) and the GDN
 input projections with the short conv in their epilogue (`convproj`: the table's "linear_conv"
 entries, or, where it has none, entries made from the Triton configs tuned for the plain projection;
-off: the projection and the conv kernel) and the residual-add norms run by the last program of the
-output projections' GEMMs (`normgemm`: `norm_in_gemm_max_m` 4; off: 0, the norm's own kernel). Graph-captured
+off: the projection and the conv kernel). Graph-captured
 steps at context 1K for every on/off combination of the chosen switches, in rounds (every
 combination once per round, three rounds), median per combination.
 
     python benchmarks/ab_decode.py --out DIR [--batches 1,8,64,128]
-        [--switches gates,table,silu,pdl,mrope,fp32logits,splitnorm,transposed,convproj,normgemm]
+        [--switches gates,table,silu,pdl,mrope,fp32logits,splitnorm,transposed,convproj]
         [--old-table PATH]
 """
 
@@ -40,9 +39,7 @@ from model.backends.gemm_table import TABLE_SM90, DecodeGemmTable
 from model.backends.triton_kernels import pdl
 from model.layers import mrope_cos_sin
 
-SWITCHES = (
-    "gates", "table", "silu", "pdl", "mrope", "fp32logits", "splitnorm", "transposed", "convproj", "normgemm",
-)  # fmt: skip
+SWITCHES = ("gates", "table", "silu", "pdl", "mrope", "fp32logits", "splitnorm", "transposed", "convproj")
 
 
 def backend_attrs(
@@ -66,8 +63,6 @@ def backend_attrs(
         table = table.without("silu_mul")
     if not on.get("convproj", True):
         table = table.without("linear_conv")
-    if "normgemm" in on:
-        attrs["norm_in_gemm_max_m"] = 4 if on["normgemm"] else 0
     if not on.get("splitnorm", True):
         attrs["split_k_into_norm"] = False
     attrs["gemm_table"] = table

@@ -46,7 +46,7 @@ class RMSNorm(nn.Module):
         is a projection's split-K partials (`Backend.linear` with `partial`)."""
         if ops is not None:
             return ops.rms_norm(x, self.weight, self.eps, residual)
-        if not isinstance(x, torch.Tensor):  # a deferred product (SplitKPartials or the like)
+        if isinstance(x, SplitKPartials):
             x = x.total()
         s = x if residual is None else residual + x
         return self(s), s

@@ -72,28 +72,24 @@ def test_replay_equals_eager_and_padding_is_confined(
         pdl.ENABLED = saved_pdl
 
 
-def test_replay_equals_eager_with_the_conv_and_norm_epilogues(gpu_model) -> None:
-    """The same with the decode GEMM's epilogues on (PDL on): the GDN input projections run the short
-    conv ("linear_conv" entries) and the output projections the residual-add norm by their last
-    program (norm_in_gemm_max_m); the arrival counter exists before the capture."""
+def test_replay_equals_eager_with_the_conv_in_the_input_projections(gpu_model) -> None:
+    """The same with PDL and the GDN input projections running the short conv in their GEMM's
+    epilogue ("linear_conv" table entries)."""
     from model.backends.gemm_table import DecodeGemmTable
     from model.backends.triton_kernels import pdl
 
     model, backend = gpu_model, gpu_model.backend
-    text = model.config.text
-    n_in, k_in = model.model.layers[text.gdn_layers[0]].self_attn.in_proj_weight.shape
-    plain = {"block_n": 32, "block_k": 32, "num_programs": 7}
-    split = {**plain, "split_k": 2}
-    outs = (text.num_linear_heads * text.linear_value_dim, text.num_attention_heads * text.head_dim)
-    entries = [{"op": "linear_conv", "N": n_in, "K": k_in, "max_m": 8, "config": plain}]
-    entries += [{"N": text.hidden_size, "K": k, "max_m": 8, "config": split} for k in outs]
-    entries.append({"N": text.hidden_size, "K": text.intermediate_size, "max_m": 8, "config": split})
-    saved = (backend.gemm_table, backend.norm_in_gemm_max_m, pdl.ENABLED)
-    backend.gemm_table, backend.norm_in_gemm_max_m, pdl.ENABLED = DecodeGemmTable(entries), 8, True
+    n_in, k_in = model.model.layers[model.config.text.gdn_layers[0]].self_attn.in_proj_weight.shape
+    cfg = {"block_n": 32, "block_k": 32, "num_programs": 7}
+    saved = (backend.gemm_table, pdl.ENABLED)
+    backend.gemm_table = DecodeGemmTable(
+        [{"op": "linear_conv", "N": n_in, "K": k_in, "max_m": 8, "config": cfg}]
+    )
+    pdl.ENABLED = True
     try:
         _replay_case(model, host_inputs=True)
     finally:
-        backend.gemm_table, backend.norm_in_gemm_max_m, pdl.ENABLED = saved
+        backend.gemm_table, pdl.ENABLED = saved
 
 
 def _replay_case(gpu_model, host_inputs: bool, copy_in_graph: bool = False) -> None:
@@ -278,7 +274,10 @@ def test_piecewise_graphs_equal_eager_and_padding_is_confined(gpu_model, use_pdl
         for name in ("recurrent", "conv", "key", "value"):
             t, e = getattr(state, name), getattr(eager_state, name)
             assert torch.isnan(t[:, others].float()).all(), f"{name}: a non-participating slot changed"
-            assert rel_err(t[:, slots], e[:, slots]) < 1e-2, name
+            # window rows past a short sequence's tokens are never written: NaN in both
+            written = ~torch.isnan(e[:, slots].float())
+            assert torch.equal(written, ~torch.isnan(t[:, slots].float())), name
+            assert rel_err(t[:, slots][written], e[:, slots][written]) < 1e-2, name
         assert not runner.can_run(129)
     finally:
         pdl.ENABLED = saved

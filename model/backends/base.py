@@ -133,8 +133,7 @@ class Backend(Protocol):
         """F.linear(x, weight, bias): every projection of the text decoder and the LM head. With
         `partial`, the caller hands the result only to `RMSNorm.add_forward` (an output projection
         before the residual add), so a backend may return the product's split-K partial sums for the
-        fused norm to add up, or the product deferred to that norm (anything not a tensor has
-        `total()`, the product); without it, always a tensor. With `out` (fp32 [N, out_features], the LM
+        fused norm to add up; without it, always a tensor. With `out` (fp32 [N, out_features], the LM
         head's logits), the product rounded to x's dtype is written into out, widened, and out returned."""
         ...
 

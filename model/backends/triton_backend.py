@@ -18,7 +18,7 @@ from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 from model.backends.base import GateInputs, SplitKPartials, gate_values, linear_silu_mul
 from model.backends.gemm_table import DecodeGemmTable, default_table
 from model.backends.triton_kernels.conv import conv_prefill, l2norm_args
-from model.backends.triton_kernels.gemm import DECODE_GEMM_MAX_M, ConvEpilogue, DeferredProduct, decode_gemm
+from model.backends.triton_kernels.gemm import DECODE_GEMM_MAX_M, ConvEpilogue, decode_gemm
 from model.backends.triton_kernels.ops import (
     TritonPointwise,
     conv_decode_call,
@@ -93,9 +93,6 @@ class TritonBackend:
         # output projections with split-K table entries leave their partial sums to the residual-add
         # RMSNorm after them (no reduction kernel); False: linear always reduces (A/B switch)
         self.split_k_into_norm = True
-        # with split_k_into_norm, batches of at most this many rows defer the output projection to the
-        # norm, which runs it with the norm in the GEMM's last program (gemm.DeferredProduct); 0: never
-        self.norm_in_gemm_max_m = 0
         # prefill calls fla's forward below its public wrapper where this fla has it (bit-identical
         # to the wrapper on the H100; a 256-token prefill step enqueues in 41 ms instead of 59.5,
         # docs/benchmarks.md); False: always the public function (A/B switch)
@@ -135,8 +132,7 @@ class TritonBackend:
     ) -> torch.Tensor | SplitKPartials:
         """F.linear, or the persistent Triton GEMM for the (shape, batch) pairs of `gemm_table`. With
         `partial` (and `split_k_into_norm`), a split-K entry's partial sums are returned unreduced,
-        for the next fused RMSNorm to add up: one launch less per output projection; at most
-        `norm_in_gemm_max_m` rows, the product itself is deferred to that norm (one launch for both). With `out`, the
+        for the next fused RMSNorm to add up: one launch less per output projection. With `out`, the
         Triton GEMM stores the rounded product widened (the LM head: no bf16 logits pass)."""
         cfg = self._gemm_config(x, weight, bias is not None, "linear")
         if cfg is None:
@@ -145,8 +141,6 @@ class TritonBackend:
         if out is not None:
             return decode_gemm(x, weight, bias, out=out, **cfg)
         defer = partial and self.split_k_into_norm and self.pointwise is not None
-        if defer and bias is None and x.shape[0] <= self.norm_in_gemm_max_m:
-            return DeferredProduct(x, weight, cfg)
         y = decode_gemm(x, weight, bias, reduce=not defer, **cfg)
         return SplitKPartials(y, x.dtype) if y.dim() == 3 else y
 

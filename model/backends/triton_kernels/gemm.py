@@ -12,11 +12,6 @@ With CONV (a Gated DeltaNet layer's input projection at decode), the columns of 
 (pool rows by slot id) shift in place: the projection stored, read back and convolved by
 `conv.conv_decode` in a second kernel, done in the GEMM's epilogue with the same roundings.
 
-With NORM (an output projection of a small decode batch, before the residual-add RMSNorm), each
-program counts itself done on an arrival counter once its partial sums are stored, and the program
-that arrives last adds them up and runs `pointwise.rms_norm` on the rows: the norm's kernel boundary
-(its launch waiting for the GEMM's grid to end, and the next GEMM waiting for the norm's) goes away.
-
 With `tma`, the tensor memory accelerator loads the x and W tiles (one instruction per tile, rows and
 columns past the end read as zero), optionally with Triton's warp specialization (producer warps issue
 the loads, consumer warps multiply). Results equal the pointer-load kernel's.
@@ -47,54 +42,6 @@ class ConvEpilogue(NamedTuple):
     context_lens: torch.Tensor  # [M] tokens before this one (0: a fresh sequence, no history)
 
 
-class NormEpilogue(NamedTuple):
-    """The residual-add RMSNorm after an output projection, for decode_gemm's last program to run
-    (pointwise.rms_norm's inputs; y and stream receive its two outputs)."""
-
-    weight: torch.Tensor  # [N] the norm's weight
-    eps: float
-    residual: torch.Tensor | None  # [M, N] x's dtype, unit stride on N: the residual stream so far
-    y: torch.Tensor  # [M, N] contiguous, x's dtype: rmsnorm(stream) * weight
-    stream: torch.Tensor  # [M, N] contiguous, x's dtype: residual + product (the new residual stream)
-
-
-class DeferredProduct(NamedTuple):
-    """x W^T not yet computed, for the residual-add RMSNorm that consumes it (`Backend.linear` with
-    `partial`, small batches): `rms_norm` runs the GEMM with the norm in its last program (one launch
-    for both); `total` runs the plain GEMM. Either gives the product `linear` would have returned."""
-
-    x: torch.Tensor
-    weight: torch.Tensor
-    launch: dict  # decode_gemm's launch parameters
-
-    def total(self) -> torch.Tensor:
-        return decode_gemm(self.x, self.weight, **self.launch)
-
-    def rms_norm(
-        self, weight: torch.Tensor, eps: float, residual: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rmsnorm(s) * weight, s), s = residual + product: pointwise.rms_norm of the product."""
-        m, n = self.x.shape[0], self.weight.shape[0]
-        y, stream = (torch.empty((m, n), dtype=self.x.dtype, device=self.x.device) for _ in range(2))
-        decode_gemm(self.x, self.weight, norm=NormEpilogue(weight, eps, residual, y, stream), **self.launch)
-        return y, stream
-
-
-_arrivals: dict[torch.device, torch.Tensor] = {}
-
-
-def _arrival_counter(device: torch.device) -> torch.Tensor:
-    """The device's arrival counter of the NORM epilogue: zero between launches (the last program of
-    each launch resets it; launches on one stream never overlap). Made on first use, which must not
-    be inside a graph capture (a graph's warm-up pass runs first)."""
-    counter = _arrivals.get(device)
-    if counter is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("decode_gemm: the norm epilogue's counter must exist before a capture")
-        counter = _arrivals[device] = torch.zeros(1, dtype=torch.int32, device=device)
-    return counter
-
-
 @triton.jit
 def _store_unit(
     acc, acc_up, b_ptr, y_ptr, offs_m, mm, offs_n, mn, split, stride_y, stride_ys,
@@ -113,87 +60,42 @@ def _store_unit(
 
 
 @triton.jit
-def _conv_history(
-    offs_m, mm, offs_n, C, cw_ptr, cs_ptr, slot_ptr, ctx_ptr, stride_cs_slot, stride_cs_c,
+def _conv_epilogue(
+    acc, offs_m, mm, offs_n, C, cw_ptr, cs_ptr, slot_ptr, ctx_ptr, stride_cs_slot, stride_cs_c,
     KC: tl.constexpr,
 ):  # fmt: skip
-    """For a unit's columns < C: the rows' conv histories [BLOCK_M, BLOCK_N, KC] fp32 (row slot's conv
-    state, [C, KC] with column KC-1 newest, moved one column left; zero for a fresh sequence and in
-    column KC-1), the kernels [BLOCK_N, KC] fp32, the state pointers and their mask. Loaded before
-    the unit's K loop, so that they arrive while the weights stream."""
+    """acc [BLOCK_M, BLOCK_N] fp32 product: columns < C become silu(conv) of the product rounded to
+    the conv state's dtype (as conv.conv_decode reads the stored projection), each row's conv state
+    (row slot of cs, [C, KC], column KC-1 newest) shifted in place; other columns unchanged. One tap
+    at a time on [BLOCK_M, BLOCK_N] tiles laid out as acc: the thread that holds an element reads
+    and writes all of its taps, so no barrier is needed between the reads and the shifted writes."""
     mc = offs_n < C
     slot = tl.load(slot_ptr + offs_m, mask=mm, other=0).to(tl.int64)
-    has_ctx = tl.load(ctx_ptr + offs_m, mask=mm, other=0) > 0
-    cols = tl.arange(0, KC)
-    base = cs_ptr + slot[:, None, None] * stride_cs_slot + offs_n[None, :, None].to(tl.int64) * stride_cs_c
-    live = (mm[:, None] & mc[None, :])[:, :, None]
-    old_mask = live & (cols < KC - 1)[None, None, :] & has_ctx[:, None, None]
-    old = tl.load(base + (cols + 1)[None, None, :], mask=old_mask, other=0.0).to(tl.float32)
-    w = tl.load(cw_ptr + offs_n[:, None] * KC + cols[None, :], mask=mc[:, None], other=0.0).to(tl.float32)
-    return old, w, base + cols[None, None, :], live
-
-
-@triton.jit
-def _conv_epilogue(acc, old, w, s_ptrs, live, offs_n, C, KC: tl.constexpr):
-    """acc [BLOCK_M, BLOCK_N] fp32 product: columns < C become silu(conv) of the product rounded to
-    the conv state's dtype (as conv.conv_decode reads the stored projection), their conv states
-    shifted in place; other columns unchanged."""
-    x = acc.to(s_ptrs.dtype.element_ty).to(tl.float32)
-    is_new = tl.arange(0, KC) == KC - 1
-    new = tl.where(is_new[None, None, :], x[:, :, None], old)
-    c = tl.sum(new * w[None, :, :], axis=2)
-    tl.debug_barrier()  # every old column read before the shifted state is written
-    tl.store(s_ptrs, new.to(s_ptrs.dtype.element_ty), mask=live)
-    return tl.where((offs_n < C)[None, :], c * tl.sigmoid(c), acc)
-
-
-@triton.jit
-def _rms_norm_by_last_program(
-    part_ptr, M, N, split_k, stride_split, count_ptr, num_progs, res_ptr, stride_res, nw_ptr, ny_ptr,
-    ro_ptr, eps, HAS_RES: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    """Called by every program once its units are stored: the program that arrives last adds up the
-    partial sums [split_k, M, N] (in split order, rounded once) and runs pointwise.rms_norm's row
-    math (residual add, RMS in fp32, rounding, weight) into ro (the stream) and ny (normalised)."""
-    tl.debug_barrier()  # all of this program's stores issued before it counts itself (release below)
-    arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
-    if arrived == num_progs - 1:
-        dt = ny_ptr.dtype.element_ty
-        offs = tl.arange(0, BLOCK_D)
-        mask = offs < N
-        w = tl.load(nw_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        for row in range(M):
-            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-            for s in range(split_k):  # from L2: other programs' stores
-                part = tl.load(
-                    part_ptr + s * stride_split + row * N + offs, mask=mask, other=0.0, cache_modifier=".cg"
-                )
-                acc += part.to(tl.float32)
-            x = acc.to(dt)
-            if HAS_RES:
-                r = tl.load(res_ptr + row * stride_res + offs, mask=mask, other=0.0)
-                x = (x.to(tl.float32) + r.to(tl.float32)).to(dt)
-            tl.store(ro_ptr + row * N + offs, x, mask=mask)
-            xf = x.to(tl.float32)
-            inv = 1.0 / tl.sqrt(tl.sum(xf * xf) / N + eps)
-            normed = (xf * inv).to(dt).to(tl.float32)
-            tl.store(ny_ptr + row * N + offs, (normed * w).to(dt), mask=mask)
-        tl.atomic_xchg(count_ptr, 0)  # ready for the next launch
+    has_ctx = tl.load(ctx_ptr + offs_m, mask=mm, other=0) > 0  # a fresh sequence: no history
+    live = mm[:, None] & mc[None, :]
+    base = cs_ptr + slot[:, None] * stride_cs_slot + offs_n[None, :].to(tl.int64) * stride_cs_c
+    w_ptrs = cw_ptr + offs_n * KC
+    x = acc.to(cs_ptr.dtype.element_ty)
+    c = x.to(tl.float32) * tl.load(w_ptrs + KC - 1, mask=mc, other=0.0).to(tl.float32)[None, :]
+    for j in tl.static_range(KC - 1):  # old column j + 1 moves to column j
+        old = tl.load(base + j + 1, mask=live & has_ctx[:, None], other=0.0)
+        c += old.to(tl.float32) * tl.load(w_ptrs + j, mask=mc, other=0.0).to(tl.float32)[None, :]
+        tl.store(base + j, old, mask=live)
+    tl.store(base + KC - 1, x, mask=live)
+    return tl.where(mc[None, :], c * tl.sigmoid(c), acc)
 
 
 @triton.jit
 def _decode_gemm_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_x, stride_w, stride_y, stride_ys, k_per_split,
     split_k, num_progs, C, cw_ptr, cs_ptr, slot_ptr, ctx_ptr, stride_cs_slot, stride_cs_c,
-    count_ptr, res_ptr, stride_res, nw_ptr, ny_ptr, ro_ptr, eps,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NUM_STAGES: tl.constexpr, FLATTEN: tl.constexpr, SILU_MUL: tl.constexpr, ROUND_OUT: tl.constexpr,
-    CONV_K: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_D: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    CONV_K: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     # N: output columns (I with SILU_MUL: W's up rows start at row N); ROUND_OUT: y is wider than x,
     # and holds the product rounded to x's dtype (the LM head's fp32 logits); CONV_K > 0: the conv
-    # epilogue (kernel size CONV_K) on columns < C; NORM: the residual-add RMSNorm by the last program
+    # epilogue (kernel size CONV_K) on columns < C
     pdl.prologue(USE_PDL)
     pid = tl.program_id(0)
     n_units = tl.cdiv(N, BLOCK_N) * split_k  # unit = (row tile, K split)
@@ -207,10 +109,6 @@ def _decode_gemm_kernel(
         mn = offs_n < N
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        if CONV_K > 0:
-            old, cw, s_ptrs, live = _conv_history(
-                offs_m, mm, offs_n, C, cw_ptr, cs_ptr, slot_ptr, ctx_ptr, stride_cs_slot, stride_cs_c, CONV_K
-            )
         for ki in range(k_iters):
             offs_k = split * k_per_split + ki * BLOCK_K + tl.arange(0, BLOCK_K)
             mk = offs_k < K
@@ -235,15 +133,13 @@ def _decode_gemm_kernel(
         if ROUND_OUT:
             acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
         if CONV_K > 0:
-            acc = _conv_epilogue(acc, old, cw, s_ptrs, live, offs_n, C, CONV_K)
+            acc = _conv_epilogue(
+                acc, offs_m, mm, offs_n, C, cw_ptr, cs_ptr, slot_ptr, ctx_ptr, stride_cs_slot, stride_cs_c,
+                CONV_K,
+            )  # fmt: skip
         _store_unit(
             acc, acc_up, b_ptr, y_ptr, offs_m, mm, offs_n, mn, split, stride_y, stride_ys, HAS_BIAS, SILU_MUL
         )
-    if NORM:
-        _rms_norm_by_last_program(
-            y_ptr, M, N, split_k, stride_ys, count_ptr, num_progs, res_ptr, stride_res, nw_ptr, ny_ptr,
-            ro_ptr, eps, HAS_RES, BLOCK_D,
-        )  # fmt: skip
 
 
 @triton.jit
@@ -320,7 +216,6 @@ def decode_gemm(
     reduce: bool = True,
     out: torch.Tensor | None = None,
     conv: ConvEpilogue | None = None,
-    norm: NormEpilogue | None = None,
 ) -> torch.Tensor:
     """x [M, K] (M <= 128, unit stride on K) times weight [N, K]^T (+ bias [N]) -> [M, N] in x's dtype.
 
@@ -334,9 +229,7 @@ def decode_gemm(
     `F.linear(x, weight).float()` would, in one pass (no bias, no silu_mul); returned.
     conv (no bias, silu_mul, out or split_k; the pointer-load kernel): the first C = conv.weight.shape[0]
     columns come out as `conv.conv_decode` of the rounded product would return them, and the rows'
-    conv states are shifted in place.
-    norm (no bias, silu_mul, out or conv; the pointer-load kernel): the product goes into the
-    residual-add RMSNorm run by the launch's last program; returns norm.y (norm.stream filled too)."""
+    conv states are shifted in place."""
     m, k = x.shape
     n = weight.shape[0]
     if m > DECODE_GEMM_MAX_M or x.stride(1) != 1 or weight.stride(1) != 1 or weight.shape[1] != k:
@@ -357,9 +250,6 @@ def decode_gemm(
     if conv is not None:
         _check_conv(conv, x, n, split_k, bias is not None or silu_mul or out is not None)
         tma = False
-    if norm is not None:
-        _check_norm(norm, x, n, bias is not None or silu_mul or out is not None or conv is not None)
-        tma, reduce = False, False
     if out is not None and (split_k > 1 or tma):  # rounded once after the sum: the product, widened
         cfg = dict(block_n=block_n, block_k=block_k, split_k=split_k, num_stages=num_stages)
         cfg |= dict(num_warps=num_warps, num_programs=num_programs, flatten=flatten, tma=tma)
@@ -383,24 +273,15 @@ def decode_gemm(
         )  # fmt: skip
         return _sum_splits(part, y, m * n, split_k) if reduce else part
     cw, cs, slots, ctx = conv if conv is not None else (weight,) * 4  # placeholders without the conv
-    if norm is not None:
-        counter, res = _arrival_counter(x.device), norm.residual
-        nw, ny, ro, eps = norm.weight, norm.y, norm.stream, norm.eps
-    else:
-        counter, res, nw, ny, ro, eps = weight, None, weight, weight, weight, 0.0
     _decode_gemm_kernel[(programs,)](
         x, weight, bias if bias is not None else weight, part, m, n, k, x.stride(0), weight.stride(0),
         part.stride(-2), m * n, k_per_split, split_k, programs, cw.shape[0] if conv else 0, cw, cs, slots,
-        ctx, cs.stride(0) if conv else 0, cs.stride(1) if conv else 0, counter,
-        res if res is not None else weight, res.stride(0) if res is not None else 0, nw, ny, ro, eps,
+        ctx, cs.stride(0) if conv else 0, cs.stride(1) if conv else 0,
         HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         NUM_STAGES=num_stages, FLATTEN=flatten, SILU_MUL=silu_mul,
         ROUND_OUT=out is not None and x.dtype != torch.float32, CONV_K=cw.shape[1] if conv else 0,
-        NORM=norm is not None, HAS_RES=res is not None, BLOCK_D=triton.next_power_of_2(n) if norm else 1,
         num_warps=num_warps, **launch,
     )  # fmt: skip
-    if norm is not None:
-        return norm.y
     return _sum_splits(part, y, m * n, split_k) if reduce else part
 
 
@@ -414,20 +295,6 @@ def _check_conv(conv: ConvEpilogue, x: torch.Tensor, n: int, split_k: int, other
         raise ValueError("decode_gemm: conv state must be [slots, C, K] in x's dtype, unit stride on K")
     if conv.slot_ids.shape != (x.shape[0],) or conv.context_lens.shape != (x.shape[0],):
         raise ValueError("decode_gemm: conv needs one slot id and one context length per row")
-
-
-def _check_norm(norm: NormEpilogue, x: torch.Tensor, n: int, other_epilogue: bool) -> None:
-    if other_epilogue:
-        raise ValueError("decode_gemm: norm takes no bias, silu_mul, out or conv")
-    m = x.shape[0]
-    for t in (norm.y, norm.stream):
-        if t.shape != (m, n) or not t.is_contiguous() or t.dtype != x.dtype:
-            raise ValueError("decode_gemm: norm.y and norm.stream must be [M, N] contiguous in x's dtype")
-    res = norm.residual
-    if res is not None and (res.shape != (m, n) or res.stride(1) != 1 or res.dtype != x.dtype):
-        raise ValueError("decode_gemm: norm.residual must be [M, N] in x's dtype, unit stride on N")
-    if norm.weight.shape != (n,) or not norm.weight.is_contiguous():
-        raise ValueError("decode_gemm: norm.weight must be [N] contiguous")
 
 
 def _tma_aligned(*tensors: torch.Tensor) -> bool:

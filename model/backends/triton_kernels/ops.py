@@ -243,7 +243,7 @@ def _rms_norm_ops(
     """pointwise.rms_norm through the custom ops (which may not return an alias of an input, nor take
     split partials: the backend defers no reduction while compiling, but a caller's partials are
     summed here rather than refused)."""
-    if not isinstance(x, torch.Tensor):  # SplitKPartials or gemm.DeferredProduct
+    if isinstance(x, SplitKPartials):
         x = x.total()
     if residual is None:
         return rms_norm_op(x, weight, eps), x

@@ -30,7 +30,6 @@ import triton.language as tl
 
 from model.backends.base import SplitKPartials
 from model.backends.triton_kernels import pdl
-from model.backends.triton_kernels.gemm import DeferredProduct
 
 
 @triton.jit
@@ -67,10 +66,7 @@ def rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rmsnorm(s) * weight, s) with s = x + residual (or x): x, residual [N, D] model dtype. x may be
     a product's split-K partials (decode_gemm with reduce=False): the kernel adds them up first, so
-    the reduction costs no launch of its own; or a product not yet computed (gemm.DeferredProduct),
-    whose GEMM then runs the norm in its last program (no launch of the norm's own)."""
-    if isinstance(x, DeferredProduct):
-        return x.rms_norm(weight, eps, residual)
+    the reduction costs no launch of its own."""
     splits = 0
     if isinstance(x, SplitKPartials):
         splits, n, d = x.partials.shape
