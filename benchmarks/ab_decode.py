@@ -8,15 +8,12 @@ logits stored by its GEMM (`fp32logits`: off writes bf16 logits and widens them 
 added up inside the next residual-add RMSNorm instead of by a reduction kernel (`splitnorm`:
 `split_k_into_norm`) and decoder weights that cuBLAS multiplies stored
 transposed (`transposed`: [in, out] storage read through a `.t()` view, cuBLAS's "NN" kernels; the
-MLP gate|up, which the Triton GEMM reads row-major, and the LM head keep their layout) and the GDN
-input projections with the short conv in their epilogue (`convproj`: the table's "linear_conv"
-entries, or, where it has none, entries made from the Triton configs tuned for the plain projection;
-off: the projection and the conv kernel). Graph-captured
+MLP gate|up, which the Triton GEMM reads row-major, and the LM head keep their layout). Graph-captured
 steps at context 1K for every on/off combination of the chosen switches, in rounds (every
 combination once per round, three rounds), median per combination.
 
     python benchmarks/ab_decode.py --out DIR [--batches 1,8,64,128]
-        [--switches gates,table,silu,pdl,mrope,fp32logits,splitnorm,transposed,convproj]
+        [--switches gates,table,silu,pdl,mrope,fp32logits,splitnorm,transposed]
         [--old-table PATH]
 """
 
@@ -35,11 +32,11 @@ from bench_gpu import build_model, decode_floor_s, decode_inputs, load_cfg, rand
 from exp_transposed_weights import set_layout
 from profile_decode import graph_ms_with
 
-from model.backends.gemm_table import TABLE_SM90, DecodeGemmTable
+from model.backends.gemm_table import DecodeGemmTable
 from model.backends.triton_kernels import pdl
 from model.layers import mrope_cos_sin
 
-SWITCHES = ("gates", "table", "silu", "pdl", "mrope", "fp32logits", "splitnorm", "transposed", "convproj")
+SWITCHES = ("gates", "table", "silu", "pdl", "mrope", "fp32logits", "splitnorm", "transposed")
 
 
 def backend_attrs(
@@ -61,27 +58,10 @@ def backend_attrs(
         table = old_table if old_table is not None else table.without("linear")
     if not on.get("silu", True):
         table = table.without("silu_mul")
-    if not on.get("convproj", True):
-        table = table.without("linear_conv")
     if not on.get("splitnorm", True):
         attrs["split_k_into_norm"] = False
     attrs["gemm_table"] = table
     return attrs
-
-
-def with_conv_entries(table: DecodeGemmTable, path: Path = TABLE_SM90) -> DecodeGemmTable:
-    """`table` if it has "linear_conv" entries, else the table at `path` plus one "linear_conv" entry
-    per batch bucket of the GDN input projection, with the Triton config tuned for its plain product
-    (the tuner's `triton_config`, kept also where cuBLAS won)."""
-    raw = json.loads(path.read_text())["entries"]
-    if any(e.get("op") == "linear_conv" for e in raw):
-        return table
-    extra = [
-        {"op": "linear_conv", "N": e["N"], "K": e["K"], "max_m": e["max_m"], "config": e["triton_config"]}
-        for e in raw
-        if e.get("name") == "gdn_in" and e.get("triton_config") and e["triton_config"].get("split_k", 1) == 1
-    ]
-    return DecodeGemmTable(raw + extra)
 
 
 @contextmanager
@@ -132,8 +112,6 @@ def main() -> None:
     state = random_state(cfg, max(batches))
     combos = list(itertools.product((False, True), repeat=len(names)))
     table = model.backend.gemm_table
-    if "convproj" in names:
-        table = with_conv_entries(table)
     pointwise = model.backend.pointwise
     rows = []
     for batch in batches:

@@ -6,8 +6,6 @@ Module paths map onto the checkpoint's legacy names: `model.embed_tokens`, `mode
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from torch import nn
 
@@ -17,13 +15,6 @@ from model.config import LINEAR, ModelConfig, TextConfig
 from model.layers import MLP, GatedDeltaNet, RMSNorm, SlidingWindowAttention, mrope_cos_sin
 from model.state import StateTensors
 from model.vision import VisionTower
-
-
-class Convolved(NamedTuple):
-    """A Gated DeltaNet layer's mixer input whose conv stream the backend has already convolved
-    (DecoderLayer.head with `stateful`)."""
-
-    proj: torch.Tensor
 
 
 class DecoderLayer(nn.Module):
@@ -52,7 +43,7 @@ class DecoderLayer(nn.Module):
         """(mlp output, residual stream before it is added): the sum is this block's output. Deferring
         each residual add into the next norm lets a backend fuse the two (same roundings), and the
         output projections before those norms may leave their split-K sums to them (`partial`)."""
-        mixer_in, residual = self.head(h, residual, rope, backend, (meta, state))
+        mixer_in, residual = self.head(h, residual, rope, backend)
         mid = self.mix(mixer_in, meta, state, backend)
         return self.tail(mid, mixer_in, residual, backend)
 
@@ -66,20 +57,11 @@ class DecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         rope: tuple[torch.Tensor, torch.Tensor],
         backend: Backend,
-        stateful: tuple[BatchMeta, StateTensors] | None = None,
     ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """The input norm (adding h to the residual stream) and the mixer's input projection: (the
-        mixer's inputs: (proj,) for Gated DeltaNet, (q, k, v) rotated for attention; the residual stream).
-        With `stateful` (a caller that runs the whole block), a Gated DeltaNet layer's projection may
-        come with the short conv fused in (GatedDeltaNet.project_conv): mixer_in is then
-        `Convolved(proj)`, this layer's conv state rows are updated, and `mix` runs no conv."""
+        mixer's inputs: (proj,) for Gated DeltaNet, (q, k, v) rotated for attention; the residual stream)."""
         x, residual = self.input_layernorm.add_forward(h, residual, backend.pointwise)
         if self.is_linear:
-            if stateful is not None:
-                meta, state = stateful
-                proj = self.self_attn.project_conv(x, meta, state.conv[self.state_index], backend)
-                if proj is not None:
-                    return Convolved(proj), residual
             return (self.self_attn.project(x, backend),), residual
         return self.self_attn.project(x, rope, backend), residual
 
@@ -90,10 +72,7 @@ class DecoderLayer(nn.Module):
         attention output [N, Hq, D]; this layer's pool rows of meta.slot_ids updated."""
         i = self.state_index
         if self.is_linear:
-            convolved = isinstance(mixer_in, Convolved)
-            return self.self_attn.recur(
-                mixer_in[0], meta, state.conv[i], state.recurrent[i], backend, convolved=convolved
-            )
+            return self.self_attn.recur(mixer_in[0], meta, state.conv[i], state.recurrent[i], backend)
         return self.self_attn.attend(*mixer_in, meta, state.key[i], state.value[i], backend)
 
     def tail(

@@ -346,16 +346,6 @@ class GatedDeltaNet(nn.Module):
         recurrence)."""
         return _project(x, self.in_proj_weight, None, self._parts(), backend)
 
-    def project_conv(
-        self, x: torch.Tensor, meta: BatchMeta, conv_state: torch.Tensor, backend: Backend
-    ) -> torch.Tensor | None:
-        """The input projection with the short conv already applied to its conv stream (conv_state
-        rows updated), where the backend fuses the two for this batch (Backend.linear_conv); else None
-        and nothing done. `recur(..., convolved=True)` takes it on."""
-        if self.in_proj_weight is None:
-            return None
-        return backend.linear_conv(x, self.in_proj_weight, self.conv_weight(), meta, conv_state)
-
     def recur(
         self,
         proj: torch.Tensor,  # [N, sum(split_sizes)] (any row stride, unit stride on channels)
@@ -363,7 +353,6 @@ class GatedDeltaNet(nn.Module):
         conv_state: torch.Tensor,
         recurrent_state: torch.Tensor,
         backend: Backend,
-        convolved: bool = False,  # proj comes from project_conv: its conv stream is already convolved
     ) -> torch.Tensor:
         """Short conv, gates and the delta rule: the output o [N, H, d_v] before the gated norm (the
         stateful part; conv and recurrent state rows updated)."""
@@ -372,13 +361,10 @@ class GatedDeltaNet(nn.Module):
         stream, a, b, _ = proj.split(self.split_sizes, dim=-1)
         key_dim = self.num_heads * self.head_k_dim
         value_dim = self.num_heads * self.head_v_dim
-        norm_dim = None if convolved or not backend.qk_l2norm_in_conv(meta) else self.head_k_dim
-        if convolved:
-            q, k, v = stream.split([key_dim, key_dim, value_dim], dim=-1)
-        else:
-            q, k, v = backend.short_conv(
-                stream, self.conv_weight(), meta, conv_state, [key_dim, key_dim, value_dim], norm_dim
-            )
+        norm_dim = self.head_k_dim if backend.qk_l2norm_in_conv(meta) else None
+        q, k, v = backend.short_conv(
+            stream, self.conv_weight(), meta, conv_state, [key_dim, key_dim, value_dim], norm_dim
+        )
         q = q.view(n, self.num_heads, self.head_k_dim)  # row-strided or contiguous: unit stride on d
         k = k.view(n, self.num_heads, self.head_k_dim)
         v = v.view(n, self.num_heads, self.head_v_dim)

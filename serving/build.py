@@ -77,13 +77,13 @@ def build_engine(config: EngineConfig, metrics: Any = None) -> EngineStack:
         from serving.cuda_graph import CudaGraphRunner
 
         graphs = CudaGraphRunner(model, pool.state, layout.num_slots, device)
-        if config.piecewise_graphs:
+        if config.piecewise_graphs is not False:
             from serving.piecewise_graph import DEFAULT_SIZES, PiecewiseGraphRunner
 
             top = min(config.max_num_batched_tokens, DEFAULT_SIZES[-1])  # no step is larger than the budget
             sizes = [s for s in DEFAULT_SIZES if s < top] + [top]
             piecewise = PiecewiseGraphRunner(model, pool.state, device, sizes=sizes)
-    elif config.piecewise_graphs:
+    elif config.piecewise_graphs:  # asked for explicitly
         logger.warning(
             "--piecewise-graphs needs CUDA graphs (a CUDA device, the Triton backend, no --enforce-eager): "
             "every step runs eagerly"

@@ -43,9 +43,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument(
         "--piecewise-graphs",
-        action="store_true",
-        help="experimental: steps with prefill rows of up to 1024 tokens run everything but the stateful "
-        "mixers as CUDA graphs (less host time per step; GPU, Triton backend)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="steps with prefill rows of up to 1024 tokens run everything but the stateful mixers as CUDA "
+        "graphs (a third less host time per such step on an H100). Default: on wherever decode CUDA "
+        "graphs are captured (GPU, Triton backend, no --enforce-eager)",
     )
     p.add_argument(
         "--disable-async-output",
@@ -80,7 +82,7 @@ def engine_config_from_args(args: argparse.Namespace, model_path: str):
         max_prompt_len=getattr(args, "max_prompt_len", None) or 1_048_576,
         max_tokens_limit=getattr(args, "max_tokens_limit", None) or 32_768,
         enforce_eager=args.enforce_eager,
-        piecewise_graphs=bool(getattr(args, "piecewise_graphs", False)),
+        piecewise_graphs=getattr(args, "piecewise_graphs", None),
         async_output=not getattr(args, "disable_async_output", False),
         async_scheduling=bool(getattr(args, "async_scheduling", False)),
         seed=args.seed,

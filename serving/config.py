@@ -25,8 +25,9 @@ class EngineConfig:
     max_tokens_limit: int = 32_768  # largest max_tokens a request may ask for
     enforce_eager: bool = False  # no CUDA graphs
     # steps with prefill rows of up to 1024 tokens run their stateless parts as CUDA graphs
-    # (serving.piecewise_graph); experimental, off until its GPU test and A/B have run
-    piecewise_graphs: bool = False
+    # (serving.piecewise_graph): None (default) wherever decode CUDA graphs are captured, True the
+    # same but warns where they are not, False never (docs/benchmarks.md: the H100 A/B)
+    piecewise_graphs: bool | None = None
     async_output: bool = True  # make and emit a step's text while the device runs the next step
     # enqueue step k+1 before step k's tokens reach the host (decode inputs copied on the device); off
     # by default: it trades time to first token (one step more for a request that arrives during a step)

@@ -72,26 +72,6 @@ def test_replay_equals_eager_and_padding_is_confined(
         pdl.ENABLED = saved_pdl
 
 
-def test_replay_equals_eager_with_the_conv_in_the_input_projections(gpu_model) -> None:
-    """The same with PDL and the GDN input projections running the short conv in their GEMM's
-    epilogue ("linear_conv" table entries)."""
-    from model.backends.gemm_table import DecodeGemmTable
-    from model.backends.triton_kernels import pdl
-
-    model, backend = gpu_model, gpu_model.backend
-    n_in, k_in = model.model.layers[model.config.text.gdn_layers[0]].self_attn.in_proj_weight.shape
-    cfg = {"block_n": 32, "block_k": 32, "num_programs": 7}
-    saved = (backend.gemm_table, pdl.ENABLED)
-    backend.gemm_table = DecodeGemmTable(
-        [{"op": "linear_conv", "N": n_in, "K": k_in, "max_m": 8, "config": cfg}]
-    )
-    pdl.ENABLED = True
-    try:
-        _replay_case(model, host_inputs=True)
-    finally:
-        backend.gemm_table, pdl.ENABLED = saved
-
-
 def _replay_case(gpu_model, host_inputs: bool, copy_in_graph: bool = False) -> None:
     from serving.cuda_graph import CudaGraphRunner
     from serving.runner import TokenPatch

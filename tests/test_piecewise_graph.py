@@ -135,3 +135,23 @@ def test_piecewise_flag_without_cuda_graphs_warns_and_runs_eagerly(tiny_ckpt_dir
         llm = LLM(str(tiny_ckpt_dir), device="cpu", dtype="float32", piecewise_graphs=True)
     assert llm.core.runner.piecewise is None
     assert any("--piecewise-graphs needs CUDA graphs" in r.getMessage() for r in caplog.records)
+
+
+def test_piecewise_graphs_default_on_where_graphs_run_silent_elsewhere(tiny_ckpt_dir, caplog) -> None:
+    """The default (None) captures them wherever decode CUDA graphs are captured, and says nothing
+    where they are not (this CPU); the CLI maps --piecewise-graphs / --no-piecewise-graphs / nothing
+    to True / False / None."""
+    import argparse
+    import logging
+
+    from serving.cli import add_engine_args, engine_config_from_args
+    from serving.llm import LLM
+
+    with caplog.at_level(logging.WARNING, logger="serving.build"):
+        llm = LLM(str(tiny_ckpt_dir), device="cpu", dtype="float32")
+    assert llm.config.piecewise_graphs is None and llm.core.runner.piecewise is None
+    assert not any("piecewise" in r.getMessage() for r in caplog.records)
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    for argv, want in (([], None), (["--piecewise-graphs"], True), (["--no-piecewise-graphs"], False)):
+        assert engine_config_from_args(p.parse_args(argv), "m").piecewise_graphs is want

@@ -144,20 +144,6 @@ class Backend(Protocol):
     ) -> torch.Tensor:  # silu(gate) * up [N, I], gate and up rounded to x's dtype first (linear_silu_mul)
         ...
 
-    def linear_conv(
-        self,
-        x: torch.Tensor,  # [N, K]
-        weight: torch.Tensor,  # [C + more, K]: a Gated DeltaNet input projection, the conv stream first
-        conv_weight: torch.Tensor,  # [C, kernel] (short_conv's weight)
-        meta: BatchMeta,
-        conv_state: torch.Tensor,  # [num_slots + 1, C, kernel] this layer's view, updated when fused
-    ) -> torch.Tensor | None:
-        """linear(x, weight) whose first C columns are short_conv of those columns (conv_state rows
-        of meta.slot_ids updated), in one pass; None where the backend does not fuse this call (the
-        caller then runs linear and short_conv, and nothing has changed). Fused only where
-        qk_l2norm_in_conv says no for meta."""
-        ...
-
     def qk_l2norm_in_conv(self, meta: BatchMeta) -> bool:
         """Whether the model should ask short_conv for L2-normalised q and k for this call (and tell
         gated_delta_rule so): both backends implement the two flags; a backend says yes where its

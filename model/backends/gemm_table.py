@@ -1,10 +1,9 @@
 """Which decode GEMMs take the persistent Triton GEMM (triton_kernels/gemm.py) instead of cuBLAS.
 
 A `DecodeGemmTable` maps an op, a weight shape (N, K, has bias) and a batch bucket to the launch
-parameters that beat cuBLAS there. Ops: "linear" (y = x W^T + b), "silu_mul" (an MLP's gate|up
+parameters that beat cuBLAS there. Ops: "linear" (y = x W^T + b) and "silu_mul" (an MLP's gate|up
 weight, N = 2 I: the fused silu(gate) * up against cuBLAS or the table's linear followed by the
-silu_mul kernel) and "linear_conv" (a Gated DeltaNet input projection with the decode short conv in
-its epilogue, against the projection and the conv kernel); `decode_gemm_sm90.json` holds the table measured on an H100 by
+silu_mul kernel); `decode_gemm_sm90.json` holds the table measured on an H100 by
 benchmarks/tune_decode_gemm.py (the 4B shapes). Anything not in it goes to cuBLAS. No triton import
 here: the table is plain data, tested on CPU.
 """
@@ -22,7 +21,7 @@ LAUNCH_KEYS = (
     "block_n", "block_k", "split_k", "num_stages", "num_warps", "num_programs", "flatten", "tma",
     "warp_specialize",
 )  # fmt: skip
-OPS = ("linear", "silu_mul", "linear_conv")
+OPS = ("linear", "silu_mul")
 
 
 class DecodeGemmTable:

@@ -60,9 +60,6 @@ class TorchBackend:
     def linear_silu_mul(self, x: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor:
         return linear_silu_mul(self, x, gate_up_weight)
 
-    def linear_conv(self, x, weight, conv_weight, meta, conv_state) -> None:
-        return None  # F.linear, then short_conv
-
     def qk_l2norm_in_conv(self, meta: BatchMeta) -> bool:
         return False  # normalising inside gated_delta_rule keeps q and k in fp32
 

@@ -18,7 +18,7 @@ from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 from model.backends.base import GateInputs, SplitKPartials, gate_values, linear_silu_mul
 from model.backends.gemm_table import DecodeGemmTable, default_table
 from model.backends.triton_kernels.conv import conv_prefill, l2norm_args
-from model.backends.triton_kernels.gemm import DECODE_GEMM_MAX_M, ConvEpilogue, decode_gemm
+from model.backends.triton_kernels.gemm import DECODE_GEMM_MAX_M, decode_gemm
 from model.backends.triton_kernels.ops import (
     TritonPointwise,
     conv_decode_call,
@@ -151,25 +151,6 @@ class TritonBackend:
         if cfg is not None:
             return decode_gemm(x, gate_up_weight, None, silu_mul=True, **cfg)
         return linear_silu_mul(self, x, gate_up_weight)
-
-    def linear_conv(
-        self,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        conv_weight: torch.Tensor,
-        meta: BatchMeta,
-        conv_state: torch.Tensor,
-    ) -> torch.Tensor | None:
-        """Decode batches whose input projection has a "linear_conv" entry in `gemm_table`: the
-        persistent GEMM with the conv epilogue (no conv kernel, no projection written and read back
-        for it); None elsewhere."""
-        if not meta.is_decode or self.qk_l2norm_in_conv(meta):
-            return None
-        cfg = self._gemm_config(x, weight, False, "linear_conv")
-        if cfg is None:
-            return None
-        conv = ConvEpilogue(conv_weight, conv_state, meta.slot_ids, meta.context_lens)
-        return decode_gemm(x, weight, None, conv=conv, **cfg)
 
     def qk_l2norm_in_conv(self, meta: BatchMeta) -> bool:
         """Prefill: the conv epilogue normalises q and k, so fla skips its l2norm pass (1.3% of an 8K

@@ -7,11 +7,6 @@ number of programs (about one per SM) walk the BLOCK_N row tiles of W round-robi
 loops are flattened into one software pipeline, so loads of the next tile are in flight while the
 current tile's epilogue runs and no program pays a pipeline ramp per tile.
 
-With CONV (a Gated DeltaNet layer's input projection at decode), the columns of the conv stream
-(q|k|v, the first C) leave as silu(causal depthwise conv) of the product, and the rows' conv states
-(pool rows by slot id) shift in place: the projection stored, read back and convolved by
-`conv.conv_decode` in a second kernel, done in the GEMM's epilogue with the same roundings.
-
 With `tma`, the tensor memory accelerator loads the x and W tiles (one instruction per tile, rows and
 columns past the end read as zero), optionally with Triton's warp specialization (producer warps issue
 the loads, consumer warps multiply). Results equal the pointer-load kernel's.
@@ -21,8 +16,6 @@ It is used only where it measured faster than cuBLAS (model.backends.gemm_table)
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
@@ -31,15 +24,6 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from model.backends.triton_kernels import pdl
 
 DECODE_GEMM_MAX_M = 128  # the most rows decode_gemm takes (one BLOCK_M tile)
-
-
-class ConvEpilogue(NamedTuple):
-    """A Gated DeltaNet layer's short conv for decode_gemm's epilogue (conv.conv_decode's inputs)."""
-
-    weight: torch.Tensor  # [C, K] depthwise kernels (column K-1 multiplies the newest token), contiguous
-    state: torch.Tensor  # [num_slots + 1, C, K] conv states in x's dtype, unit stride on K
-    slot_ids: torch.Tensor  # [M] pool row of each row of x
-    context_lens: torch.Tensor  # [M] tokens before this one (0: a fresh sequence, no history)
 
 
 @triton.jit
@@ -60,42 +44,15 @@ def _store_unit(
 
 
 @triton.jit
-def _conv_epilogue(
-    acc, offs_m, mm, offs_n, C, cw_ptr, cs_ptr, slot_ptr, ctx_ptr, stride_cs_slot, stride_cs_c,
-    KC: tl.constexpr,
-):  # fmt: skip
-    """acc [BLOCK_M, BLOCK_N] fp32 product: columns < C become silu(conv) of the product rounded to
-    the conv state's dtype (as conv.conv_decode reads the stored projection), each row's conv state
-    (row slot of cs, [C, KC], column KC-1 newest) shifted in place; other columns unchanged. One tap
-    at a time on [BLOCK_M, BLOCK_N] tiles laid out as acc: the thread that holds an element reads
-    and writes all of its taps, so no barrier is needed between the reads and the shifted writes."""
-    mc = offs_n < C
-    slot = tl.load(slot_ptr + offs_m, mask=mm, other=0).to(tl.int64)
-    has_ctx = tl.load(ctx_ptr + offs_m, mask=mm, other=0) > 0  # a fresh sequence: no history
-    live = mm[:, None] & mc[None, :]
-    base = cs_ptr + slot[:, None] * stride_cs_slot + offs_n[None, :].to(tl.int64) * stride_cs_c
-    w_ptrs = cw_ptr + offs_n * KC
-    x = acc.to(cs_ptr.dtype.element_ty)
-    c = x.to(tl.float32) * tl.load(w_ptrs + KC - 1, mask=mc, other=0.0).to(tl.float32)[None, :]
-    for j in tl.static_range(KC - 1):  # old column j + 1 moves to column j
-        old = tl.load(base + j + 1, mask=live & has_ctx[:, None], other=0.0)
-        c += old.to(tl.float32) * tl.load(w_ptrs + j, mask=mc, other=0.0).to(tl.float32)[None, :]
-        tl.store(base + j, old, mask=live)
-    tl.store(base + KC - 1, x, mask=live)
-    return tl.where(mc[None, :], c * tl.sigmoid(c), acc)
-
-
-@triton.jit
 def _decode_gemm_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_x, stride_w, stride_y, stride_ys, k_per_split,
-    split_k, num_progs, C, cw_ptr, cs_ptr, slot_ptr, ctx_ptr, stride_cs_slot, stride_cs_c,
+    split_k, num_progs,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     NUM_STAGES: tl.constexpr, FLATTEN: tl.constexpr, SILU_MUL: tl.constexpr, ROUND_OUT: tl.constexpr,
-    CONV_K: tl.constexpr, USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):  # fmt: skip
     # N: output columns (I with SILU_MUL: W's up rows start at row N); ROUND_OUT: y is wider than x,
-    # and holds the product rounded to x's dtype (the LM head's fp32 logits); CONV_K > 0: the conv
-    # epilogue (kernel size CONV_K) on columns < C
+    # and holds the product rounded to x's dtype (the LM head's fp32 logits)
     pdl.prologue(USE_PDL)
     pid = tl.program_id(0)
     n_units = tl.cdiv(N, BLOCK_N) * split_k  # unit = (row tile, K split)
@@ -132,11 +89,6 @@ def _decode_gemm_kernel(
                 acc_up = tl.dot(x, tl.trans(w_up), acc_up)
         if ROUND_OUT:
             acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
-        if CONV_K > 0:
-            acc = _conv_epilogue(
-                acc, offs_m, mm, offs_n, C, cw_ptr, cs_ptr, slot_ptr, ctx_ptr, stride_cs_slot, stride_cs_c,
-                CONV_K,
-            )  # fmt: skip
         _store_unit(
             acc, acc_up, b_ptr, y_ptr, offs_m, mm, offs_n, mn, split, stride_y, stride_ys, HAS_BIAS, SILU_MUL
         )
@@ -215,7 +167,6 @@ def decode_gemm(
     warp_specialize: bool = False,
     reduce: bool = True,
     out: torch.Tensor | None = None,
-    conv: ConvEpilogue | None = None,
 ) -> torch.Tensor:
     """x [M, K] (M <= 128, unit stride on K) times weight [N, K]^T (+ bias [N]) -> [M, N] in x's dtype.
 
@@ -226,10 +177,7 @@ def decode_gemm(
     as `pointwise.silu_mul` rounds the unfused product.
     tma: TMA tile loads (x and weight 16-byte aligned, else the pointer-load kernel runs).
     out: an fp32 [M, N] tensor (unit stride on N) that receives the product rounded to x's dtype, as
-    `F.linear(x, weight).float()` would, in one pass (no bias, no silu_mul); returned.
-    conv (no bias, silu_mul, out or split_k; the pointer-load kernel): the first C = conv.weight.shape[0]
-    columns come out as `conv.conv_decode` of the rounded product would return them, and the rows'
-    conv states are shifted in place."""
+    `F.linear(x, weight).float()` would, in one pass (no bias, no silu_mul); returned."""
     m, k = x.shape
     n = weight.shape[0]
     if m > DECODE_GEMM_MAX_M or x.stride(1) != 1 or weight.stride(1) != 1 or weight.shape[1] != k:
@@ -247,9 +195,6 @@ def decode_gemm(
     block_m = max(16, triton.next_power_of_2(m))
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     split_k = triton.cdiv(k, k_per_split)
-    if conv is not None:
-        _check_conv(conv, x, n, split_k, bias is not None or silu_mul or out is not None)
-        tma = False
     if out is not None and (split_k > 1 or tma):  # rounded once after the sum: the product, widened
         cfg = dict(block_n=block_n, block_k=block_k, split_k=split_k, num_stages=num_stages)
         cfg |= dict(num_warps=num_warps, num_programs=num_programs, flatten=flatten, tma=tma)
@@ -272,29 +217,13 @@ def decode_gemm(
             WARP_SPECIALIZE=warp_specialize, num_warps=num_warps, **launch,
         )  # fmt: skip
         return _sum_splits(part, y, m * n, split_k) if reduce else part
-    cw, cs, slots, ctx = conv if conv is not None else (weight,) * 4  # placeholders without the conv
     _decode_gemm_kernel[(programs,)](
         x, weight, bias if bias is not None else weight, part, m, n, k, x.stride(0), weight.stride(0),
-        part.stride(-2), m * n, k_per_split, split_k, programs, cw.shape[0] if conv else 0, cw, cs, slots,
-        ctx, cs.stride(0) if conv else 0, cs.stride(1) if conv else 0,
-        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        NUM_STAGES=num_stages, FLATTEN=flatten, SILU_MUL=silu_mul,
-        ROUND_OUT=out is not None and x.dtype != torch.float32, CONV_K=cw.shape[1] if conv else 0,
-        num_warps=num_warps, **launch,
+        part.stride(-2), m * n, k_per_split, split_k, programs, HAS_BIAS=bias is not None, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=block_k, NUM_STAGES=num_stages, FLATTEN=flatten, SILU_MUL=silu_mul,
+        ROUND_OUT=out is not None and x.dtype != torch.float32, num_warps=num_warps, **launch,
     )  # fmt: skip
     return _sum_splits(part, y, m * n, split_k) if reduce else part
-
-
-def _check_conv(conv: ConvEpilogue, x: torch.Tensor, n: int, split_k: int, other_epilogue: bool) -> None:
-    c, kc = conv.weight.shape
-    if other_epilogue or split_k != 1:
-        raise ValueError("decode_gemm: conv takes no bias, silu_mul, out or split_k")
-    if kc & (kc - 1) or c > n or not conv.weight.is_contiguous():
-        raise ValueError("decode_gemm: conv weight must be [C <= N, K] contiguous, K a power of two")
-    if conv.state.shape[1:] != (c, kc) or conv.state.stride(2) != 1 or conv.state.dtype != x.dtype:
-        raise ValueError("decode_gemm: conv state must be [slots, C, K] in x's dtype, unit stride on K")
-    if conv.slot_ids.shape != (x.shape[0],) or conv.context_lens.shape != (x.shape[0],):
-        raise ValueError("decode_gemm: conv needs one slot id and one context length per row")
 
 
 def _tma_aligned(*tensors: torch.Tensor) -> bool:
