@@ -362,8 +362,7 @@ class EngineCore:
 
     def _record_step(self, batch: ScheduledBatch) -> None:
         prompt = sum(r.num_tokens for r in batch.rows if r.is_prefill)
-        mode = "eager" if self.runner.launch_is_host_bound(batch) else "cuda_graph"
-        self._record_tokens(prompt, sum(1 for r in batch.rows if r.is_sampled), mode)
+        self._record_tokens(prompt, sum(1 for r in batch.rows if r.is_sampled), self.runner.step_mode(batch))
 
     def _record_tokens(self, prompt: int, gen: int, mode: str | None = None) -> None:
         if self.metrics is None:

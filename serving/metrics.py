@@ -27,6 +27,7 @@ AUTOSCALING_METRIC = "infinitevl:num_requests_waiting"
 
 FINISH_REASONS = ("stop", "length", "abort", "error", "timeout")
 REJECT_REASONS = ("overloaded", "invalid", "draining")
+STEP_MODES = ("cuda_graph", "piecewise", "eager")  # serving.runner.ModelRunner.step_mode
 
 # Bucket edges, identical to vLLM's (seconds unless noted).
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
@@ -204,13 +205,15 @@ class Metrics:
         self._rejected = {reason: rejected.labels(self.model_name, reason) for reason in REJECT_REASONS}
         steps = Counter(
             f"{PREFIX}engine_steps",
-            "Engine steps by how their forward ran: cuda_graph (a captured decode step replayed) or eager "
-            "(every step with prefill rows, and all steps without CUDA graphs). An eager step's launch holds "
-            "the host for its whole forward, so their share drives the tail of the inter-token latency.",
+            "Engine steps by how their forward ran: cuda_graph (a captured decode step replayed), piecewise "
+            "(a step with prefill rows of up to 1024 tokens: its stateless parts replayed as CUDA graphs, the "
+            "mixers eager) or eager (larger steps with prefill rows, and all steps without CUDA graphs). An "
+            "eager step's launch holds the host for its whole forward, a piecewise step's for about two "
+            "thirds of that, so their share drives the tail of the inter-token latency.",
             ["model_name", "mode"],
             registry=self.registry,
         )
-        self._steps = {mode: steps.labels(self.model_name, mode) for mode in ("cuda_graph", "eager")}
+        self._steps = {mode: steps.labels(self.model_name, mode) for mode in STEP_MODES}
         self._http_requests = Counter(
             f"{PREFIX}http_requests",
             "HTTP requests served, by route template, method and status code.",
@@ -239,7 +242,7 @@ class Metrics:
         mode: str | None = None,
     ) -> None:
         """Record one engine step: queue gauges, slot use, the tokens it computed and how its forward
-        ran (`mode`: "cuda_graph" or "eager"; None when no forward ran, a refresh of the gauges)."""
+        ran (`mode`: one of STEP_MODES; None when no forward ran, a refresh of the gauges)."""
         self.num_requests_running.set(num_running)
         self.num_requests_waiting.set(num_waiting)
         self.slots_used.set(slots_used)

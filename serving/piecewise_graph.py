@@ -1,4 +1,5 @@
-"""Piecewise CUDA graphs for the steps that carry prefill rows (experimental, off by default).
+"""Piecewise CUDA graphs for the steps that carry prefill rows (on wherever decode graphs are captured;
+`--no-piecewise-graphs` turns them off).
 
 A decode step replays one CUDA graph (serving.cuda_graph); a step with prefill rows runs eagerly, and
 on the GPU its launch holds the host for tens of ms (hundreds of kernels enqueued from Python), which

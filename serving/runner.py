@@ -106,6 +106,15 @@ class ModelRunner:
         kernel from Python, tens of ms for the 4B model; on the CPU the launch is the computation)."""
         return not self._replays_graph(batch)
 
+    def step_mode(self, batch: ScheduledBatch) -> str:
+        """How this step's forward runs: "cuda_graph" (a captured decode graph replayed), "piecewise"
+        (the stateless parts replayed as piecewise graphs, the mixers eager) or "eager"."""
+        if self._replays_graph(batch):
+            return "cuda_graph"
+        if self.piecewise is not None and self.piecewise.can_run(sum(r.num_tokens for r in batch.rows)):
+            return "piecewise"
+        return "eager"
+
     def _replays_graph(self, batch: ScheduledBatch) -> bool:
         return self.graphs is not None and batch.is_decode_only and self.graphs.can_run(len(batch.rows))
 

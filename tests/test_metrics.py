@@ -270,7 +270,8 @@ def test_steps_are_counted_by_how_their_forward_ran():
 
 def test_engine_counts_eager_and_graph_steps(tiny_ckpt_dir, monkeypatch):
     """The engine labels each step with its runner's answer: on the CPU every step is eager; where
-    decode-only steps replay a graph (as on a GPU), only the prefill step is."""
+    decode-only steps replay a graph and prefill steps run piecewise graphs (as on a GPU), the
+    prefill step is piecewise and the others cuda_graph."""
     from serving.llm import LLM
     from serving.types import SamplingParams
 
@@ -281,9 +282,12 @@ def test_engine_counts_eager_and_graph_steps(tiny_ckpt_dir, monkeypatch):
     assert value(llm.core.metrics, "infinitevl:engine_steps_total", mode="eager") == 5
     assert value(llm.core.metrics, "infinitevl:engine_steps_total", mode="cuda_graph") == 0
     llm.core.metrics = make_metrics()
-    monkeypatch.setattr(llm.core.runner, "launch_is_host_bound", lambda batch: not batch.is_decode_only)
+    monkeypatch.setattr(
+        llm.core.runner, "step_mode", lambda batch: "cuda_graph" if batch.is_decode_only else "piecewise"
+    )
     llm.generate(["count"], params)
-    assert value(llm.core.metrics, "infinitevl:engine_steps_total", mode="eager") == 1
+    assert value(llm.core.metrics, "infinitevl:engine_steps_total", mode="eager") == 0
+    assert value(llm.core.metrics, "infinitevl:engine_steps_total", mode="piecewise") == 1
     assert value(llm.core.metrics, "infinitevl:engine_steps_total", mode="cuda_graph") == 4
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 from model_helpers import clone_state, new_state, run_chunks, slot_rows, text_positions
+from test_metrics import make_metrics, value
 
 from model.batch import BatchMeta
+from serving.metrics import STEP_MODES
 from serving.piecewise_graph import PiecewiseGraphRunner
 
 ATOL = 2e-4  # fp32: the same math on a padded number of rows
@@ -119,10 +121,15 @@ def test_engine_steps_through_the_segments_generate_the_same_tokens(tiny_ckpt_di
                 seen.append(ids.shape[0]) or f(ids, *a, **kw)
             )
             runner.piecewise = pw
+        llm.core.metrics = make_metrics()
         outs = llm.generate(prompts, params)
         runs.append([o.choices[0].token_ids for o in outs])
+        steps = {m: value(llm.core.metrics, "infinitevl:engine_steps_total", mode=m) for m in STEP_MODES}
         if piecewise:
             assert len(used) > 3 and max(used) > 8  # every step with prefill rows went through them
+            assert steps["piecewise"] == len(used) and steps["cuda_graph"] == 0  # counted as such
+        else:
+            assert steps["piecewise"] == 0 and steps["eager"] > 0
     assert runs[0] == runs[1]
 
 
