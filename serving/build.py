@@ -78,10 +78,9 @@ def build_engine(config: EngineConfig, metrics: Any = None) -> EngineStack:
 
         graphs = CudaGraphRunner(model, pool.state, layout.num_slots, device)
         if config.piecewise_graphs is not False:
-            from serving.piecewise_graph import DEFAULT_SIZES, PiecewiseGraphRunner
+            from serving.piecewise_graph import PiecewiseGraphRunner, capture_sizes
 
-            top = min(config.max_num_batched_tokens, DEFAULT_SIZES[-1])  # no step is larger than the budget
-            sizes = [s for s in DEFAULT_SIZES if s < top] + [top]
+            sizes = capture_sizes(config.max_num_batched_tokens, config.piecewise_max_tokens)
             piecewise = PiecewiseGraphRunner(model, pool.state, device, sizes=sizes)
     elif config.piecewise_graphs:  # asked for explicitly
         logger.warning(

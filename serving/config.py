@@ -28,6 +28,9 @@ class EngineConfig:
     # (serving.piecewise_graph): None (default) wherever decode CUDA graphs are captured, True the
     # same but warns where they are not, False never (docs/benchmarks.md: the H100 A/B)
     piecewise_graphs: bool | None = None
+    # the largest step (in tokens) the piecewise graphs are captured for; larger steps run eagerly.
+    # Graph memory grows with it (121 MiB for sizes 64-1024 at the 4B shape)
+    piecewise_max_tokens: int = 1024
     async_output: bool = True  # make and emit a step's text while the device runs the next step
     # enqueue step k+1 before step k's tokens reach the host (decode inputs copied on the device); off
     # by default: it trades time to first token (one step more for a request that arrives during a step)
@@ -61,3 +64,5 @@ class EngineConfig:
             raise ValueError("need max_num_seqs >= 1 and max_num_batched_tokens >= max_num_seqs")
         if not 0.05 <= self.gpu_memory_utilization <= 1.0:
             raise ValueError("gpu_memory_utilization must be in [0.05, 1]")
+        if self.piecewise_max_tokens < 1:
+            raise ValueError("piecewise_max_tokens must be >= 1")

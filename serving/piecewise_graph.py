@@ -39,6 +39,21 @@ from model.state import StateTensors
 logger = logging.getLogger(__name__)
 
 DEFAULT_SIZES = (64, 128, 256, 512, 1024)
+DEFAULT_MAX_TOKENS = DEFAULT_SIZES[-1]  # the largest step captured by default (measured on the H100)
+
+
+def capture_sizes(max_num_batched_tokens: int, max_tokens: int = DEFAULT_MAX_TOKENS) -> list[int]:
+    """Padded step sizes to capture: powers of two from 64 up to the largest step, which is
+    min(the token budget of a step, max_tokens) and is captured itself (no step is larger than the
+    budget, so a larger size would only cost memory)."""
+    top = min(max_num_batched_tokens, max_tokens)
+    if top < 1:
+        raise ValueError(f"piecewise graphs need a positive largest size, got {top}")
+    sizes, s = [], DEFAULT_SIZES[0]
+    while s < top:
+        sizes.append(s)
+        s *= 2
+    return [*sizes, top]
 
 
 class PiecewiseGraphRunner:

@@ -162,3 +162,21 @@ def test_piecewise_graphs_default_on_where_graphs_run_silent_elsewhere(tiny_ckpt
     add_engine_args(p)
     for argv, want in (([], None), (["--piecewise-graphs"], True), (["--no-piecewise-graphs"], False)):
         assert engine_config_from_args(p.parse_args(argv), "m").piecewise_graphs is want
+    config = engine_config_from_args(p.parse_args(["--piecewise-max-tokens", "2048"]), "m")
+    assert config.piecewise_max_tokens == 2048
+    config = engine_config_from_args(p.parse_args(["--piecewise-max-tokens", "0"]), "m")
+    with pytest.raises(ValueError, match="piecewise_max_tokens"):
+        config.validate()
+
+
+def test_capture_sizes_double_from_64_up_to_the_largest_step() -> None:
+    """Powers of two from 64, then the largest step: min(step token budget, piecewise_max_tokens)."""
+    from serving.piecewise_graph import capture_sizes
+
+    assert capture_sizes(2048) == [64, 128, 256, 512, 1024]  # the default: up to 1024
+    assert capture_sizes(2048, 2048) == [64, 128, 256, 512, 1024, 2048]
+    assert capture_sizes(8192, 3000) == [64, 128, 256, 512, 1024, 2048, 3000]
+    assert capture_sizes(100) == [64, 100]  # a small budget: no step is larger
+    assert capture_sizes(48) == [48]
+    with pytest.raises(ValueError, match="positive"):
+        capture_sizes(2048, 0)
