@@ -45,9 +45,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--piecewise-graphs",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="steps with prefill rows of up to 1024 tokens run everything but the stateful mixers as CUDA "
-        "graphs (a third less host time per such step on an H100). Default: on wherever decode CUDA "
-        "graphs are captured (GPU, Triton backend, no --enforce-eager)",
+        help="steps with prefill rows of up to --piecewise-max-tokens tokens run everything but the "
+        "stateful mixers as CUDA graphs (a third less host time per such step on an H100). Default: on "
+        "wherever decode CUDA graphs are captured (GPU, Triton backend, no --enforce-eager)",
     )
     p.add_argument(
         "--piecewise-max-tokens",

@@ -24,7 +24,7 @@ class EngineConfig:
     max_prompt_len: int = 1_048_576  # memory is constant per request; this bounds work per request
     max_tokens_limit: int = 32_768  # largest max_tokens a request may ask for
     enforce_eager: bool = False  # no CUDA graphs
-    # steps with prefill rows of up to 1024 tokens run their stateless parts as CUDA graphs
+    # steps with prefill rows of up to piecewise_max_tokens run their stateless parts as CUDA graphs
     # (serving.piecewise_graph): None (default) wherever decode CUDA graphs are captured, True the
     # same but warns where they are not, False never (docs/benchmarks.md: the H100 A/B)
     piecewise_graphs: bool | None = None
