@@ -206,10 +206,10 @@ class Metrics:
         steps = Counter(
             f"{PREFIX}engine_steps",
             "Engine steps by how their forward ran: cuda_graph (a captured decode step replayed), piecewise "
-            "(a step with prefill rows of up to --piecewise-max-tokens tokens: its stateless parts replayed as CUDA graphs, the "
-            "mixers eager) or eager (larger steps with prefill rows, and all steps without CUDA graphs). An "
-            "eager step's launch holds the host for its whole forward, a piecewise step's for about two "
-            "thirds of that, so their share drives the tail of the inter-token latency.",
+            "(a step with prefill rows of up to --piecewise-max-tokens tokens: its stateless parts replayed "
+            "as CUDA graphs, the mixers eager) or eager (larger steps with prefill rows, and all steps "
+            "without CUDA graphs). An eager step's launch holds the host for its whole forward, a piecewise "
+            "step's for about two thirds of that, so their share drives the tail of the inter-token latency.",
             ["model_name", "mode"],
             registry=self.registry,
         )
