@@ -84,9 +84,11 @@ def test_inputs_embeds_and_size_limits(tiny_model) -> None:
         PiecewiseGraphRunner(tiny_model, state, "cpu", sizes=(0, 4), capture=False)
 
 
-def test_engine_steps_through_the_segments_generate_the_same_tokens(tiny_ckpt_dir) -> None:
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_engine_steps_through_the_segments_generate_the_same_tokens(tiny_ckpt_dir, async_scheduling) -> None:
     """The engine with the runner's prefill and mixed steps sent through the segments (eagerly, on
-    the CPU): chunked prompts, an image, decode rows joining; greedy tokens as without."""
+    the CPU): chunked prompts, an image, decode rows joining; greedy tokens as without. With async
+    scheduling, decode rows take their input tokens from the step still in flight (on the device)."""
     import random
 
     from PIL import Image
@@ -110,7 +112,12 @@ def test_engine_steps_through_the_segments_generate_the_same_tokens(tiny_ckpt_di
     runs = []
     for piecewise in (False, True):
         llm = LLM(
-            str(tiny_ckpt_dir), device="cpu", dtype="float32", max_num_seqs=4, max_num_batched_tokens=48
+            str(tiny_ckpt_dir),
+            device="cpu",
+            dtype="float32",
+            max_num_seqs=4,
+            max_num_batched_tokens=48,
+            async_scheduling=async_scheduling,
         )
         runner = llm.core.runner
         used: list[int] = []
