@@ -110,15 +110,9 @@ def test_engine_steps_through_the_segments_generate_the_same_tokens(tiny_ckpt_di
         Prompt(text="the quick brown fox jumps over"),
     ]
     runs = []
+    engine = {"max_num_seqs": 4, "max_num_batched_tokens": 48, "async_scheduling": async_scheduling}
     for piecewise in (False, True):
-        llm = LLM(
-            str(tiny_ckpt_dir),
-            device="cpu",
-            dtype="float32",
-            max_num_seqs=4,
-            max_num_batched_tokens=48,
-            async_scheduling=async_scheduling,
-        )
+        llm = LLM(str(tiny_ckpt_dir), device="cpu", dtype="float32", **engine)
         runner = llm.core.runner
         used: list[int] = []
         if piecewise:
