@@ -122,15 +122,9 @@ class PiecewiseGraphRunner:
         return self.gdn_mid[:n] if layer.is_linear else self.swa_mid[:n]
 
     def _store_head(self, layer, n: int, mixer_in: tuple[torch.Tensor, ...], residual: torch.Tensor) -> None:
-        """Copies a head's outputs into the static buffers (rows :n)."""
-        if layer.is_linear:
-            self.proj[:n].copy_(mixer_in[0])
-        else:
-            hq, hkv = self._swa_heads
-            qkv = self.qkv[:n]
-            qkv[:, :hq].copy_(mixer_in[0])
-            qkv[:, hq : hq + hkv].copy_(mixer_in[1])
-            qkv[:, hq + hkv :].copy_(mixer_in[2])
+        """Copies a head's outputs into the static buffers (rows :n) that `_mixer_in` reads."""
+        for buffer, value in zip(self._mixer_in(layer, n), mixer_in, strict=True):
+            buffer.copy_(value)
         self.residual[:n].copy_(residual)
 
     def _segment(self, k: int, n: int) -> Callable[[], None]:

@@ -107,8 +107,11 @@ class ModelRunner:
         return not self._replays_graph(batch)
 
     def step_mode(self, batch: ScheduledBatch) -> str:
-        """How this step's forward runs: "cuda_graph" (a captured decode graph replayed), "piecewise"
+        """How `launch_forward` runs this step: "cuda_graph" (a captured decode graph replayed), "piecewise"
         (the stateless parts replayed as piecewise graphs, the mixers eager) or "eager"."""
+        return self._mode(batch)
+
+    def _mode(self, batch: ScheduledBatch) -> str:
         if self._replays_graph(batch):
             return "cuda_graph"
         if self.piecewise is not None and self.piecewise.can_run(sum(r.num_tokens for r in batch.rows)):
@@ -131,7 +134,8 @@ class ModelRunner:
             if row.is_prefill:
                 self._ensure_vision(reqs[row.request_id])
         sampled = [r for r in batch.rows if r.is_sampled]
-        if self._replays_graph(batch):
+        mode = self._mode(batch)
+        if mode == "cuda_graph":
             # every decode row is sampled; the graph returns one logits row per batch row
             ids, pos, slots, ctx = self._decode_inputs(batch, reqs)
             logits = self.graphs.run_host(ids, pos, slots, ctx, _token_patch(_missing(batch, ids), prev))
@@ -144,7 +148,7 @@ class ModelRunner:
                 device=self.device,
             )
             embeds = self._embeds(batch, reqs, input_ids)
-            if self.piecewise is not None and self.piecewise.can_run(input_ids.shape[0]):
+            if mode == "piecewise":
                 hidden = self.piecewise.forward(input_ids, positions, meta, inputs_embeds=embeds)
             else:
                 hidden = self.model.forward(input_ids, positions, meta, self.pool.state, inputs_embeds=embeds)
