@@ -268,8 +268,7 @@ class Metrics:
         self.request_params_n.observe(stats.n)
         if stats.max_tokens > 0:
             self.request_params_max_tokens.observe(stats.max_tokens)
-        observe_many(self.inter_token_latency, stats.token_intervals)
-        observe_many(self.time_per_output_token, stats.token_intervals)
+        observe_many(stats.token_intervals, self.inter_token_latency, self.time_per_output_token)
         self._observe_phases(stats)
 
     def _success_counter(self, reason: str) -> Counter:
@@ -370,24 +369,30 @@ METRIC_NAMES: tuple[str, ...] = tuple(
 )
 
 
-def observe_many(child: Histogram, values: Sequence[float]) -> None:
-    """`child.observe(v)` for every v of `values` (a request's token intervals at its finish: hundreds at
-    once, on the engine thread): each bucket's count and the sum taken once, one lock each, instead of
-    two per value (about 10 times faster). Falls back to `observe` where prometheus_client's histogram
-    lacks the fields used. The sum may differ from sequential adds in the last bits (summation order)."""
-    bounds = getattr(child, "_upper_bounds", None)
-    buckets = getattr(child, "_buckets", None)
-    total = getattr(child, "_sum", None)
-    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
-        for v in values:
-            child.observe(v)
-        return
-    child._raise_if_not_observable()
-    counts = [0] * len(bounds)
-    for v in values:
-        if v == v:  # observe counts a NaN in no bucket (it is <= no bound)
-            counts[bisect_left(bounds, v)] += 1  # the first bound >= v, as observe finds it
-    total.inc(sum(values))
-    for i, n in enumerate(counts):
-        if n:
-            buckets[i].inc(n)
+def observe_many(values: Sequence[float], *children: Histogram) -> None:
+    """`child.observe(v)` for every v of `values` and every child (a request's token intervals at its
+    finish: hundreds at once, on the engine thread): each bucket's count and the sum taken once, one
+    lock each, instead of two per value (about 10 times faster); children with the same bucket bounds
+    share one counting pass. Falls back to `observe` where prometheus_client's histogram lacks the
+    fields used. The sum may differ from sequential adds in the last bits (summation order)."""
+    counted: dict[tuple[float, ...], list[int]] = {}
+    value_sum = sum(values)
+    for child in children:
+        bounds = getattr(child, "_upper_bounds", None)
+        buckets = getattr(child, "_buckets", None)
+        total = getattr(child, "_sum", None)
+        if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+            for v in values:
+                child.observe(v)
+            continue
+        child._raise_if_not_observable()
+        counts = counted.get(tuple(bounds))
+        if counts is None:
+            counts = counted[tuple(bounds)] = [0] * len(bounds)
+            for v in values:
+                if v == v:  # observe counts a NaN in no bucket (it is <= no bound)
+                    counts[bisect_left(bounds, v)] += 1  # the first bound >= v, as observe finds it
+        total.inc(value_sum)
+        for i, n in enumerate(counts):
+            if n:
+                buckets[i].inc(n)

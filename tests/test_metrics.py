@@ -309,7 +309,7 @@ def test_observe_many_equals_observing_one_by_one() -> None:
             reg = CollectorRegistry()
             child = Histogram("h", "d", ["m"], buckets=ITL_BUCKETS, registry=reg).labels("x")
             if bulk:
-                observe_many(child, values + extra)
+                observe_many(values + extra, child)
             else:
                 for v in values + extra:
                     child.observe(v)
@@ -339,5 +339,5 @@ def test_observe_many_falls_back_without_the_histogram_fields() -> None:
             self.seen.append(v)
 
     p = Plain()
-    observe_many(p, [0.1, 0.2])
+    observe_many([0.1, 0.2], p)
     assert p.seen == [0.1, 0.2]
