@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# One device call for the piecewise CUDA graphs (serving.piecewise_graph, `--piecewise-graphs`, off by
-# default): the graph tests (piecewise replay = eager with padding confined, with and without PDL, and
-# the decode graphs), the host enqueue and wall time of eager steps with prefill rows against the same
-# steps through the piecewise graphs (profile_eager.py --piecewise, alternating rounds, with the
-# fla_direct A/B and both cProfiles of the mixed step), then, with time left, HTTP at 1, 64 and 256
-# clients with and without `--piecewise-graphs` (gpu_campaign.sh's variants). Results under $OUT.
+# One device call for the piecewise CUDA graphs (serving.piecewise_graph, on by default,
+# `--no-piecewise-graphs` turns them off): the graph tests (piecewise replay = eager with padding
+# confined, with and without PDL, and the decode graphs), the host enqueue and wall time of eager steps
+# with prefill rows against the same steps through the piecewise graphs (profile_eager.py --piecewise,
+# alternating rounds, with the fla_direct A/B and both cProfiles of the mixed step), then, with time
+# left, HTTP at 1, 64 and 256 clients with and without them (gpu_campaign.sh's variants). Results
+# under $OUT.
 #   COMMIT=$(git rev-parse --short HEAD) BUDGET=570 bash benchmarks/gpu_check_piecewise.sh    (.whl/ carried)
 set -uo pipefail
 source benchmarks/device_setup.sh
@@ -15,7 +16,7 @@ timeout $(( $(left) > 330 ? 200 : $(left) - 20 )) python3 benchmarks/profile_eag
 grep -E "host enqueue|piecewise graphs" "$OUT/profile_eager.log"
 echo "seconds left: $(left)"
 if [ "$(left)" -gt 250 ]; then
-  BASE_CLIENTS="" AB_ASYNC=1 VARIANTS="pw:--piecewise-graphs base:" TAIL_BUDGET=0 \
+  BASE_CLIENTS="" AB_ASYNC=1 VARIANTS="pw: base:--no-piecewise-graphs" TAIL_BUDGET=0 \
     timeout $(( $(left) - 10 )) bash benchmarks/gpu_campaign.sh 2>&1 | grep -E "^(pw|base)_c|server ready|died"
 fi
 ls "$OUT"
