@@ -199,7 +199,8 @@ def main() -> None:
             )
     if args.piecewise:
         res["piecewise"] = piecewise_ab(model, state, cases, args.ab_rounds)
-    prof = python_profile(steps["mixed 64 + 512"])
+    # the default settings' profile: the A/B's direct one where it ran (fla_direct is on by default)
+    prof = res.get("python_profile_mixed_64_512_direct") or python_profile(steps["mixed 64 + 512"])
     res["python_profile_mixed_64_512"] = prof
     print(prof["tottime"][:6000])
     print(prof["cumulative"][:6000])
