@@ -4,7 +4,9 @@ inside the delta-rule kernel (`gates`: `gates_in_delta_rule`), the linear entrie
 GEMM table (`table`), its fused gate|up + silu_mul entries (`silu`), programmatic dependent launch of
 the Triton kernels (`pdl`, triton_kernels/pdl.py), the M-RoPE cos/sin tables in one launch
 (`mrope`: off runs the plain code's dozen small kernels at the head of the step), the LM head's fp32
-logits stored by its GEMM (`fp32logits`: off writes bf16 logits and widens them in a copy), the split-K partial sums of the output projections
+logits stored by its GEMM (`fp32logits`: off writes bf16 logits and widens them in a copy), the whole
+MLP in one persistent launch (`mlp`: the table's "mlp" entries, triton_kernels/mlp.py; `--mlp-table`
+adds the entries that bench_fused_mlp.py chose), the split-K partial sums of the output projections
 added up inside the next residual-add RMSNorm instead of by a reduction kernel (`splitnorm`:
 `split_k_into_norm`) and decoder weights that cuBLAS multiplies stored
 transposed (`transposed`: [in, out] storage read through a `.t()` view, cuBLAS's "NN" kernels; the
@@ -13,8 +15,8 @@ steps at context 1K for every on/off combination of the chosen switches, in roun
 combination once per round, three rounds), median per combination.
 
     python benchmarks/ab_decode.py --out DIR [--batches 1,8,64,128]
-        [--switches gates,table,silu,pdl,mrope,fp32logits,splitnorm,transposed]
-        [--old-table PATH]
+        [--switches gates,table,silu,pdl,mrope,fp32logits,splitnorm,transposed,mlp]
+        [--old-table PATH] [--mlp-table bench_fused_mlp.json]
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from model.backends.gemm_table import DecodeGemmTable
 from model.backends.triton_kernels import pdl
 from model.layers import mrope_cos_sin
 
-SWITCHES = ("gates", "table", "silu", "pdl", "mrope", "fp32logits", "splitnorm", "transposed")
+SWITCHES = ("gates", "table", "silu", "pdl", "mrope", "fp32logits", "splitnorm", "transposed", "mlp")
 
 
 def backend_attrs(
@@ -58,6 +60,8 @@ def backend_attrs(
         table = old_table if old_table is not None else table.without("linear")
     if not on.get("silu", True):
         table = table.without("silu_mul")
+    if not on.get("mlp", True):
+        table = table.without("mlp")
     if not on.get("splitnorm", True):
         attrs["split_k_into_norm"] = False
     attrs["gemm_table"] = table
@@ -101,6 +105,7 @@ def main() -> None:
     ap.add_argument(
         "--old-table", help="GEMM table JSON that `table` off stands for (default: no linear entries)"
     )
+    ap.add_argument("--mlp-table", help="bench_fused_mlp.json: its fused-MLP table entries are added")
     args = ap.parse_args()
     old_table = DecodeGemmTable.load(Path(args.old_table)) if args.old_table else None
     batches = [int(b) for b in args.batches.split(",")]
@@ -112,6 +117,8 @@ def main() -> None:
     state = random_state(cfg, max(batches))
     combos = list(itertools.product((False, True), repeat=len(names)))
     table = model.backend.gemm_table
+    if args.mlp_table:
+        table = table.extended(json.loads(Path(args.mlp_table).read_text())["table"])
     pointwise = model.backend.pointwise
     rows = []
     for batch in batches:
