@@ -4,9 +4,9 @@ inside the delta-rule kernel (`gates`: `gates_in_delta_rule`), the linear entrie
 GEMM table (`table`), its fused gate|up + silu_mul entries (`silu`), programmatic dependent launch of
 the Triton kernels (`pdl`, triton_kernels/pdl.py), the M-RoPE cos/sin tables in one launch
 (`mrope`: off runs the plain code's dozen small kernels at the head of the step), the LM head's fp32
-logits stored by its GEMM (`fp32logits`: off writes bf16 logits and widens them in a copy), the whole
-MLP in one persistent launch (`mlp`: the table's "mlp" entries, triton_kernels/mlp.py; `--mlp-table`
-adds the entries that bench_fused_mlp.py chose), the split-K partial sums of the output projections
+logits stored by its GEMM (`fp32logits`: off writes bf16 logits and widens them in a copy), GEMM table
+entries measured since (`extra`: the entries of `--extra-table`, a JSON with a "table" list, merged
+into the shipped table, e.g. from sweep_decode_pipelines.py), the split-K partial sums of the output projections
 added up inside the next residual-add RMSNorm instead of by a reduction kernel (`splitnorm`:
 `split_k_into_norm`) and decoder weights that cuBLAS multiplies stored
 transposed (`transposed`: [in, out] storage read through a `.t()` view, cuBLAS's "NN" kernels; the
@@ -15,8 +15,8 @@ steps at context 1K for every on/off combination of the chosen switches, in roun
 combination once per round, three rounds), median per combination.
 
     python benchmarks/ab_decode.py --out DIR [--batches 1,8,64,128]
-        [--switches gates,table,silu,pdl,mrope,fp32logits,splitnorm,transposed,mlp]
-        [--old-table PATH] [--mlp-table bench_fused_mlp.json]
+        [--switches gates,table,silu,pdl,mrope,fp32logits,splitnorm,transposed,extra]
+        [--old-table PATH] [--extra-table PATH]
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from model.backends.gemm_table import DecodeGemmTable
 from model.backends.triton_kernels import pdl
 from model.layers import mrope_cos_sin
 
-SWITCHES = ("gates", "table", "silu", "pdl", "mrope", "fp32logits", "splitnorm", "transposed", "mlp")
+SWITCHES = ("gates", "table", "silu", "pdl", "mrope", "fp32logits", "splitnorm", "transposed", "extra")
 
 
 def backend_attrs(
@@ -46,10 +46,12 @@ def backend_attrs(
     table: DecodeGemmTable,
     old_table: DecodeGemmTable | None = None,
     pointwise=None,
+    extra: list[dict] | None = None,
 ) -> dict:
     """Backend attributes that turn switches off (an absent key keeps the backend's own choice);
     `table` is the backend's own GEMM table; with `old_table`, "table" off means that table instead
-    of no linear entries; `pointwise` is the backend's own fused ops."""
+    of no linear entries; `pointwise` is the backend's own fused ops; `extra`: table entries merged
+    in where "extra" is on."""
     attrs: dict = {}
     if not on.get("mrope", True):
         attrs["pointwise"] = copy.copy(pointwise)
@@ -60,8 +62,8 @@ def backend_attrs(
         table = old_table if old_table is not None else table.without("linear")
     if not on.get("silu", True):
         table = table.without("silu_mul")
-    if not on.get("mlp", True):
-        table = table.without("mlp")
+    if on.get("extra", False) and extra:
+        table = table.extended(extra)
     if not on.get("splitnorm", True):
         attrs["split_k_into_norm"] = False
     attrs["gemm_table"] = table
@@ -105,7 +107,7 @@ def main() -> None:
     ap.add_argument(
         "--old-table", help="GEMM table JSON that `table` off stands for (default: no linear entries)"
     )
-    ap.add_argument("--mlp-table", help="bench_fused_mlp.json: its fused-MLP table entries are added")
+    ap.add_argument("--extra-table", help='JSON with a "table" list of GEMM table entries (switch `extra`)')
     args = ap.parse_args()
     old_table = DecodeGemmTable.load(Path(args.old_table)) if args.old_table else None
     batches = [int(b) for b in args.batches.split(",")]
@@ -117,8 +119,7 @@ def main() -> None:
     state = random_state(cfg, max(batches))
     combos = list(itertools.product((False, True), repeat=len(names)))
     table = model.backend.gemm_table
-    if args.mlp_table:
-        table = table.extended(json.loads(Path(args.mlp_table).read_text())["table"])
+    extra = json.loads(Path(args.extra_table).read_text())["table"] if args.extra_table else None
     pointwise = model.backend.pointwise
     rows = []
     for batch in batches:
@@ -139,7 +140,7 @@ def main() -> None:
                 fp32_logits[0] = on.get("fp32logits", True)
                 with pdl_set(on.get("pdl")), transposed(model, on.get("transposed", False)):
                     times[c].append(
-                        graph_ms_with(model, step, **backend_attrs(on, table, old_table, pointwise))
+                        graph_ms_with(model, step, **backend_attrs(on, table, old_table, pointwise, extra))
                     )
         floor_ms = decode_floor_s(batch, 1024) * 1e3
         for c, ms in times.items():

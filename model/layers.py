@@ -113,10 +113,11 @@ class MLP(nn.Module):
         self, x: torch.Tensor, backend: Backend, partial: bool = False
     ) -> torch.Tensor | SplitKPartials:
         """partial: the output goes straight to a residual-add norm (`Backend.linear`'s `partial`)."""
-        if self.gate_up_weight is not None:  # fused: the backend may run the whole MLP in one launch
-            return backend.mlp(x, self.gate_up_weight, self.down_proj.weight, partial=partial)
-        gate = backend.linear(x, self.gate_proj.weight)
-        act = F.silu(gate) * backend.linear(x, self.up_proj.weight)
+        if self.gate_up_weight is not None:  # fused: the backend may keep gate|up out of memory
+            act = backend.linear_silu_mul(x, self.gate_up_weight)
+        else:
+            gate = backend.linear(x, self.gate_proj.weight)
+            act = F.silu(gate) * backend.linear(x, self.up_proj.weight)
         return backend.linear(act, self.down_proj.weight, partial=partial)
 
 

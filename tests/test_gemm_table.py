@@ -49,6 +49,28 @@ def test_ops_are_looked_up_apart() -> None:
         DecodeGemmTable([{"op": "gelu", "N": 1, "K": 1, "max_m": 1, "config": None}])
 
 
+def test_extended_replaces_or_adds_buckets_and_keeps_the_rest() -> None:
+    a, b, c = {"block_n": 64}, {"block_n": 128}, {"block_n": 32, "num_stages": 8}
+    table = DecodeGemmTable(
+        [
+            {"N": 10, "K": 20, "max_m": 1, "config": None},
+            {"N": 10, "K": 20, "max_m": 64, "config": a},
+            {"N": 30, "K": 20, "max_m": 8, "config": b},
+        ]
+    )
+    more = table.extended(
+        [
+            {"N": 10, "K": 20, "max_m": 1, "config": c},  # replaces the batch-1 bucket
+            {"N": 10, "K": 20, "max_m": 8, "config": b},  # a new bucket between the two
+            {"N": 50, "K": 20, "max_m": 4, "config": a},  # a new shape
+        ]
+    )
+    assert len(more) == 5 and len(table) == 3  # the original is left as it was
+    assert more.lookup(1, 10, 20, False) == c and table.lookup(1, 10, 20, False) is None
+    assert more.lookup(4, 10, 20, False) == b and more.lookup(9, 10, 20, False) == a
+    assert more.lookup(8, 30, 20, False) == b and more.lookup(2, 50, 20, False) == a
+
+
 def test_unknown_launch_keys_are_rejected() -> None:
     with pytest.raises(ValueError, match="block_q"):
         DecodeGemmTable([{"N": 1, "K": 1, "max_m": 1, "config": {"block_q": 3}}])

@@ -408,60 +408,6 @@ def test_decode_gemm_silu_mul(m: int, inter: int, k: int, cfg: dict) -> None:
         decode_gemm(x, w, None, split_k=2, silu_mul=True)
 
 
-@pytest.mark.parametrize(
-    "m,inter,k,n,cfg",
-    [
-        (1, 100, 256, 96, {"block_n1": 32, "block_n2": 32, "split_k2": 1, "num_programs": 4}),  # ragged tiles
-        (
-            3,
-            192,
-            256,
-            64,
-            {"block_n1": 16, "block_n2": 16, "split_k2": 3, "num_programs": 3},
-        ),  # several units each
-        (
-            16,
-            256,
-            384,
-            128,
-            {"block_n1": 64, "block_n2": 64, "split_k2": 2, "num_programs": 2, "num_warps": 8},
-        ),
-    ],
-)
-def test_fused_mlp(m: int, inter: int, k: int, n: int, cfg: dict) -> None:
-    """The fused decode MLP equals its two-GEMM path bit for bit (decode_gemm silu_mul, then the down
-    split-K partials over the same blocks) and the fp32 reference within bf16 tolerance; on a GPU
-    also as one launch, replayed (its counters reset themselves)."""
-    from model.backends.base import SplitKPartials
-    from model.backends.triton_kernels.gemm import decode_gemm
-    from model.backends.triton_kernels.mlp import fused_mlp, fused_mlp_flags
-
-    g = torch.Generator(DEVICE).manual_seed(m * 1000 + inter)
-    x = torch.randn(m, k, generator=g, device=DEVICE).to(DT)
-    w1 = (torch.randn(2 * inter, k, generator=g, device=DEVICE) * 0.1).to(DT)
-    w2 = (torch.randn(n, inter, generator=g, device=DEVICE) * 0.1).to(DT)
-    flags = fused_mlp_flags(DEVICE)
-    gate, up = torch.nn.functional.linear(x.float(), w1.float()).to(DT).chunk(2, dim=-1)
-    ref = torch.nn.functional.linear((torch.nn.functional.silu(gate) * up).float(), w2.float())
-    h = decode_gemm(x, w1, None, block_n=cfg["block_n1"], block_k=128, silu_mul=True)
-    two_gemms = decode_gemm(
-        h, w2, None, block_n=cfg["block_n2"], block_k=128, split_k=cfg["split_k2"], reduce=False
-    )
-    reduced = two_gemms.dim() == 2  # one split: decode_gemm rounded the sum to x's dtype itself
-    for one_launch in [False, True] if HAS_CUDA else [False]:
-        for _ in range(3):  # replays: the counters must be back at zero after each launch
-            part = fused_mlp(x, w1, w2, flags, one_launch=one_launch, **cfg)
-            assert part.dtype == torch.float32 and part.shape == (1 if reduced else two_gemms.shape[0], m, n)
-            got = part[0].to(DT) if reduced else part
-            assert torch.equal(got, two_gemms), f"one_launch={one_launch}"
-            assert rel_err(SplitKPartials(part, DT).total(), ref) < (TOL if HAS_CUDA else 1e-5)
-            assert int(flags.count_nonzero()) == 0, "counters left raised"
-    with pytest.raises(ValueError, match="rows"):
-        fused_mlp(torch.zeros(17, k, dtype=DT, device=DEVICE), w1, w2, flags)
-    with pytest.raises(ValueError, match="does not match"):
-        fused_mlp(x, w1[:-2], w2, flags)
-
-
 def test_pdl_only_in_captures_and_warmups() -> None:
     """Eager launches never carry the PDL attribute (it doubles their host cost); launches inside
     `warmup()` do, as captured ones would; nothing does with PDL off."""
@@ -560,43 +506,6 @@ def test_backend_linear_silu_mul_follows_the_gemm_table(monkeypatch: pytest.Monk
         assert out.shape == (m, 64)
         if m:
             assert rel_err(out, ref_backend.linear_silu_mul(x, w)) < TOL
-
-
-def test_backend_mlp_follows_the_gemm_table(monkeypatch: pytest.MonkeyPatch) -> None:
-    """TritonBackend.mlp runs fused_mlp where the table has an "mlp" config for the gate|up shape and
-    batch (partial sums for the norm with `partial`, else the product), and otherwise its two
-    products; every path equals the torch backend."""
-    import model.backends.triton_backend as tb
-    from model.backends.base import SplitKPartials
-    from model.backends.gemm_table import DecodeGemmTable
-
-    calls: list[dict] = []
-    real = tb.fused_mlp
-
-    def spy(x, gu, down, flags, **cfg):
-        calls.append(cfg)
-        return real(x, gu, down, flags, **cfg)
-
-    monkeypatch.setattr(tb, "fused_mlp", spy)
-    backend, ref_backend = _backends()
-    cfg = {"block_n1": 16, "block_n2": 32, "split_k2": 2, "num_programs": 3}
-    backend.gemm_table = DecodeGemmTable([{"op": "mlp", "N": 512, "K": 256, "max_m": 4, "config": cfg}])
-    gu = (torch.randn(512, 256, device=DEVICE) * 0.1).to(DT)
-    down = (torch.randn(256, 256, device=DEVICE) * 0.1).to(DT)
-    for m, expect in ((1, [cfg]), (4, [cfg]), (8, [])):
-        x = torch.randn(m, 256, device=DEVICE).to(DT)
-        ref = ref_backend.mlp(x, gu, down)
-        for partial in (False, True):
-            calls.clear()
-            out = backend.mlp(x, gu, down, partial=partial)
-            assert calls == expect, m
-            if partial and expect:
-                assert isinstance(out, SplitKPartials) and out.partials.shape[0] == 2
-                out = out.total()
-            elif isinstance(out, SplitKPartials):  # the unfused down product may leave partials too
-                out = out.total()
-            assert out.shape == (m, 256) and out.dtype == DT
-            assert rel_err(out, ref) < (TOL if HAS_CUDA else 1e-5)
 
 
 def test_backend_linear_follows_the_gemm_table(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -59,13 +59,6 @@ def linear_silu_mul(backend: Backend, x: torch.Tensor, gate_up_weight: torch.Ten
     return F.silu(gate) * up
 
 
-def mlp(
-    backend: Backend, x: torch.Tensor, gate_up_weight: torch.Tensor, down_weight: torch.Tensor, partial: bool
-) -> torch.Tensor | SplitKPartials:
-    """The MLP as two products, the reference of `Backend.mlp`: silu(gate) * up, then down."""
-    return backend.linear(backend.linear_silu_mul(x, gate_up_weight), down_weight, partial=partial)
-
-
 class PointwiseOps(Protocol):
     """Fused elementwise steps of the decoder block and the vision tower; each equals the plain-PyTorch
     code for the same step (model.layers, transformers' vision blocks) up to reduction order. A backend
@@ -149,15 +142,6 @@ class Backend(Protocol):
         x: torch.Tensor,  # [N, K]
         gate_up_weight: torch.Tensor,  # [2 I, K]: gate rows, then up rows
     ) -> torch.Tensor:  # silu(gate) * up [N, I], gate and up rounded to x's dtype first (linear_silu_mul)
-        ...
-
-    def mlp(
-        self,
-        x: torch.Tensor,  # [N, K]
-        gate_up_weight: torch.Tensor,  # [2 I, K]
-        down_weight: torch.Tensor,  # [K_out, I]
-        partial: bool = False,  # as `linear`'s: the result goes straight to a residual-add norm
-    ) -> torch.Tensor | SplitKPartials:  # down(silu(gate) * up), as `mlp` computes it
         ...
 
     def qk_l2norm_in_conv(self, meta: BatchMeta) -> bool:

@@ -3,8 +3,7 @@
 A `DecodeGemmTable` maps an op, a weight shape (N, K, has bias) and a batch bucket to the launch
 parameters that beat cuBLAS there. Ops: "linear" (y = x W^T + b), "silu_mul" (an MLP's gate|up
 weight, N = 2 I: the fused silu(gate) * up against cuBLAS or the table's linear followed by the
-silu_mul kernel) and "mlp" (keyed by the gate|up weight: the whole MLP in one persistent launch,
-triton_kernels/mlp.py, against the two products); `decode_gemm_sm90.json` holds the table measured on an H100 by
+silu_mul kernel); `decode_gemm_sm90.json` holds the table measured on an H100 by
 benchmarks/tune_decode_gemm.py (the 4B shapes). Anything not in it goes to cuBLAS. No triton import
 here: the table is plain data, tested on CPU.
 """
@@ -22,12 +21,7 @@ LAUNCH_KEYS = (
     "block_n", "block_k", "split_k", "num_stages", "num_warps", "num_programs", "flatten", "tma",
     "warp_specialize",
 )  # fmt: skip
-# fused_mlp's launch parameters (op "mlp": gate|up, silu_mul and down in one persistent launch)
-MLP_LAUNCH_KEYS = (
-    "block_n1", "block_k1", "block_n2", "block_k2", "split_k2", "num_stages", "num_warps", "num_programs",
-    "prefetch1", "prefetch2",
-)  # fmt: skip
-OPS = ("linear", "silu_mul", "mlp")
+OPS = ("linear", "silu_mul")
 
 
 class DecodeGemmTable:
@@ -47,7 +41,7 @@ class DecodeGemmTable:
                 raise ValueError(f"decode GEMM table: unknown op {op!r}")
             cfg = e.get("config")
             if cfg is not None:
-                unknown = set(cfg) - set(MLP_LAUNCH_KEYS if op == "mlp" else LAUNCH_KEYS)
+                unknown = set(cfg) - set(LAUNCH_KEYS)
                 if unknown:
                     raise ValueError(f"decode GEMM table: unknown launch keys {sorted(unknown)}")
             key = (op, int(e["N"]), int(e["K"]), bool(e.get("bias", False)))
@@ -67,11 +61,14 @@ class DecodeGemmTable:
         return kept
 
     def extended(self, entries: list[dict]) -> DecodeGemmTable:
-        """The same table with `entries` (JSON entries) added; for a shape it already has, theirs
-        replace its buckets (a freshly measured op tried against the shipped table)."""
-        extra = DecodeGemmTable(entries)
+        """The same table with `entries` (JSON entries) merged in: an entry replaces the bucket of the
+        same op, shape and max_m, or adds one (configs measured since, tried against this table)."""
         merged = DecodeGemmTable([])
-        merged._by_shape = {**self._by_shape, **extra._by_shape}
+        merged._by_shape = {key: list(b) for key, b in self._by_shape.items()}
+        for key, buckets in DecodeGemmTable(entries)._by_shape.items():
+            mine = {max_m: cfg for max_m, cfg in merged._by_shape.get(key, [])}
+            mine.update(dict(buckets))
+            merged._by_shape[key] = sorted(mine.items(), key=lambda b: b[0])
         return merged
 
     def __len__(self) -> int:

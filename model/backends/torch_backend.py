@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model.backends.base import GateInputs, SplitKPartials, gate_values, linear_silu_mul, mlp
+from model.backends.base import GateInputs, gate_values, linear_silu_mul
 from model.batch import BatchMeta
 
 # Queries per block in sliding-window attention: bounds the score matrix to [H, block, block + W - 1].
@@ -59,11 +59,6 @@ class TorchBackend:
 
     def linear_silu_mul(self, x: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor:
         return linear_silu_mul(self, x, gate_up_weight)
-
-    def mlp(
-        self, x: torch.Tensor, gate_up_weight: torch.Tensor, down_weight: torch.Tensor, partial: bool = False
-    ) -> torch.Tensor | SplitKPartials:
-        return mlp(self, x, gate_up_weight, down_weight, partial)
 
     def qk_l2norm_in_conv(self, meta: BatchMeta) -> bool:
         return False  # normalising inside gated_delta_rule keeps q and k in fp32

@@ -15,11 +15,10 @@ import torch
 import torch.nn.functional as F
 from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
-from model.backends.base import GateInputs, SplitKPartials, gate_values, linear_silu_mul, mlp
+from model.backends.base import GateInputs, SplitKPartials, gate_values, linear_silu_mul
 from model.backends.gemm_table import DecodeGemmTable, default_table
 from model.backends.triton_kernels.conv import conv_prefill, l2norm_args
 from model.backends.triton_kernels.gemm import DECODE_GEMM_MAX_M, decode_gemm
-from model.backends.triton_kernels.mlp import FUSED_MLP_MAX_M, fused_mlp, fused_mlp_flags
 from model.backends.triton_kernels.ops import (
     TritonPointwise,
     conv_decode_call,
@@ -98,8 +97,6 @@ class TritonBackend:
         # to the wrapper on the H100; a 256-token prefill step enqueues in 41 ms instead of 59.5,
         # docs/benchmarks.md); False: always the public function (A/B switch)
         self.fla_direct = True
-        # counters of the fused decode MLP's grid barrier (triton_kernels/mlp.py), zero at rest
-        self._mlp_flags = fused_mlp_flags(self.device)
 
     # --- host-built index tables for prefill (cached for the meta of the current call) ---
 
@@ -154,19 +151,6 @@ class TritonBackend:
         if cfg is not None:
             return decode_gemm(x, gate_up_weight, None, silu_mul=True, **cfg)
         return linear_silu_mul(self, x, gate_up_weight)
-
-    def mlp(
-        self, x: torch.Tensor, gate_up_weight: torch.Tensor, down_weight: torch.Tensor, partial: bool = False
-    ) -> torch.Tensor | SplitKPartials:
-        """The whole MLP in one persistent launch (`fused_mlp`) where `gemm_table` has an "mlp" config
-        for the gate|up shape and batch (decode batches of up to 16 rows), else its two products."""
-        cfg = None
-        if x.dim() == 2 and x.shape[0] <= FUSED_MLP_MAX_M:
-            cfg = self._gemm_config(x, gate_up_weight, False, "mlp")
-        if cfg is None or down_weight.stride(1) != 1:
-            return mlp(self, x, gate_up_weight, down_weight, partial)
-        out = SplitKPartials(fused_mlp(x, gate_up_weight, down_weight, self._mlp_flags, **cfg), x.dtype)
-        return out if partial and self.split_k_into_norm and self.pointwise is not None else out.total()
 
     def qk_l2norm_in_conv(self, meta: BatchMeta) -> bool:
         """Prefill: the conv epilogue normalises q and k, so fla skips its l2norm pass (1.3% of an 8K
