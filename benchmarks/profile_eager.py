@@ -3,7 +3,8 @@ without a CUDA graph, and its launch alone holds the host for tens of ms (docs/b
 what the inter-token latency tails of the HTTP runs are made of.
 The prefill cases are then timed with fla's forward called directly and with its public wrapper
 (TritonBackend.fla_direct on and off) in alternating rounds, and the mixed step is profiled both ways.
-With --piecewise, the steps of up to 1024 tokens are also timed through the piecewise CUDA graphs
+With --piecewise, the steps of up to the largest of --piecewise-sizes tokens (default 1024, the
+server's --piecewise-max-tokens) are also timed through the piecewise CUDA graphs
 (serving.piecewise_graph) against the eager forward.
 
 For each case: the host time to enqueue one forward (no wait), and the wall time from the first kernel's
@@ -13,6 +14,7 @@ cumulative time), which says where the host goes: our model code, Triton's launc
 torch's dispatcher.
 
     python benchmarks/profile_eager.py --out DIR [--cases ...] [--ab-rounds 4] [--piecewise]
+        [--piecewise-sizes 64,256,512,1024,2048]
 """
 
 from __future__ import annotations
@@ -139,6 +141,7 @@ def main() -> None:
     ap.add_argument("--cases", help="comma-separated case names to run (default: all)")
     ap.add_argument("--ab-rounds", type=int, default=4, help="alternating rounds of the A/Bs")
     ap.add_argument("--piecewise", action="store_true", help="A/B of the piecewise CUDA graphs")
+    ap.add_argument("--piecewise-sizes", default="64,256,512,1024", help="step sizes the graphs capture")
     args = ap.parse_args()
     cfg = load_cfg()
     model = build_model(cfg)
@@ -150,6 +153,8 @@ def main() -> None:
         "prefill 256": (0, 256),
         "mixed 64 + 512": (64, 512),
         "mixed 64 + 2048": (64, 2048),
+        "prefill 2048": (0, 2048),  # a long prompt's chunk at the default step budget
+        "mixed 64 + 1984": (64, 1984),  # a full default step budget of 2048 tokens
         "prefill 8192": (0, 8192),
     }
     if args.cases:
@@ -198,7 +203,8 @@ def main() -> None:
                 steps["mixed 64 + 512"]
             )
     if args.piecewise:
-        res["piecewise"] = piecewise_ab(model, state, cases, args.ab_rounds)
+        sizes = tuple(int(s) for s in args.piecewise_sizes.split(","))
+        res["piecewise"] = piecewise_ab(model, state, cases, args.ab_rounds, sizes)
     # the default settings' profile: the A/B's direct one where it ran (fla_direct is on by default)
     prof = res.get("python_profile_mixed_64_512_direct") or python_profile(steps["mixed 64 + 512"])
     res["python_profile_mixed_64_512"] = prof
