@@ -3,8 +3,8 @@ without a CUDA graph, and its launch alone holds the host for tens of ms (docs/b
 what the inter-token latency tails of the HTTP runs are made of.
 The prefill cases are then timed with fla's forward called directly and with its public wrapper
 (TritonBackend.fla_direct on and off) in alternating rounds, and the mixed step is profiled both ways.
-With --piecewise, the steps of up to the largest of --piecewise-sizes tokens (default 1024, the
-server's --piecewise-max-tokens) are also timed through the piecewise CUDA graphs
+With --piecewise, the steps of up to the largest of --piecewise-sizes tokens (default 1024; the
+server's --piecewise-max-tokens is 2048) are also timed through the piecewise CUDA graphs
 (serving.piecewise_graph) against the eager forward.
 
 For each case: the host time to enqueue one forward (no wait), and the wall time from the first kernel's

@@ -29,8 +29,8 @@ class EngineConfig:
     # same but warns where they are not, False never (docs/benchmarks.md: the H100 A/B)
     piecewise_graphs: bool | None = None
     # the largest step (in tokens) the piecewise graphs are captured for; larger steps run eagerly.
-    # Graph memory grows with it (121 MiB for sizes 64-1024 at the 4B shape)
-    piecewise_max_tokens: int = 1024
+    # Graph memory grows with it (at the 4B shape 121 MiB for sizes up to 1024, 174 MiB up to 2048)
+    piecewise_max_tokens: int = 2048
     async_output: bool = True  # make and emit a step's text while the device runs the next step
     # enqueue step k+1 before step k's tokens reach the host (decode inputs copied on the device); off
     # by default: it trades time to first token (one step more for a request that arrives during a step)

@@ -174,8 +174,8 @@ def test_capture_sizes_double_from_64_up_to_the_largest_step() -> None:
     """Powers of two from 64, then the largest step: min(step token budget, piecewise_max_tokens)."""
     from serving.piecewise_graph import capture_sizes
 
-    assert capture_sizes(2048) == [64, 128, 256, 512, 1024]  # the default: up to 1024
-    assert capture_sizes(2048, 2048) == [64, 128, 256, 512, 1024, 2048]
+    assert capture_sizes(2048) == [64, 128, 256, 512, 1024, 2048]  # the default: the whole budget
+    assert capture_sizes(2048, 1024) == [64, 128, 256, 512, 1024]
     assert capture_sizes(8192, 3000) == [64, 128, 256, 512, 1024, 2048, 3000]
     assert capture_sizes(100) == [64, 100]  # a small budget: no step is larger
     assert capture_sizes(48) == [48]
