@@ -1,7 +1,7 @@
 """Which decode GEMMs take the persistent Triton GEMM (triton_kernels/gemm.py) instead of cuBLAS.
 
 A `DecodeGemmTable` maps an op, a weight shape (N, K, has bias) and a batch bucket to the launch
-parameters that beat cuBLAS there. Ops: "linear" (y = x W^T + b), "silu_mul" (an MLP's gate|up
+parameters that beat cuBLAS there. Ops: "linear" (y = x W^T + b) and "silu_mul" (an MLP's gate|up
 weight, N = 2 I: the fused silu(gate) * up against cuBLAS or the table's linear followed by the
 silu_mul kernel); `decode_gemm_sm90.json` holds the table measured on an H100 by
 benchmarks/tune_decode_gemm.py (the 4B shapes). Anything not in it goes to cuBLAS. No triton import
