@@ -60,10 +60,16 @@ class DecoderLayer(nn.Module):
     ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """The input norm (adding h to the residual stream) and the mixer's input projection: (the
         mixer's inputs: (proj,) for Gated DeltaNet, (q, k, v) rotated for attention; the residual stream)."""
-        x, residual = self.input_layernorm.add_forward(h, residual, backend.pointwise)
+        mixer, norm = self.self_attn, self.input_layernorm
+        weight = mixer.in_proj_weight if self.is_linear else mixer.qkv_weight
+        if weight is not None:  # fused projection: the backend may fold the norm into its GEMM
+            bias = None if self.is_linear else mixer.qkv_bias
+            proj, residual = backend.norm_linear(h, residual, norm.weight, norm.eps, weight, bias)
+            return ((proj,) if self.is_linear else mixer.heads(proj, rope, backend)), residual
+        x, residual = norm.add_forward(h, residual, backend.pointwise)
         if self.is_linear:
-            return (self.self_attn.project(x, backend),), residual
-        return self.self_attn.project(x, rope, backend), residual
+            return (mixer.project(x, backend),), residual
+        return mixer.project(x, rope, backend), residual
 
     def mix(
         self, mixer_in: tuple[torch.Tensor, ...], meta: BatchMeta, state: StateTensors, backend: Backend
@@ -88,8 +94,14 @@ class DecoderLayer(nn.Module):
             a = self.self_attn.finish(mid, mixer_in[0], backend, partial=True)
         else:
             a = self.self_attn.finish(mid, backend, partial=True)
-        x, residual = self.post_attention_layernorm.add_forward(a, residual, backend.pointwise)
-        return self.mlp(x, backend, partial=True), residual
+        mlp, norm = self.mlp, self.post_attention_layernorm
+        if mlp.gate_up_weight is not None:  # fused gate|up: the norm may go into its GEMM
+            act, residual = backend.norm_linear(
+                a, residual, norm.weight, norm.eps, mlp.gate_up_weight, silu_mul=True
+            )
+            return mlp.down(act, backend, partial=True), residual
+        x, residual = norm.add_forward(a, residual, backend.pointwise)
+        return mlp(x, backend, partial=True), residual
 
 
 class TextModel(nn.Module):

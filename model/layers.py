@@ -20,7 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.backends.base import Backend, GateInputs, PointwiseOps, SplitKPartials, gate_values
+from model.backends.base import (
+    Backend,
+    GateInputs,
+    PointwiseOps,
+    SplitKPartials,
+    add_rms_norm,
+    gate_values,
+)
 from model.batch import BatchMeta
 from model.config import TextConfig
 
@@ -44,12 +51,7 @@ class RMSNorm(nn.Module):
         """(norm(s), s) with s = residual + x, the residual stream in x's dtype (s = x when residual
         is None); one fused kernel when the backend has pointwise ops, which also adds up x when it
         is a projection's split-K partials (`Backend.linear` with `partial`)."""
-        if ops is not None:
-            return ops.rms_norm(x, self.weight, self.eps, residual)
-        if isinstance(x, SplitKPartials):
-            x = x.total()
-        s = x if residual is None else residual + x
-        return self(s), s
+        return add_rms_norm(ops, x, residual, self.weight, self.eps)
 
 
 @torch.no_grad()
@@ -118,6 +120,12 @@ class MLP(nn.Module):
         else:
             gate = backend.linear(x, self.gate_proj.weight)
             act = F.silu(gate) * backend.linear(x, self.up_proj.weight)
+        return self.down(act, backend, partial)
+
+    def down(
+        self, act: torch.Tensor, backend: Backend, partial: bool = False
+    ) -> torch.Tensor | SplitKPartials:
+        """The down projection of the activation silu(gate) * up [N, intermediate]."""
         return backend.linear(act, self.down_proj.weight, partial=partial)
 
 
@@ -212,8 +220,15 @@ class SlidingWindowAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [N, Hq, D] and k [N, Hkv, D] rotated, v [N, Hkv, D]: row-strided views, unit stride on D
         (the stateless part before the attention)."""
-        n, hq, d = x.shape[0], self.num_heads, self.head_dim
         qkv = _project(x, self.qkv_weight, self.qkv_bias, self._parts(), backend)  # [N, (Hq + 2 Hkv) * D]
+        return self.heads(qkv, rope, backend)
+
+    def heads(
+        self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], backend: Backend
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`project` from the fused q|k|v product [N, (Hq + 2 Hkv) * D] on (the decoder block may
+        compute the product together with its norm, Backend.norm_linear)."""
+        n, hq, d = qkv.shape[0], self.num_heads, self.head_dim
         qk_dim = (hq + self.num_kv_heads) * d
         # rotate q and k heads together (one set of elementwise kernels); rows keep stride qkv.shape[1]
         qk = qkv[:, :qk_dim].view(n, hq + self.num_kv_heads, d)

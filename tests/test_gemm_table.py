@@ -76,6 +76,25 @@ def test_unknown_launch_keys_are_rejected() -> None:
         DecodeGemmTable([{"N": 1, "K": 1, "max_m": 1, "config": {"block_q": 3}}])
 
 
+def test_norm_ops_take_the_fold_kernels_launch_keys() -> None:
+    """The folded-norm ops ("norm_linear", "norm_silu_mul") take norm_gemm's launch parameters, not
+    decode_gemm's split-K or TMA switches, and are looked up apart from the plain products."""
+    fold = {"block_n": 32, "block_k": 128, "num_stages": 5, "num_warps": 4, "num_programs": 115}
+    table = DecodeGemmTable(
+        [
+            {"op": "norm_silu_mul", "N": 10, "K": 20, "max_m": 1, "config": fold},
+            {"op": "norm_linear", "N": 10, "K": 20, "bias": True, "max_m": 1, "config": fold},
+        ]
+    )
+    assert table.lookup(1, 10, 20, False, op="norm_silu_mul") == fold
+    assert table.lookup(1, 10, 20, False, op="silu_mul") is None
+    assert table.lookup(1, 10, 20, True, op="norm_linear") == fold
+    assert table.lookup(1, 10, 20, False, op="norm_linear") is None
+    assert len(table.without("norm_linear").without("norm_silu_mul")) == 0
+    with pytest.raises(ValueError, match="split_k"):
+        DecodeGemmTable([{"op": "norm_linear", "N": 1, "K": 1, "max_m": 1, "config": {"split_k": 2}}])
+
+
 def test_cpu_gets_an_empty_table() -> None:
     assert len(default_table(torch.device("cpu"))) == 0
 

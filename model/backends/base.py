@@ -59,6 +59,42 @@ def linear_silu_mul(backend: Backend, x: torch.Tensor, gate_up_weight: torch.Ten
     return F.silu(gate) * up
 
 
+def add_rms_norm(
+    ops: PointwiseOps | None,
+    x: torch.Tensor | SplitKPartials,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rmsnorm(s) * weight, s) with s = residual + x, the residual stream in the model dtype (s = x
+    without a residual; split-K partials are added up first): the fused kernel of `ops`, or the
+    plain code (spec 4.2: normalise in fp32, round to the model dtype, then multiply by the weight)."""
+    if ops is not None:
+        return ops.rms_norm(x, weight, eps, residual)
+    if isinstance(x, SplitKPartials):
+        x = x.total()
+    s = x if residual is None else residual + x
+    return F.rms_norm(s, (s.shape[-1],), None, eps) * weight, s
+
+
+def norm_linear(
+    backend: Backend,
+    x: torch.Tensor | SplitKPartials,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    silu_mul: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference of `Backend.norm_linear`, two steps: the residual-add norm, then the product
+    (`linear`, or `linear_silu_mul` of an MLP's gate|up weight)."""
+    normed, s = add_rms_norm(backend.pointwise, x, residual, norm_weight, eps)
+    if silu_mul:
+        return backend.linear_silu_mul(normed, weight), s
+    return backend.linear(normed, weight, bias), s
+
+
 class PointwiseOps(Protocol):
     """Fused elementwise steps of the decoder block and the vision tower; each equals the plain-PyTorch
     code for the same step (model.layers, transformers' vision blocks) up to reduction order. A backend
@@ -142,6 +178,21 @@ class Backend(Protocol):
         x: torch.Tensor,  # [N, K]
         gate_up_weight: torch.Tensor,  # [2 I, K]: gate rows, then up rows
     ) -> torch.Tensor:  # silu(gate) * up [N, I], gate and up rounded to x's dtype first (linear_silu_mul)
+        ...
+
+    def norm_linear(
+        self,
+        x: torch.Tensor | SplitKPartials,  # [N, K] block output (or an output projection's partials)
+        residual: torch.Tensor | None,  # [N, K] residual stream before x is added; None: s = x
+        norm_weight: torch.Tensor,  # [K] the RMSNorm's weight
+        eps: float,
+        weight: torch.Tensor,  # [out, K], or an MLP's gate|up [2 I, K] with silu_mul
+        bias: torch.Tensor | None = None,  # [out] (not with silu_mul)
+        silu_mul: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (product [N, out] or silu(gate) * up [N, I], residual stream)
+        """A pre-norm block's residual-add RMSNorm and the projection after it (`norm_linear`). A
+        backend may fold the norm into the GEMM: the residual stream stays bit-identical, the
+        product may differ in bf16 roundings of the normalised activations."""
         ...
 
     def qk_l2norm_in_conv(self, meta: BatchMeta) -> bool:

@@ -3,7 +3,9 @@
 A `DecodeGemmTable` maps an op, a weight shape (N, K, has bias) and a batch bucket to the launch
 parameters that beat cuBLAS there. Ops: "linear" (y = x W^T + b) and "silu_mul" (an MLP's gate|up
 weight, N = 2 I: the fused silu(gate) * up against cuBLAS or the table's linear followed by the
-silu_mul kernel); `decode_gemm_sm90.json` holds the table measured on an H100 by
+silu_mul kernel), both `decode_gemm`'s; "norm_linear" and "norm_silu_mul": the same products with
+the residual-add RMSNorm before them folded in (`triton_kernels/norm_gemm.py`, its own launch
+parameters), against the norm's launch plus the product's own path; `decode_gemm_sm90.json` holds the table measured on an H100 by
 benchmarks/tune_decode_gemm.py (the 4B shapes). Anything not in it goes to cuBLAS. No triton import
 here: the table is plain data, tested on CPU.
 """
@@ -21,7 +23,13 @@ LAUNCH_KEYS = (
     "block_n", "block_k", "split_k", "num_stages", "num_warps", "num_programs", "flatten", "tma",
     "warp_specialize",
 )  # fmt: skip
-OPS = ("linear", "silu_mul")
+NORM_LAUNCH_KEYS = ("block_n", "block_k", "num_stages", "num_warps", "num_programs", "flatten")  # norm_gemm's
+OPS = {
+    "linear": LAUNCH_KEYS,
+    "silu_mul": LAUNCH_KEYS,
+    "norm_linear": NORM_LAUNCH_KEYS,
+    "norm_silu_mul": NORM_LAUNCH_KEYS,
+}
 
 
 class DecodeGemmTable:
@@ -41,7 +49,7 @@ class DecodeGemmTable:
                 raise ValueError(f"decode GEMM table: unknown op {op!r}")
             cfg = e.get("config")
             if cfg is not None:
-                unknown = set(cfg) - set(LAUNCH_KEYS)
+                unknown = set(cfg) - set(OPS[op])
                 if unknown:
                     raise ValueError(f"decode GEMM table: unknown launch keys {sorted(unknown)}")
             key = (op, int(e["N"]), int(e["K"]), bool(e.get("bias", False)))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model.backends.base import GateInputs, gate_values, linear_silu_mul
+from model.backends.base import GateInputs, SplitKPartials, gate_values, linear_silu_mul, norm_linear
 from model.batch import BatchMeta
 
 # Queries per block in sliding-window attention: bounds the score matrix to [H, block, block + W - 1].
@@ -59,6 +59,18 @@ class TorchBackend:
 
     def linear_silu_mul(self, x: torch.Tensor, gate_up_weight: torch.Tensor) -> torch.Tensor:
         return linear_silu_mul(self, x, gate_up_weight)
+
+    def norm_linear(
+        self,
+        x: torch.Tensor | SplitKPartials,
+        residual: torch.Tensor | None,
+        norm_weight: torch.Tensor,
+        eps: float,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        silu_mul: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return norm_linear(self, x, residual, norm_weight, eps, weight, bias, silu_mul)
 
     def qk_l2norm_in_conv(self, meta: BatchMeta) -> bool:
         return False  # normalising inside gated_delta_rule keeps q and k in fp32

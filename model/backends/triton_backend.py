@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
-from model.backends.base import GateInputs, SplitKPartials, gate_values, linear_silu_mul
+from model.backends.base import GateInputs, SplitKPartials, gate_values, linear_silu_mul, norm_linear
 from model.backends.gemm_table import DecodeGemmTable, default_table
 from model.backends.triton_kernels.conv import conv_prefill, l2norm_args
 from model.backends.triton_kernels.gemm import DECODE_GEMM_MAX_M, decode_gemm
+from model.backends.triton_kernels.norm_gemm import NORM_GEMM_MAX_M, norm_gemm
 from model.backends.triton_kernels.ops import (
     TritonPointwise,
     conv_decode_call,
@@ -151,6 +152,35 @@ class TritonBackend:
         if cfg is not None:
             return decode_gemm(x, gate_up_weight, None, silu_mul=True, **cfg)
         return linear_silu_mul(self, x, gate_up_weight)
+
+    def norm_linear(
+        self,
+        x: torch.Tensor | SplitKPartials,
+        residual: torch.Tensor | None,
+        norm_weight: torch.Tensor,
+        eps: float,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        silu_mul: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual-add norm folded into the GEMV (`norm_gemm`, one launch) where `gemm_table` has
+        a "norm_linear" / "norm_silu_mul" entry for the shape and batch; else the norm's launch and
+        the product's own path."""
+        m = x.partials.shape[1] if isinstance(x, SplitKPartials) else x.shape[0]
+        cfg = None
+        rows = x.partials if isinstance(x, SplitKPartials) else x
+        unit = all(t is None or t.stride(-1) == 1 for t in (rows, residual, weight, bias))
+        if (
+            0 < m <= NORM_GEMM_MAX_M
+            and unit
+            and self.pointwise is not None
+            and not torch.compiler.is_compiling()
+        ):
+            op = "norm_silu_mul" if silu_mul else "norm_linear"
+            cfg = self.gemm_table.lookup(m, weight.shape[0], weight.shape[1], bias is not None, op=op)
+        if cfg is None:
+            return norm_linear(self, x, residual, norm_weight, eps, weight, bias, silu_mul)
+        return norm_gemm(x, residual, norm_weight, eps, weight, bias, silu_mul, **cfg)
 
     def qk_l2norm_in_conv(self, meta: BatchMeta) -> bool:
         """Prefill: the conv epilogue normalises q and k, so fla skips its l2norm pass (1.3% of an 8K
