@@ -66,8 +66,8 @@ def balanced_programs(tiles: int, sms: int) -> list[int]:
 
 def configs(m: int, n_out: int, sms: int) -> list[dict]:
     if m == 1:  # CUDA-core GEMV: [BLOCK_N, BLOCK_K] fp32 partial products per program
-        shapes = [(16, 128), (32, 128), (64, 128), (32, 256), (64, 64), (128, 64)]
-        grid = itertools.product(shapes, (3, 5), (4, 8))
+        shapes = [(16, 256), (32, 256), (64, 256), (16, 512), (32, 512), (32, 128)]
+        grid = itertools.product(shapes, (2, 3, 4), (4,))
     else:  # tensor-core tiles of BLOCK_M rows
         grid = itertools.product([(32, 128), (64, 128)], (4, 5), (4,))
     return [

@@ -330,6 +330,10 @@ def test_prefill_tables_chunk_indices_match_fla() -> None:
         (64, 130, 256, False, {"block_n": 64, "flatten": False}),
         (3, 64, 1096, False, {"block_n": 32, "split_k": 4}),  # K not a multiple of the K block
         (128, 48, 512, False, {"block_n": 32, "split_k": 3, "num_warps": 8}),
+        # one row in CUDA-core FMAs: ragged tiles, bias, split-K with a ragged K, several units each
+        (1, 200, 256, True, {"block_n": 64, "gemv": True}),
+        (1, 96, 1096, False, {"block_n": 32, "split_k": 4, "num_programs": 5, "gemv": True}),
+        (4, 96, 256, False, {"block_n": 32, "gemv": True}),  # more rows: the tensor-core tile
     ],
 )
 @pytest.mark.parametrize("tma", [False, True])
@@ -355,6 +359,8 @@ def test_decode_gemm(m: int, n: int, k: int, bias: bool, cfg: dict, tma: bool) -
         (5, 256, {"block_n": 32, "num_programs": 3}),
         (3, 200, {"block_n": 32, "split_k": 2}),  # split-K: summed, rounded, then widened
         (2, 256, {"block_n": 64, "tma": True}),
+        (1, 300, {"block_n": 32, "gemv": True}),
+        (1, 200, {"block_n": 32, "split_k": 2, "gemv": True}),
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -387,6 +393,7 @@ def test_decode_gemm_into_fp32_out(m: int, n: int, cfg: dict, dtype: torch.dtype
         (64, 96, 256, {"block_n": 64, "flatten": False, "num_warps": 8}),
         (1, 100, 256, {"block_n": 32, "tma": True}),
         (7, 64, 384, {"block_n": 16, "num_programs": 3, "tma": True}),
+        (1, 100, 256, {"block_n": 32, "num_programs": 2, "gemv": True}),
     ],
 )
 def test_decode_gemm_silu_mul(m: int, inter: int, k: int, cfg: dict) -> None:

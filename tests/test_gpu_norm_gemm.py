@@ -207,6 +207,7 @@ def test_decode_with_folded_norms_tracks_the_unfolded_model(
     monkeypatch.setattr(tb, "norm_gemm", spy)
     text = model.config.text
     slots, ctx0 = [2, 0, 3], [0, 0, 0]
+    feed = torch.randint(0, text.vocab_size, (20, 3), generator=torch.Generator().manual_seed(3)).tolist()
     saved = pdl.ENABLED
     try:
         pdl.ENABLED = use_pdl
@@ -216,8 +217,10 @@ def test_decode_with_folded_norms_tracks_the_unfolded_model(
             state = allocate_state(text, 4, torch.float32, model.dtype, "cuda")
             graphs = CudaGraphRunner(model, state, max_batch=4, device="cuda") if name == "fold" else None
             eager_state = _clone_state(state) if graphs else None
-            ids, ctx, hs = torch.tensor([5, 6, 7], device="cuda"), list(ctx0), []
-            for _ in range(20):  # the tiny model's window is 16
+            ctx, hs = list(ctx0), []
+            for step in range(20):  # the tiny model's window is 16
+                # the same tokens in both runs (greedy choices could part on a near-tie)
+                ids = torch.tensor(feed[step], device="cuda")
                 calls.clear()
                 meta = BatchMeta.build(slots, [1, 1, 1], ctx, "cuda")
                 pos = torch.tensor(ctx, device="cuda").expand(3, -1).contiguous()
@@ -228,17 +231,17 @@ def test_decode_with_folded_norms_tracks_the_unfolded_model(
                     if graphs is not None:
                         logits = graphs.run_host(ids.tolist(), ctx, slots, ctx)
                         ref = model.compute_logits(h)
-                        assert rel_err(logits, ref) < 1e-2
-                    ids = model.compute_logits(h).argmax(-1)
+                        assert rel_err(logits, ref) < 1e-2, step
                 ctx = [c + 1 for c in ctx]
             outs[name] = torch.stack(hs)
-        assert rel_err(outs["fold"], outs["plain"]) < 2e-2
+        err = [rel_err(a, b) for a, b in zip(outs["fold"], outs["plain"], strict=True)]
+        assert max(err) < 2e-2, err
     finally:
         pdl.ENABLED = saved
         model.backend.gemm_table = plain_table
 
 
-def _clone_state(state):  # noqa: N802 - reads as the type it builds
+def _clone_state(state):
     from model.state import StateTensors
 
     return StateTensors(*(t.clone() for t in (state.recurrent, state.conv, state.key, state.value)))

@@ -20,7 +20,7 @@ import torch
 TABLE_SM90 = Path(__file__).with_name("decode_gemm_sm90.json")
 # decode_gemm's launch parameters
 LAUNCH_KEYS = (
-    "block_n", "block_k", "split_k", "num_stages", "num_warps", "num_programs", "flatten", "tma",
+    "block_n", "block_k", "split_k", "num_stages", "num_warps", "num_programs", "flatten", "gemv", "tma",
     "warp_specialize",
 )  # fmt: skip
 NORM_LAUNCH_KEYS = ("block_n", "block_k", "num_stages", "num_warps", "num_programs", "flatten")  # norm_gemm's

@@ -52,9 +52,12 @@ def _decode_gemm_kernel(
     USE_PDL: tl.constexpr,
 ):  # fmt: skip
     # N: output columns (I with SILU_MUL: W's up rows start at row N); ROUND_OUT: y is wider than x,
-    # and holds the product rounded to x's dtype (the LM head's fp32 logits)
+    # and holds the product rounded to x's dtype (the LM head's fp32 logits). BLOCK_M 1: one row in
+    # CUDA-core FMAs, [BLOCK_N, BLOCK_K] fp32 partial products reduced once per unit (no tensor-core
+    # operand tiles, no padding rows)
     pdl.prologue(USE_PDL)
     pid = tl.program_id(0)
+    GEMV: tl.constexpr = BLOCK_M == 1
     n_units = tl.cdiv(N, BLOCK_N) * split_k  # unit = (row tile, K split)
     k_iters = k_per_split // BLOCK_K
     offs_m = tl.arange(0, BLOCK_M)
@@ -64,29 +67,37 @@ def _decode_gemm_kernel(
         split = unit % split_k
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         mn = offs_n < N
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if GEMV:
+            acc2 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            acc2_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for ki in range(k_iters):
             offs_k = split * k_per_split + ki * BLOCK_K + tl.arange(0, BLOCK_K)
             mk = offs_k < K
-            x = tl.load(
-                x_ptr + offs_m[:, None] * stride_x + offs_k[None, :],
-                mask=mm[:, None] & mk[None, :],
-                other=0.0,
-            )
-            w = tl.load(
-                w_ptr + offs_n[:, None].to(tl.int64) * stride_w + offs_k[None, :],
-                mask=mn[:, None] & mk[None, :],
-                other=0.0,
-            )
-            acc = tl.dot(x, tl.trans(w), acc)
+            w_off = offs_n[:, None].to(tl.int64) * stride_w + offs_k[None, :]
+            wmask = mn[:, None] & mk[None, :]
+            w = tl.load(w_ptr + w_off, mask=wmask, other=0.0)
             if SILU_MUL:
-                w_up = tl.load(
-                    w_ptr + (offs_n[:, None] + N).to(tl.int64) * stride_w + offs_k[None, :],
-                    mask=mn[:, None] & mk[None, :],
+                w_up = tl.load(w_ptr + N * stride_w + w_off, mask=wmask, other=0.0)
+            if GEMV:
+                x = tl.load(x_ptr + offs_k, mask=mk, other=0.0).to(tl.float32)
+                acc2 += w.to(tl.float32) * x[None, :]
+                if SILU_MUL:
+                    acc2_up += w_up.to(tl.float32) * x[None, :]
+            else:
+                x = tl.load(
+                    x_ptr + offs_m[:, None] * stride_x + offs_k[None, :],
+                    mask=mm[:, None] & mk[None, :],
                     other=0.0,
                 )
-                acc_up = tl.dot(x, tl.trans(w_up), acc_up)
+                acc = tl.dot(x, tl.trans(w), acc)
+                if SILU_MUL:
+                    acc_up = tl.dot(x, tl.trans(w_up), acc_up)
+        if GEMV:
+            acc = tl.sum(acc2, axis=1)[None, :]
+            acc_up = tl.sum(acc2_up, axis=1)[None, :]
         if ROUND_OUT:
             acc = acc.to(x_ptr.dtype.element_ty).to(tl.float32)
         _store_unit(
@@ -163,6 +174,7 @@ def decode_gemm(
     num_programs: int = 132,
     flatten: bool = True,
     silu_mul: bool = False,
+    gemv: bool = False,
     tma: bool = False,
     warp_specialize: bool = False,
     reduce: bool = True,
@@ -175,6 +187,8 @@ def decode_gemm(
     for a consumer that adds them up itself (pointwise.rms_norm).
     silu_mul (no bias, split_k 1): weight is gate|up [2 I, K]; returns silu(gate) * up [M, I], rounded
     as `pointwise.silu_mul` rounds the unfused product.
+    gemv: a single row (M = 1) in CUDA-core FMAs instead of a 16-row tensor-core tile (ignored for
+    more rows and with tma).
     tma: TMA tile loads (x and weight 16-byte aligned, else the pointer-load kernel runs).
     out: an fp32 [M, N] tensor (unit stride on N) that receives the product rounded to x's dtype, as
     `F.linear(x, weight).float()` would, in one pass (no bias, no silu_mul); returned."""
@@ -192,12 +206,12 @@ def decode_gemm(
         raise ValueError("decode_gemm: out must be fp32, without bias or silu_mul")
     if out is not None and (out.shape != (m, n) or out.stride(1) != 1):
         raise ValueError("decode_gemm: out must be [M, N] with unit stride on N")
-    block_m = max(16, triton.next_power_of_2(m))
+    block_m = 1 if gemv and m == 1 and not tma else max(16, triton.next_power_of_2(m))
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     split_k = triton.cdiv(k, k_per_split)
     if out is not None and (split_k > 1 or tma):  # rounded once after the sum: the product, widened
         cfg = dict(block_n=block_n, block_k=block_k, split_k=split_k, num_stages=num_stages)
-        cfg |= dict(num_warps=num_warps, num_programs=num_programs, flatten=flatten, tma=tma)
+        cfg |= dict(num_warps=num_warps, num_programs=num_programs, flatten=flatten, tma=tma, gemv=gemv)
         return out.copy_(decode_gemm(x, weight, warp_specialize=warp_specialize, **cfg))
     reduce = reduce or split_k == 1
     if out is not None:  # one split, stored widened
