@@ -8,14 +8,15 @@ logits stored by its GEMM (`fp32logits`: off writes bf16 logits and widens them 
 entries measured since (`extra`: the entries of `--extra-table`, a JSON with a "table" list, merged
 into the shipped table, e.g. from sweep_decode_pipelines.py), the split-K partial sums of the output projections
 added up inside the next residual-add RMSNorm instead of by a reduction kernel (`splitnorm`:
-`split_k_into_norm`) and decoder weights that cuBLAS multiplies stored
+`split_k_into_norm`), the block norms folded into the GEMVs after them (`fold`: off drops the
+table's norm_linear / norm_silu_mul entries) and decoder weights that cuBLAS multiplies stored
 transposed (`transposed`: [in, out] storage read through a `.t()` view, cuBLAS's "NN" kernels; the
 MLP gate|up, which the Triton GEMM reads row-major, and the LM head keep their layout). Graph-captured
 steps at context 1K for every on/off combination of the chosen switches, in rounds (every
 combination once per round, three rounds), median per combination.
 
     python benchmarks/ab_decode.py --out DIR [--batches 1,8,64,128]
-        [--switches gates,table,silu,pdl,mrope,fp32logits,splitnorm,transposed,extra]
+        [--switches gates,table,silu,pdl,mrope,fp32logits,splitnorm,transposed,extra,fold]
         [--old-table PATH] [--extra-table PATH]
 """
 
@@ -38,7 +39,18 @@ from model.backends.gemm_table import DecodeGemmTable
 from model.backends.triton_kernels import pdl
 from model.layers import mrope_cos_sin
 
-SWITCHES = ("gates", "table", "silu", "pdl", "mrope", "fp32logits", "splitnorm", "transposed", "extra")
+SWITCHES = (
+    "gates",
+    "table",
+    "silu",
+    "pdl",
+    "mrope",
+    "fp32logits",
+    "splitnorm",
+    "transposed",
+    "extra",
+    "fold",
+)
 
 
 def backend_attrs(
@@ -62,6 +74,8 @@ def backend_attrs(
         table = old_table if old_table is not None else table.without("linear")
     if not on.get("silu", True):
         table = table.without("silu_mul")
+    if not on.get("fold", True):  # the block norms' own launches (no norm_gemm)
+        table = table.without("norm_linear").without("norm_silu_mul")
     if on.get("extra", False) and extra:
         table = table.extended(extra)
     if not on.get("splitnorm", True):

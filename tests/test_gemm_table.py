@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from model.backends.gemm_table import LAUNCH_KEYS, TABLE_SM90, DecodeGemmTable, default_table
+from model.backends.gemm_table import NORM_GEMM_MAX_M, OPS, TABLE_SM90, DecodeGemmTable, default_table
 
 
 def test_lookup_takes_the_smallest_bucket_that_holds_the_batch() -> None:
@@ -108,8 +108,13 @@ def test_shipped_sm90_table_is_well_formed() -> None:
         assert 1 <= e["max_m"] <= 128
         cfg = e["config"]
         if cfg is not None:
-            assert set(cfg) <= set(LAUNCH_KEYS)
+            assert set(cfg) <= set(OPS[e.get("op", "linear")])
             assert e["N"] > 0 and e["K"] % cfg.get("block_k", 128) == 0
-        assert e.get("op", "linear") in ("linear", "silu_mul")
-        base_us = e["cublas_us"] if e.get("op", "linear") == "linear" else e["unfused_us"]
+        op = e.get("op", "linear")
+        assert op in OPS
+        if op.startswith("norm_"):  # the folded norm: measured against the norm's launch + product
+            assert e["max_m"] <= NORM_GEMM_MAX_M
+            assert cfg is None or e["folded_us"] < e["two_launches_us"]
+            continue
+        base_us = e["cublas_us"] if op == "linear" else e["unfused_us"]
         assert cfg is None or e["triton_us"] < base_us

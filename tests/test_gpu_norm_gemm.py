@@ -169,13 +169,11 @@ def test_backend_norm_linear_follows_the_gemm_table(monkeypatch: pytest.MonkeyPa
 
 @pytest.mark.skipif(not HAS_CUDA, reason="the tiny model's decode graphs need a GPU")
 @pytest.mark.parametrize("use_pdl", [False, True])
-def test_decode_with_folded_norms_tracks_the_unfolded_model(
-    tiny_ckpt_dir, monkeypatch, use_pdl: bool
-) -> None:
+def test_decode_with_folded_norms_tracks_the_fp32_oracle(tiny_ckpt_dir, monkeypatch, use_pdl: bool) -> None:
     """The tiny model with every block norm folded into the projection after it (table entries for
-    its shapes) decodes like the same model without: hidden states within bf16 tolerance over steps
-    that cross the window, eagerly and as CUDA-graph replays (PDL on and off), the fold launched
-    twice per layer."""
+    its shapes) stays as close to the fp32 torch-backend oracle as the same bf16 model without the
+    fold, over decode steps that cross the window; its CUDA-graph replays (PDL on and off) equal its
+    eager steps; the fold is launched twice per layer."""
     import model.backends.triton_backend as tb
     from model.backends.triton_kernels import pdl
     from model.batch import BatchMeta
@@ -184,6 +182,7 @@ def test_decode_with_folded_norms_tracks_the_unfolded_model(
     from serving.cuda_graph import CudaGraphRunner
 
     model = load_model(tiny_ckpt_dir, dtype=torch.bfloat16, device="cuda", backend="triton")
+    oracle = load_model(tiny_ckpt_dir, dtype=torch.float32, device="cuda", backend="torch")
     plain_table = model.backend.gemm_table
     cfg = {"block_n": 32, "block_k": 64, "num_stages": 3}
     entries = []
@@ -195,7 +194,8 @@ def test_decode_with_folded_norms_tracks_the_unfolded_model(
             ("norm_silu_mul", layer.mlp.gate_up_weight, False),
         ):
             n, k = weight.shape
-            entries.append({"op": op, "N": n, "K": k, "bias": has_bias, "max_m": 16, "config": cfg})
+            for max_m in (1, 16):  # one row: the CUDA-core path; more: tensor-core tiles
+                entries.append({"op": op, "N": n, "K": k, "bias": has_bias, "max_m": max_m, "config": cfg})
     fold_table = plain_table.extended(entries)
     calls = []
     real = tb.norm_gemm
@@ -206,36 +206,45 @@ def test_decode_with_folded_norms_tracks_the_unfolded_model(
 
     monkeypatch.setattr(tb, "norm_gemm", spy)
     text = model.config.text
-    slots, ctx0 = [2, 0, 3], [0, 0, 0]
     feed = torch.randint(0, text.vocab_size, (20, 3), generator=torch.Generator().manual_seed(3)).tolist()
     saved = pdl.ENABLED
     try:
         pdl.ENABLED = use_pdl
         outs = {}
-        for name, table in (("plain", plain_table), ("fold", fold_table)):
-            model.backend.gemm_table = table
-            state = allocate_state(text, 4, torch.float32, model.dtype, "cuda")
-            graphs = CudaGraphRunner(model, state, max_batch=4, device="cuda") if name == "fold" else None
-            eager_state = _clone_state(state) if graphs else None
-            ctx, hs = list(ctx0), []
-            for step in range(20):  # the tiny model's window is 16
-                # the same tokens in both runs (greedy choices could part on a near-tie)
-                ids = torch.tensor(feed[step], device="cuda")
+        for name, table, slots in (
+            ("oracle", None, [2, 0, 3]),
+            ("plain", plain_table, [2, 0, 3]),
+            ("fold", fold_table, [2, 0, 3]),
+            ("fold1", fold_table, [1]),  # batch 1
+        ):
+            m = oracle if table is None else model
+            if table is not None:
+                model.backend.gemm_table = table
+            state = allocate_state(text, 4, torch.float32, m.dtype, "cuda")
+            graphs = (
+                CudaGraphRunner(model, state, max_batch=4, device="cuda") if name.startswith("fold") else None
+            )
+            eager_state = _clone_state(state) if graphs else state
+            ctx, hs = [0] * len(slots), []
+            for step in range(20):  # the tiny model's window is 16; the same tokens in every run
+                ids = torch.tensor(feed[step][: len(slots)], device="cuda")
                 calls.clear()
-                meta = BatchMeta.build(slots, [1, 1, 1], ctx, "cuda")
+                meta = BatchMeta.build(slots, [1] * len(slots), ctx, "cuda")
                 pos = torch.tensor(ctx, device="cuda").expand(3, -1).contiguous()
                 with torch.inference_mode():
-                    h = model.forward(ids, pos, meta, state if graphs is None else eager_state)
+                    h = m.forward(ids, pos, meta, eager_state)
                     hs.append(h.float())
-                    assert len(calls) == (2 * len(model.model.layers) if name == "fold" else 0)
+                    assert len(calls) == (2 * len(model.model.layers) if graphs else 0)
                     if graphs is not None:
                         logits = graphs.run_host(ids.tolist(), ctx, slots, ctx)
-                        ref = model.compute_logits(h)
-                        assert rel_err(logits, ref) < 1e-2, step
+                        assert rel_err(logits, model.compute_logits(h)) < 1e-2, (name, step)
                 ctx = [c + 1 for c in ctx]
             outs[name] = torch.stack(hs)
-        err = [rel_err(a, b) for a, b in zip(outs["fold"], outs["plain"], strict=True)]
-        assert max(err) < 2e-2, err
+        plain = max(rel_err(a, b) for a, b in zip(outs["plain"], outs["oracle"], strict=True))
+        fold = max(rel_err(a, b) for a, b in zip(outs["fold"], outs["oracle"], strict=True))
+        fold1 = max(rel_err(a, b[:1]) for a, b in zip(outs["fold1"], outs["oracle"], strict=True))
+        # the fold rounds s * g once where the two launches round twice: no less accurate
+        assert fold < 1.5 * plain + 5e-3 and fold1 < 1.5 * plain + 5e-3, (plain, fold, fold1)
     finally:
         pdl.ENABLED = saved
         model.backend.gemm_table = plain_table

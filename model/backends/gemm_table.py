@@ -23,6 +23,7 @@ LAUNCH_KEYS = (
     "block_n", "block_k", "split_k", "num_stages", "num_warps", "num_programs", "flatten", "gemv", "tma",
     "warp_specialize",
 )  # fmt: skip
+NORM_GEMM_MAX_M = 16  # rows the folded norm holds in one tile; larger batches keep the norm's launch
 NORM_LAUNCH_KEYS = ("block_n", "block_k", "num_stages", "num_warps", "num_programs", "flatten")  # norm_gemm's
 OPS = {
     "linear": LAUNCH_KEYS,

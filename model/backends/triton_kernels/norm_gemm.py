@@ -33,9 +33,8 @@ import triton
 import triton.language as tl
 
 from model.backends.base import SplitKPartials
+from model.backends.gemm_table import NORM_GEMM_MAX_M
 from model.backends.triton_kernels import pdl
-
-NORM_GEMM_MAX_M = 16  # rows of a batch held in one tile; larger batches keep the norm's own launch
 
 
 @triton.jit
