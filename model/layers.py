@@ -401,8 +401,9 @@ class GatedDeltaNet(nn.Module):
         n = o.shape[0]
         z = proj[:, proj.shape[1] - self.split_sizes[-1] :]
         ops = backend.pointwise if self.neg_exp_a is not None else None
-        if ops is not None:
-            normed = ops.gated_rms_norm(o, z, self.o_norm_weight_f32, self.norm_eps)
-        else:
-            normed = self.gated_norm(o, z.view(n, self.num_heads, self.head_v_dim)).reshape(n, -1)
+        if ops is not None:  # the backend may fold the gated norm into the projection's GEMV
+            return backend.gated_norm_linear(
+                o, z, self.o_norm_weight_f32, self.norm_eps, self.o_proj.weight, partial=partial
+            )
+        normed = self.gated_norm(o, z.view(n, self.num_heads, self.head_v_dim)).reshape(n, -1)
         return backend.linear(normed, self.o_proj.weight, partial=partial)

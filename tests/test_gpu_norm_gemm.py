@@ -171,9 +171,10 @@ def test_backend_norm_linear_follows_the_gemm_table(monkeypatch: pytest.MonkeyPa
 @pytest.mark.parametrize("use_pdl", [False, True])
 def test_decode_with_folded_norms_tracks_the_fp32_oracle(tiny_ckpt_dir, monkeypatch, use_pdl: bool) -> None:
     """The tiny model with every block norm folded into the projection after it (table entries for
-    its shapes) stays as close to the fp32 torch-backend oracle as the same bf16 model without the
-    fold, over decode steps that cross the window; its CUDA-graph replays (PDL on and off) equal its
-    eager steps; the fold is launched twice per layer."""
+    its shapes; at batch 1 also the GDN gated norm into the output projection) stays as close to the
+    fp32 torch-backend oracle as the same bf16 model without the folds, over decode steps that cross
+    the window; its CUDA-graph replays (PDL on and off) equal its eager steps; the folds are
+    launched twice per layer (and once per GDN layer at batch 1)."""
     import model.backends.triton_backend as tb
     from model.backends.triton_kernels import pdl
     from model.batch import BatchMeta
@@ -196,6 +197,10 @@ def test_decode_with_folded_norms_tracks_the_fp32_oracle(tiny_ckpt_dir, monkeypa
             n, k = weight.shape
             for max_m in (1, 16):  # one row: the CUDA-core path; more: tensor-core tiles
                 entries.append({"op": op, "N": n, "K": k, "bias": has_bias, "max_m": max_m, "config": cfg})
+        if layer.is_linear:  # the gated norm into the output projection, at batch 1
+            n, k = mixer.o_proj.weight.shape
+            gated = {"block_n": 16, "split_k": 2}
+            entries.append({"op": "gated_norm_linear", "N": n, "K": k, "max_m": 1, "config": gated})
     fold_table = plain_table.extended(entries)
     calls = []
     real = tb.norm_gemm
@@ -205,6 +210,15 @@ def test_decode_with_folded_norms_tracks_the_fp32_oracle(tiny_ckpt_dir, monkeypa
         return real(*args, **kw)
 
     monkeypatch.setattr(tb, "norm_gemm", spy)
+    gated_calls = []
+    real_gated = tb.gated_norm_gemv
+
+    def gated_spy(*args, **kw):
+        gated_calls.append(1)
+        return real_gated(*args, **kw)
+
+    monkeypatch.setattr(tb, "gated_norm_gemv", gated_spy)
+    n_gdn = sum(layer.is_linear for layer in model.model.layers)
     text = model.config.text
     feed = torch.randint(0, text.vocab_size, (20, 3), generator=torch.Generator().manual_seed(3)).tolist()
     saved = pdl.ENABLED
@@ -229,12 +243,14 @@ def test_decode_with_folded_norms_tracks_the_fp32_oracle(tiny_ckpt_dir, monkeypa
             for step in range(20):  # the tiny model's window is 16; the same tokens in every run
                 ids = torch.tensor(feed[step][: len(slots)], device="cuda")
                 calls.clear()
+                gated_calls.clear()
                 meta = BatchMeta.build(slots, [1] * len(slots), ctx, "cuda")
                 pos = torch.tensor(ctx, device="cuda").expand(3, -1).contiguous()
                 with torch.inference_mode():
                     h = m.forward(ids, pos, meta, eager_state)
                     hs.append(h.float())
                     assert len(calls) == (2 * len(model.model.layers) if graphs else 0)
+                    assert len(gated_calls) == (n_gdn if name == "fold1" else 0)
                     if graphs is not None:
                         logits = graphs.run_host(ids.tolist(), ctx, slots, ctx)
                         assert rel_err(logits, model.compute_logits(h)) < 1e-2, (name, step)
@@ -254,3 +270,72 @@ def _clone_state(state):
     from model.state import StateTensors
 
     return StateTensors(*(t.clone() for t in (state.recurrent, state.conv, state.key, state.value)))
+
+
+@pytest.mark.parametrize(
+    "heads,dv,n,cfg",
+    [
+        (4, 64, 100, {"block_n": 32, "split_k": 2}),  # ragged last row tile, partials
+        (3, 64, 64, {"block_n": 16, "split_k": 2, "num_programs": 3}),  # ragged heads per split
+        (4, 32, 48, {"block_n": 16, "split_k": 1}),  # one split: the product itself
+    ],
+)
+def test_gated_norm_gemv_equals_gated_norm_then_linear(heads: int, dv: int, n: int, cfg: dict) -> None:
+    """The GDN gated norm folded into the output projection's GEMV (each K block one head) equals
+    the gated-norm kernel followed by the product, with o a head-strided view and z a column slice
+    of a wider projection row."""
+    from model.backends.triton_kernels.norm_gemm import gated_norm_gemv
+    from model.backends.triton_kernels.pointwise import gated_rms_norm
+
+    g = torch.Generator(DEVICE).manual_seed(heads * dv + n)
+    o = torch.randn(1, heads, dv + 8, generator=g, device=DEVICE).to(DT)[:, :, :dv]  # head stride dv + 8
+    proj = torch.randn(1, heads * dv + 40, generator=g, device=DEVICE).to(DT)
+    z = proj[:, 40:]
+    norm_w = 1.0 + 0.1 * torch.randn(dv, generator=g, device=DEVICE)
+    weight = (torch.randn(n, heads * dv, generator=g, device=DEVICE) * (heads * dv) ** -0.5).to(DT)
+    normed = gated_rms_norm(o, z, norm_w, EPS)
+    ref = F.linear(normed.float(), weight.float())
+    y = gated_norm_gemv(o, z, norm_w, EPS, weight, **cfg)
+    if cfg["split_k"] > 1:
+        assert isinstance(y, SplitKPartials) and y.partials.shape[0] == cfg["split_k"]
+        y = y.total()
+    assert y.shape == (1, n) and y.dtype == DT
+    assert rel_err(y, ref) < TOL
+    with pytest.raises(ValueError, match="one row"):
+        gated_norm_gemv(o.expand(2, -1, -1), z.expand(2, -1), norm_w, EPS, weight)
+
+
+def test_backend_gated_norm_linear_follows_the_gemm_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TritonBackend.gated_norm_linear folds at batch 1 where the table has a "gated_norm_linear"
+    entry, leaves split-K partials to the next norm only with `partial`, and otherwise runs the
+    gated-norm kernel and `linear`; all equal the torch backend's plain math."""
+    import model.backends.triton_backend as tb
+    from model.backends.gemm_table import DecodeGemmTable
+    from model.backends.torch_backend import TorchBackend
+
+    calls = []
+    real = tb.gated_norm_gemv
+
+    def spy(*args, **cfg):
+        calls.append(cfg)
+        return real(*args, **cfg)
+
+    monkeypatch.setattr(tb, "gated_norm_gemv", spy)
+    backend, ref_backend = tb.TritonBackend(DEVICE), TorchBackend(DEVICE)
+    cfg = {"block_n": 16, "split_k": 2}
+    backend.gemm_table = DecodeGemmTable(
+        [{"op": "gated_norm_linear", "N": 48, "K": 128, "max_m": 1, "config": cfg}]
+    )
+    g = torch.Generator(DEVICE).manual_seed(0)
+    norm_w = 1.0 + 0.1 * torch.randn(32, generator=g, device=DEVICE)
+    weight = (torch.randn(48, 128, generator=g, device=DEVICE) * 0.1).to(DT)
+    for m, partial, expect in ((1, True, [cfg]), (1, False, [cfg]), (2, True, [])):
+        calls.clear()
+        o = torch.randn(m, 4, 32, generator=g, device=DEVICE).to(DT)
+        z = torch.randn(m, 128, generator=g, device=DEVICE).to(DT)
+        y = backend.gated_norm_linear(o, z, norm_w, EPS, weight, partial=partial)
+        assert calls == expect, (m, partial)
+        assert isinstance(y, SplitKPartials) == (partial and bool(expect)), (m, partial)
+        y = y.total() if isinstance(y, SplitKPartials) else y
+        ref = ref_backend.gated_norm_linear(o, z, norm_w, EPS, weight)
+        assert rel_err(y, ref) < TOL, (m, partial)

@@ -95,6 +95,26 @@ def norm_linear(
     return backend.linear(normed, weight, bias), s
 
 
+def gated_norm_linear(
+    backend: Backend,
+    o: torch.Tensor,
+    z: torch.Tensor,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    partial: bool = False,
+) -> torch.Tensor | SplitKPartials:
+    """The reference of `Backend.gated_norm_linear`, two steps: the gated norm (the backend's fused
+    op, or plain PyTorch: fp32 inside, rounded once), then the output projection (`linear`)."""
+    if backend.pointwise is not None:
+        normed = backend.pointwise.gated_rms_norm(o, z, norm_weight, eps)
+    else:
+        n, h, dv = o.shape
+        y = F.rms_norm(o.float(), (dv,), norm_weight.float(), eps) * F.silu(z.view(n, h, dv).float())
+        normed = y.to(o.dtype).reshape(n, h * dv)
+    return backend.linear(normed, weight, partial=partial)
+
+
 class PointwiseOps(Protocol):
     """Fused elementwise steps of the decoder block and the vision tower; each equals the plain-PyTorch
     code for the same step (model.layers, transformers' vision blocks) up to reduction order. A backend
@@ -193,6 +213,20 @@ class Backend(Protocol):
         """A pre-norm block's residual-add RMSNorm and the projection after it (`norm_linear`). A
         backend may fold the norm into the GEMM: the residual stream stays bit-identical, the
         product may differ in bf16 roundings of the normalised activations."""
+        ...
+
+    def gated_norm_linear(
+        self,
+        o: torch.Tensor,  # [N, H, d_v] the delta-rule output
+        z: torch.Tensor,  # [N, H * d_v] the output gate (a column slice of the input projection)
+        norm_weight: torch.Tensor,  # [d_v] fp32
+        eps: float,
+        weight: torch.Tensor,  # [out, H * d_v] the output projection
+        partial: bool = False,  # the output goes straight to a residual-add norm (`linear`)
+    ) -> torch.Tensor | SplitKPartials:
+        """A GDN layer's gated output norm, rmsnorm(o) * norm_weight * silu(z) per head rounded once,
+        and the output projection after it (`gated_norm_linear`); a backend may fold the norm into
+        the GEMV (each K block one head: the same roundings)."""
         ...
 
     def qk_l2norm_in_conv(self, meta: BatchMeta) -> bool:

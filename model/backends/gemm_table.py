@@ -5,7 +5,8 @@ parameters that beat cuBLAS there. Ops: "linear" (y = x W^T + b) and "silu_mul" 
 weight, N = 2 I: the fused silu(gate) * up against cuBLAS or the table's linear followed by the
 silu_mul kernel), both `decode_gemm`'s; "norm_linear" and "norm_silu_mul": the same products with
 the residual-add RMSNorm before them folded in (`triton_kernels/norm_gemm.py`, its own launch
-parameters), against the norm's launch plus the product's own path; `decode_gemm_sm90.json` holds the table measured on an H100 by
+parameters), against the norm's launch plus the product's own path; "gated_norm_linear": a GDN
+layer's gated output norm folded into its output projection, at batch 1; `decode_gemm_sm90.json` holds the table measured on an H100 by
 benchmarks/tune_decode_gemm.py (the 4B shapes). Anything not in it goes to cuBLAS. No triton import
 here: the table is plain data, tested on CPU.
 """
@@ -30,6 +31,8 @@ OPS = {
     "silu_mul": LAUNCH_KEYS,
     "norm_linear": NORM_LAUNCH_KEYS,
     "norm_silu_mul": NORM_LAUNCH_KEYS,
+    # the GDN gated norm folded into the output projection (norm_gemm.gated_norm_gemv): K blocks are heads
+    "gated_norm_linear": ("block_n", "split_k", "num_stages", "num_warps", "num_programs", "flatten"),
 }
 
 

@@ -10,7 +10,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model.backends.base import GateInputs, SplitKPartials, gate_values, linear_silu_mul, norm_linear
+from model.backends.base import (
+    GateInputs,
+    SplitKPartials,
+    gate_values,
+    gated_norm_linear,
+    linear_silu_mul,
+    norm_linear,
+)
 from model.batch import BatchMeta
 
 # Queries per block in sliding-window attention: bounds the score matrix to [H, block, block + W - 1].
@@ -71,6 +78,17 @@ class TorchBackend:
         silu_mul: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return norm_linear(self, x, residual, norm_weight, eps, weight, bias, silu_mul)
+
+    def gated_norm_linear(
+        self,
+        o: torch.Tensor,
+        z: torch.Tensor,
+        norm_weight: torch.Tensor,
+        eps: float,
+        weight: torch.Tensor,
+        partial: bool = False,
+    ) -> torch.Tensor | SplitKPartials:
+        return gated_norm_linear(self, o, z, norm_weight, eps, weight, partial)
 
     def qk_l2norm_in_conv(self, meta: BatchMeta) -> bool:
         return False  # normalising inside gated_delta_rule keeps q and k in fp32

@@ -15,11 +15,18 @@ import torch
 import torch.nn.functional as F
 from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
-from model.backends.base import GateInputs, SplitKPartials, gate_values, linear_silu_mul, norm_linear
+from model.backends.base import (
+    GateInputs,
+    SplitKPartials,
+    gate_values,
+    gated_norm_linear,
+    linear_silu_mul,
+    norm_linear,
+)
 from model.backends.gemm_table import DecodeGemmTable, default_table
 from model.backends.triton_kernels.conv import conv_prefill, l2norm_args
 from model.backends.triton_kernels.gemm import DECODE_GEMM_MAX_M, decode_gemm
-from model.backends.triton_kernels.norm_gemm import NORM_GEMM_MAX_M, norm_gemm
+from model.backends.triton_kernels.norm_gemm import NORM_GEMM_MAX_M, gated_norm_gemv, norm_gemm
 from model.backends.triton_kernels.ops import (
     TritonPointwise,
     conv_decode_call,
@@ -181,6 +188,33 @@ class TritonBackend:
         if cfg is None:
             return norm_linear(self, x, residual, norm_weight, eps, weight, bias, silu_mul)
         return norm_gemm(x, residual, norm_weight, eps, weight, bias, silu_mul, **cfg)
+
+    def gated_norm_linear(
+        self,
+        o: torch.Tensor,
+        z: torch.Tensor,
+        norm_weight: torch.Tensor,
+        eps: float,
+        weight: torch.Tensor,
+        partial: bool = False,
+    ) -> torch.Tensor | SplitKPartials:
+        """The gated norm folded into the output projection's GEMV (`gated_norm_gemv`, one row) where
+        `gemm_table` has a "gated_norm_linear" entry for the shape at batch 1; else the gated norm's
+        launch and `linear`. With `partial` (and `split_k_into_norm`) split-K partials stay unreduced
+        for the next norm."""
+        cfg = None
+        dv = o.shape[-1]
+        foldable = o.shape[0] == 1 and not dv & (dv - 1) and self.pointwise is not None
+        unit = o.stride(-1) == 1 and z.stride(-1) == 1 and weight.stride(-1) == 1
+        if foldable and unit and not torch.compiler.is_compiling():
+            n, k = weight.shape
+            cfg = self.gemm_table.lookup(1, n, k, False, op="gated_norm_linear")
+        if cfg is None:
+            return gated_norm_linear(self, o, z, norm_weight, eps, weight, partial)
+        y = gated_norm_gemv(o, z, norm_weight, eps, weight, **cfg)
+        if isinstance(y, SplitKPartials) and not (partial and self.split_k_into_norm):
+            return y.total()
+        return y
 
     def qk_l2norm_in_conv(self, meta: BatchMeta) -> bool:
         """Prefill: the conv epilogue normalises q and k, so fla skips its l2norm pass (1.3% of an 8K

@@ -198,3 +198,77 @@ def norm_gemm(
         ROUND_OUT=out is not None, num_warps=num_warps, **pdl.launch_kwargs(),
     )  # fmt: skip
     return y, s
+
+
+@triton.jit
+def _gated_norm_gemv_kernel(
+    o_ptr, z_ptr, nw_ptr, w_ptr, y_ptr, N, H, stride_oh, stride_w, stride_ys, eps, heads_per_split,
+    split_k, num_progs,
+    DV: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr, FLATTEN: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):  # fmt: skip
+    # one row: y[split] = partial sums over the split's heads of W[:, head] . x_head, x_head the
+    # gated norm of the head (the K block is one head, so its statistic is the block's own)
+    pdl.prologue(USE_PDL)
+    pid = tl.program_id(0)
+    dt = w_ptr.dtype.element_ty
+    n_units = tl.cdiv(N, BLOCK_N) * split_k
+    offs_v = tl.arange(0, DV)
+    g = tl.load(nw_ptr + offs_v).to(tl.float32)
+    for unit in tl.range(pid, n_units, num_progs, num_stages=NUM_STAGES, flatten=FLATTEN):
+        tile = unit // split_k
+        split = unit % split_k
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        mn = offs_n < N
+        acc2 = tl.zeros([BLOCK_N, DV], dtype=tl.float32)
+        for hi in range(heads_per_split):
+            h = split * heads_per_split + hi
+            mh = h < H
+            o = tl.load(o_ptr + h * stride_oh + offs_v, mask=mh, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + h * DV + offs_v, mask=mh, other=0.0).to(tl.float32)
+            # the gated norm's own math and rounding (pointwise.gated_rms_norm)
+            inv = 1.0 / tl.sqrt(tl.sum(o * o, axis=0) / DV + eps)
+            x = (o * inv * g * (z / (1.0 + tl.exp(-z)))).to(dt).to(tl.float32)
+            w_off = offs_n[:, None].to(tl.int64) * stride_w + (h * DV + offs_v)[None, :]
+            w = tl.load(w_ptr + w_off, mask=mn[:, None] & mh, other=0.0)
+            acc2 += w.to(tl.float32) * x[None, :]
+        acc = tl.sum(acc2, axis=1)
+        tl.store(y_ptr + split * stride_ys + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mn)
+
+
+def gated_norm_gemv(
+    o: torch.Tensor,  # [1, H, d_v] the delta-rule output (unit stride on d_v)
+    z: torch.Tensor,  # [1, H * d_v] the output gate (unit stride)
+    norm_weight: torch.Tensor,  # [d_v] fp32
+    eps: float,
+    weight: torch.Tensor,  # [N, H * d_v] the output projection
+    block_n: int = 32,
+    split_k: int = 4,
+    num_stages: int = 3,
+    num_warps: int = 4,
+    num_programs: int = 132,
+    flatten: bool = True,
+) -> torch.Tensor | SplitKPartials:
+    """The GDN layer's gated output norm (rmsnorm(o) * weight * silu(z) per head, rounded once, as
+    `pointwise.gated_rms_norm`) folded into the output projection, for one row: each K block is
+    one head. Returns the product [1, N] in o's dtype, or its fp32 split-K partials [S, 1, N]
+    (SplitKPartials, summed heads in split order) when split_k > 1."""
+    _, h, dv = o.shape
+    n = weight.shape[0]
+    if o.shape[0] != 1 or z.shape != (1, h * dv) or weight.shape[1] != h * dv or norm_weight.shape != (dv,):
+        raise ValueError("gated_norm_gemv: one row, o [1, H, d_v], z [1, H d_v], weight [N, H d_v]")
+    if dv & (dv - 1) or o.stride(2) != 1 or z.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError("gated_norm_gemv: d_v a power of two, unit stride on the last dimensions")
+    heads_per_split = triton.cdiv(h, split_k)
+    split_k = triton.cdiv(h, heads_per_split)
+    if split_k > 1:
+        y = torch.empty((split_k, 1, n), dtype=torch.float32, device=o.device)
+    else:
+        y = torch.empty((1, 1, n), dtype=o.dtype, device=o.device)
+    programs = min(num_programs, triton.cdiv(n, block_n) * split_k)
+    _gated_norm_gemv_kernel[(programs,)](
+        o, z, norm_weight, weight, y, n, h, o.stride(1), weight.stride(0), n, eps, heads_per_split, split_k,
+        programs, DV=dv, BLOCK_N=block_n, NUM_STAGES=num_stages, FLATTEN=flatten, num_warps=num_warps,
+        **pdl.launch_kwargs(),
+    )  # fmt: skip
+    return SplitKPartials(y, o.dtype) if split_k > 1 else y[0]
