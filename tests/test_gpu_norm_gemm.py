@@ -202,22 +202,10 @@ def test_decode_with_folded_norms_tracks_the_fp32_oracle(tiny_ckpt_dir, monkeypa
             gated = {"block_n": 16, "split_k": 2}
             entries.append({"op": "gated_norm_linear", "N": n, "K": k, "max_m": 1, "config": gated})
     fold_table = plain_table.extended(entries)
-    calls = []
-    real = tb.norm_gemm
-
-    def spy(*args, **kw):
-        calls.append(1)
-        return real(*args, **kw)
-
-    monkeypatch.setattr(tb, "norm_gemm", spy)
-    gated_calls = []
-    real_gated = tb.gated_norm_gemv
-
-    def gated_spy(*args, **kw):
-        gated_calls.append(1)
-        return real_gated(*args, **kw)
-
-    monkeypatch.setattr(tb, "gated_norm_gemv", gated_spy)
+    calls, gated_calls = (
+        _count_calls(monkeypatch, tb, "norm_gemm"),
+        _count_calls(monkeypatch, tb, "gated_norm_gemv"),
+    )
     n_gdn = sum(layer.is_linear for layer in model.model.layers)
     text = model.config.text
     feed = torch.randint(0, text.vocab_size, (20, 3), generator=torch.Generator().manual_seed(3)).tolist()
@@ -264,6 +252,19 @@ def test_decode_with_folded_norms_tracks_the_fp32_oracle(tiny_ckpt_dir, monkeypa
     finally:
         pdl.ENABLED = saved
         model.backend.gemm_table = plain_table
+
+
+def _count_calls(monkeypatch: pytest.MonkeyPatch, module, name: str) -> list:
+    """A list that grows by one at every call of module.<name> (patched for the test)."""
+    calls: list = []
+    real = getattr(module, name)
+
+    def spy(*args, **kw):
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
 
 
 def _clone_state(state):
