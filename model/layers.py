@@ -27,6 +27,7 @@ from model.backends.base import (
     SplitKPartials,
     add_rms_norm,
     gate_values,
+    gated_rms_norm,
 )
 from model.batch import BatchMeta
 from model.config import TextConfig
@@ -336,12 +337,7 @@ class GatedDeltaNet(nn.Module):
     def gated_norm(self, o: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Per-head RMSNorm of o [N, H, d_v] times weight and silu(z); fp32 inside, model dtype out."""
         w = self.o_norm_weight_f32 if self.o_norm_weight_f32 is not None else self.o_norm.weight.float()
-        y = F.rms_norm(o.float(), (self.head_v_dim,), w, self.norm_eps)  # (o * rsqrt) * w in fp32
-        gate = F.silu(z.float())
-        if o.dtype == y.dtype:
-            return y * gate
-        out = torch.empty(o.shape, dtype=o.dtype, device=o.device)
-        return torch.mul(y, gate, out=out)  # fp32 product rounded once to the model dtype on store
+        return gated_rms_norm(o, z, w, self.norm_eps)
 
     def forward(
         self,

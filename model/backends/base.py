@@ -110,9 +110,19 @@ def gated_norm_linear(
         normed = backend.pointwise.gated_rms_norm(o, z, norm_weight, eps)
     else:
         n, h, dv = o.shape
-        y = F.rms_norm(o.float(), (dv,), norm_weight.float(), eps) * F.silu(z.view(n, h, dv).float())
-        normed = y.to(o.dtype).reshape(n, h * dv)
+        normed = gated_rms_norm(o, z.view(n, h, dv), norm_weight, eps).reshape(n, h * dv)
     return backend.linear(normed, weight, partial=partial)
+
+
+def gated_rms_norm(o: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The plain GDN gated output norm: per-head RMSNorm of o [N, H, d_v] times weight (fp32 [d_v])
+    and silu(z) [N, H, d_v], fp32 inside, rounded once to o's dtype."""
+    y = F.rms_norm(o.float(), (o.shape[-1],), weight.float(), eps)  # (o * rsqrt) * w in fp32
+    gate = F.silu(z.float())
+    if o.dtype == y.dtype:
+        return y * gate
+    out = torch.empty(o.shape, dtype=o.dtype, device=o.device)
+    return torch.mul(y, gate, out=out)  # fp32 product rounded once to the model dtype on store
 
 
 class PointwiseOps(Protocol):

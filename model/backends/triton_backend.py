@@ -173,9 +173,9 @@ class TritonBackend:
         """The residual-add norm folded into the GEMV (`norm_gemm`, one launch) where `gemm_table` has
         a "norm_linear" / "norm_silu_mul" entry for the shape and batch; else the norm's launch and
         the product's own path."""
-        m = x.partials.shape[1] if isinstance(x, SplitKPartials) else x.shape[0]
+        rows = x.partials if isinstance(x, SplitKPartials) else x  # [S, M, K] or [M, K]
+        m = rows.shape[-2]
         cfg = None
-        rows = x.partials if isinstance(x, SplitKPartials) else x
         unit = all(t is None or t.stride(-1) == 1 for t in (rows, residual, weight, bias))
         if (
             0 < m <= NORM_GEMM_MAX_M
