@@ -9,14 +9,17 @@ entries measured since (`extra`: the entries of `--extra-table`, a JSON with a "
 into the shipped table, e.g. from sweep_decode_pipelines.py), the split-K partial sums of the output projections
 added up inside the next residual-add RMSNorm instead of by a reduction kernel (`splitnorm`:
 `split_k_into_norm`), the block norms folded into the GEMVs after them (`fold`: off drops the
-table's norm_linear / norm_silu_mul entries) and decoder weights that cuBLAS multiplies stored
+table's norm_linear / norm_silu_mul entries), a GDN layer's short conv, gates and delta rule in one
+decode launch (`gdnfused`: `fused_gdn_decode`), its gated output norm in that launch too (`gdnnorm`:
+`fused_gdn_norm`; off: the norm's own launch, or its fold into the output projection where the
+table has one) and decoder weights that cuBLAS multiplies stored
 transposed (`transposed`: [in, out] storage read through a `.t()` view, cuBLAS's "NN" kernels; the
 MLP gate|up, which the Triton GEMM reads row-major, and the LM head keep their layout). Graph-captured
 steps at context 1K for every on/off combination of the chosen switches, in rounds (every
 combination once per round, three rounds), median per combination.
 
     python benchmarks/ab_decode.py --out DIR [--batches 1,8,64,128]
-        [--switches gates,table,silu,pdl,mrope,fp32logits,splitnorm,transposed,extra,fold]
+        [--switches gates,table,silu,pdl,mrope,fp32logits,splitnorm,transposed,extra,fold,gdnfused,gdnnorm]
         [--old-table PATH] [--extra-table PATH]
 """
 
@@ -50,6 +53,8 @@ SWITCHES = (
     "transposed",
     "extra",
     "fold",
+    "gdnfused",
+    "gdnnorm",
 )
 
 
@@ -80,6 +85,10 @@ def backend_attrs(
         table = table.extended(extra)
     if not on.get("splitnorm", True):
         attrs["split_k_into_norm"] = False
+    if not on.get("gdnfused", True):
+        attrs["fused_gdn_decode"] = False
+    if not on.get("gdnnorm", True):
+        attrs["fused_gdn_norm"] = False
     attrs["gemm_table"] = table
     return attrs
 

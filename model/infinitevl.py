@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.backends.base import Backend, SplitKPartials
+from model.backends.base import Backend, GatedNormed, SplitKPartials
 from model.batch import BatchMeta
 from model.config import LINEAR, ModelConfig, TextConfig
 from model.layers import MLP, GatedDeltaNet, RMSNorm, SlidingWindowAttention, mrope_cos_sin
@@ -44,7 +44,7 @@ class DecoderLayer(nn.Module):
         each residual add into the next norm lets a backend fuse the two (same roundings), and the
         output projections before those norms may leave their split-K sums to them (`partial`)."""
         mixer_in, residual = self.head(h, residual, rope, backend)
-        mid = self.mix(mixer_in, meta, state, backend)
+        mid = self.mix(mixer_in, meta, state, backend, gated_norm=True)
         return self.tail(mid, mixer_in, residual, backend)
 
     # The block in three parts, so that a caller may run the stateless ones (head, tail) apart from the
@@ -72,18 +72,26 @@ class DecoderLayer(nn.Module):
         return mixer.project(x, rope, backend), residual
 
     def mix(
-        self, mixer_in: tuple[torch.Tensor, ...], meta: BatchMeta, state: StateTensors, backend: Backend
-    ) -> torch.Tensor:
+        self,
+        mixer_in: tuple[torch.Tensor, ...],
+        meta: BatchMeta,
+        state: StateTensors,
+        backend: Backend,
+        gated_norm: bool = False,
+    ) -> torch.Tensor | GatedNormed:
         """The mixer's stateful part on its inputs from `head`: the delta-rule output [N, H, d_v] or the
-        attention output [N, Hq, D]; this layer's pool rows of meta.slot_ids updated."""
+        attention output [N, Hq, D]; this layer's pool rows of meta.slot_ids updated. With gated_norm
+        a Gated DeltaNet's output may come back through its gated norm already (GatedNormed, which
+        `tail` takes as well), where the backend fuses the two."""
         i = self.state_index
         if self.is_linear:
-            return self.self_attn.recur(mixer_in[0], meta, state.conv[i], state.recurrent[i], backend)
+            conv, rec = state.conv[i], state.recurrent[i]
+            return self.self_attn.recur(mixer_in[0], meta, conv, rec, backend, gated_norm)
         return self.self_attn.attend(*mixer_in, meta, state.key[i], state.value[i], backend)
 
     def tail(
         self,
-        mid: torch.Tensor,
+        mid: torch.Tensor | GatedNormed,
         mixer_in: tuple[torch.Tensor, ...],
         residual: torch.Tensor,
         backend: Backend,

@@ -22,7 +22,9 @@ from torch import nn
 
 from model.backends.base import (
     Backend,
+    GatedNormed,
     GateInputs,
+    GDNDecodeInputs,
     PointwiseOps,
     SplitKPartials,
     add_rms_norm,
@@ -349,7 +351,7 @@ class GatedDeltaNet(nn.Module):
         partial: bool = False,  # the output goes straight to a residual-add norm (Backend.linear)
     ) -> torch.Tensor | SplitKPartials:
         proj = self.project(x, backend)
-        o = self.recur(proj, meta, conv_state, recurrent_state, backend)
+        o = self.recur(proj, meta, conv_state, recurrent_state, backend, gated_norm=True)
         return self.finish(o, proj, backend, partial)
 
     def project(self, x: torch.Tensor, backend: Backend) -> torch.Tensor:
@@ -364,9 +366,25 @@ class GatedDeltaNet(nn.Module):
         conv_state: torch.Tensor,
         recurrent_state: torch.Tensor,
         backend: Backend,
-    ) -> torch.Tensor:
+        gated_norm: bool = False,  # the caller's `finish` takes the output already normed (GatedNormed)
+    ) -> torch.Tensor | GatedNormed:
         """Short conv, gates and the delta rule: the output o [N, H, d_v] before the gated norm (the
-        stateful part; conv and recurrent state rows updated)."""
+        stateful part; conv and recurrent state rows updated). In decode a backend may do it all in
+        one fused step (`Backend.gdn_decode`), with gated_norm the gated norm as well."""
+        if meta.is_decode and self.neg_exp_a is not None:  # the fused step needs the fp32 constants
+            dims = (self.num_heads, self.head_k_dim, self.head_v_dim)
+            inputs = GDNDecodeInputs(
+                proj,
+                self.conv_weight(),
+                dims,
+                self.neg_exp_a,
+                self.dt_bias_f32,
+                self.o_norm_weight_f32,
+                self.norm_eps,
+            )
+            fused = backend.gdn_decode(inputs, meta, conv_state, recurrent_state, gated_norm)
+            if fused is not None:
+                return fused
         n = proj.shape[0]
         # column slices: rows keep stride proj.shape[1], unit stride on channels
         stream, a, b, _ = proj.split(self.split_sizes, dim=-1)
@@ -391,9 +409,12 @@ class GatedDeltaNet(nn.Module):
         return backend.gated_delta_rule(q, k, v, g, beta, meta, recurrent_state, norm_dim is not None, gates)
 
     def finish(
-        self, o: torch.Tensor, proj: torch.Tensor, backend: Backend, partial: bool = False
+        self, o: torch.Tensor | GatedNormed, proj: torch.Tensor, backend: Backend, partial: bool = False
     ) -> torch.Tensor | SplitKPartials:
-        """The gated output norm of o [N, H, d_v] with z from the projection, then the output projection."""
+        """The gated output norm of o [N, H, d_v] with z from the projection (unless `recur` did it),
+        then the output projection."""
+        if isinstance(o, GatedNormed):
+            return backend.linear(o.out, self.o_proj.weight, partial=partial)
         n = o.shape[0]
         z = proj[:, proj.shape[1] - self.split_sizes[-1] :]
         ops = backend.pointwise if self.neg_exp_a is not None else None

@@ -165,6 +165,104 @@ def test_gdn_gate_inputs(decode: bool) -> None:
         assert torch.equal(pool[slots], pool_sep[slots])
 
 
+def _gdn_decode_inputs(n: int, heads: int, dk: int, dv: int, num_slots: int, slots, ctx):
+    """(GDNDecodeInputs with a row-strided projection, conv pool, state pool), pools NaN-poisoned."""
+    from model.backends.base import GDNDecodeInputs
+
+    conv_dim, kc = heads * (2 * dk + dv), 4
+    width = conv_dim + 2 * heads + heads * dv
+    proj = (torch.randn(n, width + 8, device=DEVICE) * 2).to(DT)[:, 3 : 3 + width]  # a column slice
+    inputs = GDNDecodeInputs(
+        proj,
+        (torch.randn(conv_dim, kc, device=DEVICE) * 0.5).to(DT),
+        (heads, dk, dv),
+        -torch.rand(heads, device=DEVICE) * 2,
+        torch.randn(heads, device=DEVICE),
+        torch.rand(dv, device=DEVICE) + 0.5,
+        1e-6,
+    )
+    conv_pool = _pool((conv_dim, kc), num_slots, DT, slots, ctx)
+    return inputs, conv_pool, _pool((heads, dk, dv), num_slots, torch.float32, slots, ctx)
+
+
+def _gdn_decode_reference(ref, inputs, meta, conv_pool, state_pool, gated_norm: bool) -> torch.Tensor:
+    """The separate steps on the torch backend: short conv, gates + delta rule, the gated norm."""
+    from model.backends.base import GateInputs, gated_rms_norm
+
+    heads, dk, dv = inputs.head_dims
+    n, conv_dim = inputs.proj.shape[0], heads * (2 * dk + dv)
+    p = inputs.proj
+    q, k, v = ref.short_conv(
+        p[:, :conv_dim], inputs.conv_weight, meta, conv_pool, [heads * dk, heads * dk, heads * dv]
+    )
+    a, b = p[:, conv_dim : conv_dim + heads], p[:, conv_dim + heads : conv_dim + 2 * heads]
+    gates = GateInputs(a, b, inputs.neg_exp_a, inputs.dt_bias)
+    o = ref.gated_delta_rule(
+        q.reshape(n, heads, dk), k.reshape(n, heads, dk), v.reshape(n, heads, dv), None, None, meta,
+        state_pool, gates=gates,
+    )  # fmt: skip
+    if not gated_norm:
+        return o
+    z = p[:, conv_dim + 2 * heads :].reshape(n, heads, dv)
+    return gated_rms_norm(o, z, inputs.norm_weight, inputs.eps).reshape(n, heads * dv)
+
+
+@pytest.mark.parametrize("gated_norm", [False, True])
+@pytest.mark.parametrize("bv", [16, 32, 64, None])  # 4, 2 and 1 programs per head; the default launch
+def test_gdn_recur_decode_equals_the_separate_steps(gated_norm: bool, bv: int | None) -> None:
+    """The one-launch decode recurrence (conv, gates, delta rule, gated norm) equals the torch
+    backend's separate steps, output and both pools, with NaN-poisoned rows never read or written;
+    the arrival counters are all zero again afterwards, and a second step on the updated pools
+    (where the q/k conv state that the head's last program wrote is read) still matches."""
+    from model.backends.base import GatedNormed
+    from model.backends.triton_kernels.gdn import gdn_recur_decode
+
+    tri, ref = _backends()
+    torch.manual_seed(11)
+    slots, lens, ctx, num_slots = _case(True, 4)
+    H, DK, DV = 3, 32, 64
+    n = len(slots)
+    inputs, conv_pool, state_pool = _gdn_decode_inputs(n, H, DK, DV, num_slots, slots, ctx)
+    conv_ref, state_ref = conv_pool.clone(), state_pool.clone()
+    for step in range(2):
+        meta = BatchMeta.build(slots, lens, [c + step for c in ctx], DEVICE)
+        if bv is None:
+            got = tri.gdn_decode(inputs, meta, conv_pool, state_pool, gated_norm)
+            assert isinstance(got, GatedNormed) == gated_norm
+            out = got.out if gated_norm else got
+            counters = tri._arrival_counters[-1]
+        else:
+            counters = torch.zeros(64, dtype=torch.int32, device=DEVICE)
+            out = gdn_recur_decode(
+                inputs.proj, inputs.conv_weight, conv_pool, state_pool, meta.slot_ids, meta.context_lens,
+                inputs.neg_exp_a, inputs.dt_bias, inputs.head_dims, counters,
+                inputs.norm_weight if gated_norm else None, inputs.eps, launch={"bv": bv, "num_warps": 1},
+            )  # fmt: skip
+            out = out.reshape(n, H * DV) if gated_norm else out
+        expect = _gdn_decode_reference(ref, inputs, meta, conv_ref, state_ref, gated_norm)
+        assert rel_err(out, expect) < TOL, f"step {step}"
+        _compare_pools(conv_pool, conv_ref, slots, TOL)
+        _compare_pools(state_pool, state_ref, slots, TOL)
+        assert not counters.any()
+        inputs = inputs._replace(proj=(torch.randn_like(inputs.proj.float()) * 2).to(DT))
+
+
+def test_gdn_decode_fused_switches_and_prefill() -> None:
+    """`gdn_decode` is None in prefill calls and with `fused_gdn_decode` off; with `fused_gdn_norm`
+    off it returns the delta-rule output (the caller runs the gated norm)."""
+    tri, _ = _backends()
+    slots, lens, ctx, num_slots = _case(True, 4)
+    inputs, conv_pool, state_pool = _gdn_decode_inputs(len(slots), 2, 16, 32, num_slots, slots, ctx)
+    prefill = BatchMeta.build(slots, [2] * len(slots), ctx, DEVICE)
+    assert tri.gdn_decode(inputs, prefill, conv_pool, state_pool, True) is None
+    meta = BatchMeta.build(slots, lens, ctx, DEVICE)
+    tri.fused_gdn_norm = False
+    out = tri.gdn_decode(inputs, meta, conv_pool, state_pool, True)
+    assert isinstance(out, torch.Tensor) and out.shape == (len(slots), 2, 32)
+    tri.fused_gdn_decode = False
+    assert tri.gdn_decode(inputs, meta, conv_pool, state_pool, True) is None
+
+
 def _gdn_prefill_case(seed: int, dims: tuple[int, int, int], qk_normalized: bool):
     """((q, k, v, g, beta), meta, NaN-poisoned fp32 state pool, live slots) of a prefill call."""
     torch.manual_seed(seed)
@@ -637,3 +735,36 @@ def test_model_decode_with_split_k_sums_in_the_norms(tiny_ckpt_dir) -> None:
         assert sum(deferred) == (2 * text.num_hidden_layers * 4 if into_norm else 0)
     for fused, reduced in zip(*runs, strict=True):
         assert torch.equal(fused, reduced)
+
+
+@torch.no_grad()
+def test_model_decode_with_the_fused_gdn_step(tiny_ckpt_dir, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tiny model on the Triton backend, decode steps from fresh slots on: with the one-launch
+    GDN recurrence (with and without the gated norm in it) the hidden states and every pool equal
+    the separate launches' within bf16 noise, and the fused kernel ran once per GDN layer and step."""
+    from model.backends import triton_backend
+    from model.loader import load_model
+    from model.state import allocate_state
+
+    calls = []
+    fused = triton_backend.gdn_recur_decode
+    monkeypatch.setattr(triton_backend, "gdn_recur_decode", lambda *a: calls.append(1) or fused(*a))
+    runs = []
+    for on, norm in ((False, False), (True, False), (True, True)):
+        model = load_model(tiny_ckpt_dir, dtype=DT, device=DEVICE, backend="triton")
+        model.backend.fused_gdn_decode, model.backend.fused_gdn_norm = on, norm
+        text = model.config.text
+        slots = [2, 0, 1]
+        state = allocate_state(text, 3, torch.float32, model.dtype, DEVICE)
+        hidden_states = []
+        calls.clear()
+        for step in range(4):
+            ids = torch.tensor([7 + step, 40 + step, 90 + step], device=DEVICE)
+            pos = torch.full((3, 3), step, device=DEVICE)
+            meta = BatchMeta.build(slots, [1, 1, 1], [step] * 3, DEVICE)
+            hidden_states.append(model(ids, pos, meta, state))
+        assert len(calls) == (4 * len(text.gdn_layers) if on else 0)
+        runs.append([torch.cat(hidden_states)] + [t.clone() for t in (state.recurrent, state.conv)])
+    for variant in runs[1:]:
+        for got, want in zip(variant, runs[0], strict=True):
+            assert rel_err(got, want) < TOL

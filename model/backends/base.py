@@ -43,6 +43,26 @@ class SplitKPartials(NamedTuple):
         return acc.to(self.dtype)
 
 
+class GDNDecodeInputs(NamedTuple):
+    """What a backend's one-step decode recurrence of a Gated DeltaNet layer reads besides the layer's
+    conv and recurrent state (`Backend.gdn_decode`)."""
+
+    proj: torch.Tensor  # [N, 2 H d_k + 2 H d_v + 2 H] the input projection: q|k|v|a|b|z
+    conv_weight: torch.Tensor  # [2 H d_k + H d_v, K] the q|k|v depthwise kernels
+    head_dims: tuple[int, int, int]  # (H, d_k, d_v)
+    neg_exp_a: torch.Tensor  # [H] fp32: -exp(A_log)
+    dt_bias: torch.Tensor  # [H] fp32
+    norm_weight: torch.Tensor  # [d_v] fp32: the gated output norm's weight
+    eps: float  # the gated output norm's eps
+
+
+class GatedNormed(NamedTuple):
+    """A Gated DeltaNet layer's mixer output already through its gated output norm ([N, H * d_v],
+    from `Backend.gdn_decode`): only the output projection is left."""
+
+    out: torch.Tensor
+
+
 def gate_values(gates: GateInputs) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference gates: g = -exp(A_log) softplus(a + dt_bias) [N, H] fp32 (a model-dtype a plus
     the fp32 dt_bias promotes exactly to the fp32 sum) and beta = sigmoid(b) [N, H] in b's dtype."""
@@ -275,6 +295,20 @@ class Backend(Protocol):
         qk_normalized: bool = False,  # q and k come L2-normalised (short_conv's l2norm_head_dim)
         gates: GateInputs | None = None,  # instead of g and beta: g, beta = gate_values(gates)
     ) -> torch.Tensor:  # [N, H, d_v] model dtype; q/k L2-normalised (eps 1e-6), scale d_k**-0.5
+        ...
+
+    def gdn_decode(
+        self,
+        inputs: GDNDecodeInputs,
+        meta: BatchMeta,  # a decode call (one token per row)
+        conv_state: torch.Tensor,  # [num_slots + 1, conv_dim, K] updated in place
+        state: torch.Tensor,  # [num_slots + 1, H, d_k, d_v] updated in place
+        gated_norm: bool,  # the caller takes a GatedNormed back
+    ) -> torch.Tensor | GatedNormed | None:
+        """The decode step of a GDN layer's recurrence in the backend's own fused form: what
+        short_conv, the gates and gated_delta_rule give ([N, H, d_v]), or with gated_norm, where the
+        backend fuses it too, the gated output norm after them (GatedNormed). None: the backend has
+        no such step for this call, and the model runs the separate steps."""
         ...
 
     def sliding_window_attention(

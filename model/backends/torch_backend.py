@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from model.backends.base import (
+    GatedNormed,
     GateInputs,
+    GDNDecodeInputs,
     SplitKPartials,
     gate_values,
     gated_norm_linear,
@@ -52,6 +54,16 @@ class TorchBackend:
 
     def gates_in_delta_rule(self, meta: BatchMeta) -> bool:
         return False
+
+    def gdn_decode(
+        self,
+        inputs: GDNDecodeInputs,
+        meta: BatchMeta,
+        conv_state: torch.Tensor,
+        state: torch.Tensor,
+        gated_norm: bool,
+    ) -> torch.Tensor | GatedNormed | None:
+        return None  # the separate steps are the reference
 
     def linear(
         self,

@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
 from model.backends.base import (
+    GatedNormed,
     GateInputs,
+    GDNDecodeInputs,
     SplitKPartials,
     gate_values,
     gated_norm_linear,
@@ -25,6 +27,7 @@ from model.backends.base import (
 )
 from model.backends.gemm_table import DecodeGemmTable, default_table
 from model.backends.triton_kernels.conv import conv_prefill, l2norm_args
+from model.backends.triton_kernels.gdn import gdn_recur_decode
 from model.backends.triton_kernels.gemm import DECODE_GEMM_MAX_M, decode_gemm
 from model.backends.triton_kernels.norm_gemm import NORM_GEMM_MAX_M, gated_norm_gemv, norm_gemm
 from model.backends.triton_kernels.ops import (
@@ -105,6 +108,13 @@ class TritonBackend:
         # to the wrapper on the H100; a 256-token prefill step enqueues in 41 ms instead of 59.5,
         # docs/benchmarks.md); False: always the public function (A/B switch)
         self.fla_direct = True
+        # decode: a GDN layer's short conv, gates and delta rule in one launch (`gdn_decode`), and its
+        # gated output norm in it too; False: the separate launches (A/B switches)
+        self.fused_gdn_decode = True
+        self.fused_gdn_norm = True
+        # the fused decode kernel's per-(row, head) arrival counters, zero between launches; a larger
+        # batch gets a new buffer and the older ones stay alive for the graphs captured with them
+        self._arrival_counters: list[torch.Tensor] = []
 
     # --- host-built index tables for prefill (cached for the meta of the current call) ---
 
@@ -315,6 +325,36 @@ class TritonBackend:
             )
         state.index_copy_(0, meta.slot_ids, ht.to(state.dtype))
         return o.squeeze(0).to(v.dtype)
+
+    def gdn_decode(
+        self,
+        inputs: GDNDecodeInputs,
+        meta: BatchMeta,
+        conv_state: torch.Tensor,
+        state: torch.Tensor,
+        gated_norm: bool,
+    ) -> torch.Tensor | GatedNormed | None:
+        """Decode: conv, gates, delta rule (and with gated_norm the gated norm) in one launch
+        (`gdn_recur_decode`); None while torch.compile traces (the separate custom ops) or with
+        `fused_gdn_decode` off."""
+        if not (meta.is_decode and self.fused_gdn_decode) or torch.compiler.is_compiling():
+            return None
+        num_heads, _, dv = inputs.head_dims
+        rows = inputs.proj.shape[0]
+        norm = gated_norm and self.fused_gdn_norm
+        out = gdn_recur_decode(
+            inputs.proj, inputs.conv_weight.contiguous(), conv_state, state, meta.slot_ids, meta.context_lens,
+            inputs.neg_exp_a, inputs.dt_bias, inputs.head_dims, self._counters(rows * num_heads),
+            inputs.norm_weight if norm else None, inputs.eps,
+        )  # fmt: skip
+        return GatedNormed(out.view(rows, num_heads * dv)) if norm else out
+
+    def _counters(self, n: int) -> torch.Tensor:
+        """An int32 buffer of at least n zeros for the fused decode kernel's arrival counters."""
+        if not self._arrival_counters or self._arrival_counters[-1].numel() < n:
+            size = max(4096, 1 << (n - 1).bit_length())
+            self._arrival_counters.append(torch.zeros(size, dtype=torch.int32, device=self.device))
+        return self._arrival_counters[-1]
 
     def sliding_window_attention(
         self,
