@@ -7,7 +7,10 @@ Isolated kernel timings did not carry over to the step three times in a row on t
 more split-K partials than its tune, more programs than SMs; docs/benchmarks.md), so table changes
 are chosen here, in the step. Candidates come from a JSON {"candidates": {name: [entries]}} and/or
 from tune outputs (`--from-tune`: tune_norm_gemm.py, tune_gemv.py, tune_gated_norm.py JSONs), whose
-every entry gives one candidate per config it lists (the best and its runners-up).
+every entry gives one candidate per config it lists (the best and its runners-up). A candidate in
+the JSON may also be {"table": [entries], "attrs": {backend attribute: value}}: backend switches
+(e.g. {"fused_gdn_decode": false}, {"fused_gdn_launch": {"bv": 32, "num_warps": 2}}) set for its
+steps, with or without table entries.
 
     python benchmarks/ab_tables.py --out DIR [--batches 1] [--rounds 3]
         [--candidates FILE] [--from-tune A.json,B.json] [--max-programs 132]      (GPU)
@@ -43,10 +46,20 @@ def candidates_from_tune(doc: dict, max_programs: int | None = None) -> dict[str
     return out
 
 
+def split_candidate(cand: list[dict] | dict) -> tuple[list[dict], dict]:
+    """(table entries, backend attributes) of a candidate: a list of entries, or {"table", "attrs"}."""
+    if isinstance(cand, list):
+        return cand, {}
+    unknown = set(cand) - {"table", "attrs"}
+    if unknown:
+        raise ValueError(f"candidate keys {sorted(unknown)}: expected 'table' and/or 'attrs'")
+    return cand.get("table", []), cand.get("attrs", {})
+
+
 def load_candidates(
     paths: list[str], tune_paths: list[str], max_programs: int | None
-) -> dict[str, list[dict]]:
-    cands: dict[str, list[dict]] = {}
+) -> dict[str, list[dict] | dict]:
+    cands: dict[str, list[dict] | dict] = {}
     for p in paths:
         cands |= json.loads(Path(p).read_text())["candidates"]
     for p in tune_paths:
@@ -72,7 +85,7 @@ def main() -> None:
     run(cands, [int(b) for b in args.batches.split(",")], args.rounds, Path(args.out))
 
 
-def run(cands: dict[str, list[dict]], batches: list[int], rounds: int, out: Path) -> None:
+def run(cands: dict[str, list[dict] | dict], batches: list[int], rounds: int, out: Path) -> None:
     import torch
     from bench_gpu import build_model, decode_floor_s, decode_inputs, load_cfg, random_state
     from profile_decode import graph_ms_with
@@ -81,7 +94,10 @@ def run(cands: dict[str, list[dict]], batches: list[int], rounds: int, out: Path
     model = build_model(cfg)
     state = random_state(cfg, max(batches))
     shipped = model.backend.gemm_table
-    tables = {"shipped": shipped} | {name: shipped.extended(entries) for name, entries in cands.items()}
+    variants = {"shipped": (shipped, {})}
+    for name, cand in cands.items():
+        entries, attrs = split_candidate(cand)
+        variants[name] = (shipped.extended(entries) if entries else shipped, attrs)
     rows = []
     with torch.inference_mode():
         for batch in batches:
@@ -90,10 +106,10 @@ def run(cands: dict[str, list[dict]], batches: list[int], rounds: int, out: Path
             def step():
                 return model.compute_logits(model.forward(ids, pos, meta, state))
 
-            times: dict[str, list[float]] = {name: [] for name in tables}
+            times: dict[str, list[float]] = {name: [] for name in variants}
             for _ in range(rounds):
-                for name, table in tables.items():
-                    times[name].append(graph_ms_with(model, step, gemm_table=table))
+                for name, (table, attrs) in variants.items():
+                    times[name].append(graph_ms_with(model, step, gemm_table=table, **attrs))
             floor_ms = decode_floor_s(batch, 1024) * 1e3
             base = statistics.median(times["shipped"])
             for name, ms in sorted(times.items(), key=lambda kv: statistics.median(kv[1])):

@@ -45,3 +45,21 @@ def test_candidates_from_the_gemv_and_gated_tunes() -> None:
             assert (
                 table.lookup(1, e["N"], e["K"], e.get("bias", False), op=e.get("op", "linear")) == e["config"]
             )
+
+
+def test_candidate_files_are_valid_table_changes_and_backend_switches() -> None:
+    """Every candidate of benchmarks/candidates/*.json: valid table entries (known op and launch
+    keys) and backend attributes the Triton backend has."""
+    from ab_tables import load_candidates, split_candidate
+
+    switches = {"fused_gdn_decode", "fused_gdn_norm", "fused_gdn_launch", "split_k_into_norm", "gemm_table"}
+    files = sorted((ROOT / "benchmarks" / "candidates").glob("*.json"))
+    assert files
+    for path in files:
+        cands = load_candidates([str(path)], [], None)
+        assert cands
+        for cand in cands.values():
+            entries, attrs = split_candidate(cand)
+            DecodeGemmTable(entries)
+            assert entries or attrs
+            assert set(attrs) <= switches

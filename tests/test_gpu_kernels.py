@@ -360,6 +360,34 @@ def test_sliding_window_attention(decode: bool, seed: int, window: int) -> None:
     assert torch.equal(vc.nan_to_num(0.0), vc_ref.nan_to_num(0.0))
 
 
+@pytest.mark.parametrize("ctx", [[0, 5, 130, 700], [64, 511, 512, 1000]])
+def test_swa_decode_many_splits(ctx: list[int]) -> None:
+    """Decode over a 512-row window in 8 splits of 64 (num_sms 132 at 4 rows x 2 kv heads): only
+    the splits that hold keys are stored and reduced (unused partials stay NaN-poisoned here), at
+    contexts inside one split, across splits, at the window's edge and past it."""
+    from model.backends.triton_kernels.swa import swa_decode
+
+    _, ref = _backends()
+    torch.manual_seed(sum(ctx))
+    slots, window, HQ, HKV, D = [3, 0, 5, 1], 512, 4, 2, 32
+    meta = BatchMeta.build(slots, [1] * 4, ctx, DEVICE)
+    q = torch.randn(4, HQ, D, dtype=DT, device=DEVICE)
+    k = torch.randn(4, HKV, D, dtype=DT, device=DEVICE)
+    v = torch.randn(4, HKV, D, dtype=DT, device=DEVICE)
+    kc = _pool((window, HKV, D), 6, DT, slots, ctx)
+    vc = _pool((window, HKV, D), 6, DT, slots, ctx)
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    empty = torch.empty
+    try:  # the split partials come from torch.empty: poison them
+        torch.empty = lambda *a, **kw: empty(*a, **kw).fill_(float("nan"))
+        out = swa_decode(q, k, v, kc, vc, meta.slot_ids, meta.context_lens, D**-0.5, num_sms=132)
+    finally:
+        torch.empty = empty
+    out_ref = ref.sliding_window_attention(q, k, v, meta, kc_ref, vc_ref, D**-0.5)
+    assert rel_err(out, out_ref) < TOL
+    assert torch.equal(kc.nan_to_num(0.0), kc_ref.nan_to_num(0.0))
+
+
 @pytest.mark.parametrize("window", [256, 512])
 def test_sliding_window_attention_long_prefill(window: int) -> None:
     """Prefill spans long enough for the kernel's unmasked key blocks (ring and chunk) next to its

@@ -112,6 +112,8 @@ class TritonBackend:
         # gated output norm in it too; False: the separate launches (A/B switches)
         self.fused_gdn_decode = True
         self.fused_gdn_norm = True
+        # its launch ({"bv": ..., "num_warps": ...}); None: gdn.decode_launch by rows x heads
+        self.fused_gdn_launch: dict | None = None
         # the fused decode kernel's per-(row, head) arrival counters, zero between launches; a larger
         # batch gets a new buffer and the older ones stay alive for the graphs captured with them
         self._arrival_counters: list[torch.Tensor] = []
@@ -345,7 +347,7 @@ class TritonBackend:
         out = gdn_recur_decode(
             inputs.proj, inputs.conv_weight.contiguous(), conv_state, state, meta.slot_ids, meta.context_lens,
             inputs.neg_exp_a, inputs.dt_bias, inputs.head_dims, self._counters(rows * num_heads),
-            inputs.norm_weight if norm else None, inputs.eps,
+            inputs.norm_weight if norm else None, inputs.eps, self.fused_gdn_launch,
         )  # fmt: skip
         return GatedNormed(out.view(rows, num_heads * dv)) if norm else out
 

@@ -81,9 +81,10 @@ def _swa_decode_split_kernel(
         m_i, l_i, acc = _attend_block(q, kb, vb, valid[None, :], m_i, l_i, acc, qk_scale)
 
     out_idx = (b * HKV * G + heads) * NSPLIT + split  # [B, Hq, NSPLIT]
-    tl.store(m_ptr + out_idx, m_i, mask=mg)
-    tl.store(l_ptr + out_idx, l_i, mask=mg)
-    tl.store(acc_ptr + out_idx[:, None] * D + offs_d[None, :], acc, mask=mg[:, None])
+    used = (split == 0) | (lo < num_rows)  # the reduction reads the splits that hold keys, and split 0
+    tl.store(m_ptr + out_idx, m_i, mask=mg & used)
+    tl.store(l_ptr + out_idx, l_i, mask=mg & used)
+    tl.store(acc_ptr + out_idx[:, None] * D + offs_d[None, :], acc, mask=mg[:, None] & used)
     if split == 0:  # no program reads row p % W (masked above), so writing it now is race-free
         dst = base + (p % W) * stride_c_row + offs_d
         tl.store(kc_ptr + dst, k_new)
@@ -92,14 +93,17 @@ def _swa_decode_split_kernel(
 
 @triton.jit
 def _swa_decode_reduce_kernel(
-    m_ptr, l_ptr, acc_ptr, out_ptr, HQ, NSPLIT, stride_o, stride_oh,
+    m_ptr, l_ptr, acc_ptr, out_ptr, ctx_ptr, HQ, NSPLIT, W, SPLIT_LEN, stride_o, stride_oh,
     D: tl.constexpr, BS: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     pdl.prologue(USE_PDL)
     pid = tl.program_id(0).to(tl.int64)  # b * HQ + h
     offs_s = tl.arange(0, BS)
     offs_d = tl.arange(0, D)
-    ms = offs_s < NSPLIT
+    # only the splits that hold cached keys were stored (split 0 always: the new token)
+    p = tl.load(ctx_ptr + pid // HQ)
+    used = tl.maximum(1, tl.cdiv(tl.minimum(p, W), SPLIT_LEN))
+    ms = offs_s < used
     m = tl.load(m_ptr + pid * NSPLIT + offs_s, mask=ms, other=float("-inf"))
     lsum = tl.load(l_ptr + pid * NSPLIT + offs_s, mask=ms, other=0.0)
     acc = tl.load(
@@ -156,7 +160,7 @@ def swa_decode(
     )  # fmt: skip
     out = torch.empty_like(q)
     _swa_decode_reduce_kernel[(num_rows * num_q_heads,)](
-        m, lsum, acc, out, num_q_heads, nsplit, out.stride(0), out.stride(1),
+        m, lsum, acc, out, context_lens, num_q_heads, nsplit, window, split_len, out.stride(0), out.stride(1),
         D=dim, BS=triton.next_power_of_2(nsplit),
         **pdl.launch_kwargs(),
     )  # fmt: skip
