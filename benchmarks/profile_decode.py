@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--top", type=int, default=25, help="kernels listed per decode step")
     ap.add_argument("--out", default=".")
     ap.add_argument(
         "--prefill", type=int, default=0, help="also profile one prefill chunk of this many tokens"
@@ -111,7 +112,7 @@ def main() -> None:
         def step(fwd=model.forward):
             return model.compute_logits(fwd(ids, pos, meta, state))
 
-        top, count, busy = kernel_table(step)
+        top, count, busy = kernel_table(step, top=args.top)
         r = {
             "kernels_per_step": count,
             "gpu_busy_ms": busy,
