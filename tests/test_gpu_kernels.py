@@ -248,8 +248,9 @@ def test_gdn_recur_decode_equals_the_separate_steps(gated_norm: bool, bv: int | 
 
 
 def test_gdn_decode_fused_switches_and_prefill() -> None:
-    """`gdn_decode` is None in prefill calls and with `fused_gdn_decode` off; with `fused_gdn_norm`
-    off it returns the delta-rule output (the caller runs the gated norm)."""
+    """`gdn_decode` is None in prefill calls, with `fused_gdn_decode` off and at batches where the
+    separate launches are faster; with `fused_gdn_norm` off it returns the delta-rule output (the
+    caller runs the gated norm)."""
     tri, _ = _backends()
     slots, lens, ctx, num_slots = _case(True, 4)
     inputs, conv_pool, state_pool = _gdn_decode_inputs(len(slots), 2, 16, 32, num_slots, slots, ctx)
@@ -261,6 +262,10 @@ def test_gdn_decode_fused_switches_and_prefill() -> None:
     assert isinstance(out, torch.Tensor) and out.shape == (len(slots), 2, 32)
     tri.fused_gdn_decode = False
     assert tri.gdn_decode(inputs, meta, conv_pool, state_pool, True) is None
+    # 4 rows x 128 heads: the batch where `fused_decode_launch` keeps the separate launches
+    tri.fused_gdn_decode = True
+    wide, conv_wide, state_wide = _gdn_decode_inputs(len(slots), 128, 16, 16, num_slots, slots, ctx)
+    assert tri.gdn_decode(wide, meta, conv_wide, state_wide, True) is None
 
 
 def _gdn_prefill_case(seed: int, dims: tuple[int, int, int], qk_normalized: bool):

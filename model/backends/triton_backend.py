@@ -27,7 +27,7 @@ from model.backends.base import (
 )
 from model.backends.gemm_table import DecodeGemmTable, default_table
 from model.backends.triton_kernels.conv import conv_prefill, l2norm_args
-from model.backends.triton_kernels.gdn import gdn_recur_decode
+from model.backends.triton_kernels.gdn import fused_decode_launch, gdn_recur_decode
 from model.backends.triton_kernels.gemm import DECODE_GEMM_MAX_M, decode_gemm
 from model.backends.triton_kernels.norm_gemm import NORM_GEMM_MAX_M, gated_norm_gemv, norm_gemm
 from model.backends.triton_kernels.ops import (
@@ -112,7 +112,7 @@ class TritonBackend:
         # gated output norm in it too; False: the separate launches (A/B switches)
         self.fused_gdn_decode = True
         self.fused_gdn_norm = True
-        # its launch ({"bv": ..., "num_warps": ...}); None: gdn.decode_launch by rows x heads
+        # its launch ({"bv": ..., "num_warps": ...}, at every batch); None: gdn.fused_decode_launch
         self.fused_gdn_launch: dict | None = None
         # the fused decode kernel's per-(row, head) arrival counters, zero between launches; a larger
         # batch gets a new buffer and the older ones stay alive for the graphs captured with them
@@ -337,12 +337,15 @@ class TritonBackend:
         gated_norm: bool,
     ) -> torch.Tensor | GatedNormed | None:
         """Decode: conv, gates, delta rule (and with gated_norm the gated norm) in one launch
-        (`gdn_recur_decode`); None while torch.compile traces (the separate custom ops) or with
-        `fused_gdn_decode` off."""
+        (`gdn_recur_decode`); None while torch.compile traces (the separate custom ops), with
+        `fused_gdn_decode` off, or at batches where the separate launches are faster
+        (`gdn.fused_decode_launch`, unless `fused_gdn_launch` sets the launch)."""
         if not (meta.is_decode and self.fused_gdn_decode) or torch.compiler.is_compiling():
             return None
         num_heads, _, dv = inputs.head_dims
         rows = inputs.proj.shape[0]
+        if self.fused_gdn_launch is None and fused_decode_launch(rows * num_heads) is None:
+            return None  # the separate launches are faster at this batch
         norm = gated_norm and self.fused_gdn_norm
         out = gdn_recur_decode(
             inputs.proj, inputs.conv_weight.contiguous(), conv_state, state, meta.slot_ids, meta.context_lens,

@@ -69,6 +69,17 @@ def decode_launch(rows_heads: int) -> dict:
     return {"bv": 64 if rows_heads < 2048 else 128, "num_warps": 4}
 
 
+def fused_decode_launch(rows_heads: int) -> dict | None:
+    """The one-launch recurrence's d_v block and warps by (row, head) count, or None where the three
+    separate launches were faster. Whole-step A/B (ab_tables.py, docs/benchmarks.md): at batch 1
+    (16 row-heads) 64-wide blocks with 4 warps beat the delta-rule kernel's 16 / 1 warp (every
+    program convolves its head's q and k, so fewer, wider programs pay that less often) and at batch
+    8 as well (H200); at batch 64 the separate launches were 0.3% faster (H100)."""
+    if rows_heads < 512:
+        return {"bv": 64, "num_warps": 4}
+    return None
+
+
 def gdn_decode(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -242,7 +253,8 @@ def gdn_recur_decode(
     conv_weight [2 H d_k + H d_v, K]; conv_state [S+1, same, K] and state [S+1, H, d_k, d_v] updated
     in place at rows slot_ids; head_dims (H, d_k, d_v); counters int32 [>= B H], all zero (they are
     zero again when the launch ends). Returns [B, H, d_v]: the delta-rule output, or with norm_weight
-    (fp32 [d_v]) rmsnorm(o) * norm_weight * silu(z) per head."""
+    (fp32 [d_v]) rmsnorm(o) * norm_weight * silu(z) per head. launch: {"bv", "num_warps"}, by default
+    `fused_decode_launch` (or `decode_launch` where that says the separate launches are faster)."""
     num_heads, dk, dv = head_dims
     num_rows = proj.shape[0]
     conv_dim, kc = conv_weight.shape
@@ -261,7 +273,7 @@ def gdn_recur_decode(
     if counters.dtype != torch.int32 or counters.numel() < num_rows * num_heads:
         raise ValueError(f"counters: int32 with at least {num_rows * num_heads} entries")
     out = torch.empty((num_rows, num_heads, dv), dtype=proj.dtype, device=proj.device)
-    params = launch or decode_launch(num_rows * num_heads)
+    params = launch or fused_decode_launch(num_rows * num_heads) or decode_launch(num_rows * num_heads)
     bv = min(params["bv"], triton.next_power_of_2(dv))
     nb = triton.cdiv(dv, bv)
     if num_rows:
