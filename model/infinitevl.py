@@ -43,8 +43,10 @@ class DecoderLayer(nn.Module):
         """(mlp output, residual stream before it is added): the sum is this block's output. Deferring
         each residual add into the next norm lets a backend fuse the two (same roundings), and the
         output projections before those norms may leave their split-K sums to them (`partial`)."""
-        mixer_in, residual = self.head(h, residual, rope, backend)
-        mid = self.mix(mixer_in, meta, state, backend, gated_norm=True)
+        # the attention kernel may rotate q and k itself (Backend.rope_in_attention)
+        late_rope = not self.is_linear and backend.rope_in_attention(meta)
+        mixer_in, residual = self.head(h, residual, rope, backend, rotate=not late_rope)
+        mid = self.mix(mixer_in, meta, state, backend, gated_norm=True, rope=rope if late_rope else None)
         return self.tail(mid, mixer_in, residual, backend)
 
     # The block in three parts, so that a caller may run the stateless ones (head, tail) apart from the
@@ -57,19 +59,21 @@ class DecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         rope: tuple[torch.Tensor, torch.Tensor],
         backend: Backend,
+        rotate: bool = True,
     ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """The input norm (adding h to the residual stream) and the mixer's input projection: (the
-        mixer's inputs: (proj,) for Gated DeltaNet, (q, k, v) rotated for attention; the residual stream)."""
+        mixer's inputs: (proj,) for Gated DeltaNet, (q, k, v) for attention, q and k rotated unless
+        not `rotate` (then `mix` gets the rope tables); the residual stream)."""
         mixer, norm = self.self_attn, self.input_layernorm
         weight = mixer.in_proj_weight if self.is_linear else mixer.qkv_weight
         if weight is not None:  # fused projection: the backend may fold the norm into its GEMM
             bias = None if self.is_linear else mixer.qkv_bias
             proj, residual = backend.norm_linear(h, residual, norm.weight, norm.eps, weight, bias)
-            return ((proj,) if self.is_linear else mixer.heads(proj, rope, backend)), residual
+            return ((proj,) if self.is_linear else mixer.heads(proj, rope, backend, rotate)), residual
         x, residual = norm.add_forward(h, residual, backend.pointwise)
         if self.is_linear:
             return (mixer.project(x, backend),), residual
-        return mixer.project(x, rope, backend), residual
+        return mixer.project(x, rope, backend, rotate), residual
 
     def mix(
         self,
@@ -78,16 +82,18 @@ class DecoderLayer(nn.Module):
         state: StateTensors,
         backend: Backend,
         gated_norm: bool = False,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor | GatedNormed:
         """The mixer's stateful part on its inputs from `head`: the delta-rule output [N, H, d_v] or the
         attention output [N, Hq, D]; this layer's pool rows of meta.slot_ids updated. With gated_norm
         a Gated DeltaNet's output may come back through its gated norm already (GatedNormed, which
-        `tail` takes as well), where the backend fuses the two."""
+        `tail` takes as well), where the backend fuses the two. With rope (cos, sin), attention's q
+        and k from `head` are not rotated yet."""
         i = self.state_index
         if self.is_linear:
             conv, rec = state.conv[i], state.recurrent[i]
             return self.self_attn.recur(mixer_in[0], meta, conv, rec, backend, gated_norm)
-        return self.self_attn.attend(*mixer_in, meta, state.key[i], state.value[i], backend)
+        return self.self_attn.attend(*mixer_in, meta, state.key[i], state.value[i], backend, rope)
 
     def tail(
         self,

@@ -219,15 +219,24 @@ class SlidingWindowAttention(nn.Module):
         return self.finish(out, backend, partial)
 
     def project(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], backend: Backend
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        backend: Backend,
+        rotate: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q [N, Hq, D] and k [N, Hkv, D] rotated, v [N, Hkv, D]: row-strided views, unit stride on D
-        (the stateless part before the attention)."""
+        """q [N, Hq, D] and k [N, Hkv, D] rotated (unless not `rotate`: then `attend` gets the rope
+        tables), v [N, Hkv, D]: row-strided views, unit stride on D (the stateless part before the
+        attention)."""
         qkv = _project(x, self.qkv_weight, self.qkv_bias, self._parts(), backend)  # [N, (Hq + 2 Hkv) * D]
-        return self.heads(qkv, rope, backend)
+        return self.heads(qkv, rope, backend, rotate)
 
     def heads(
-        self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], backend: Backend
+        self,
+        qkv: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        backend: Backend,
+        rotate: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`project` from the fused q|k|v product [N, (Hq + 2 Hkv) * D] on (the decoder block may
         compute the product together with its norm, Backend.norm_linear)."""
@@ -235,7 +244,8 @@ class SlidingWindowAttention(nn.Module):
         qk_dim = (hq + self.num_kv_heads) * d
         # rotate q and k heads together (one set of elementwise kernels); rows keep stride qkv.shape[1]
         qk = qkv[:, :qk_dim].view(n, hq + self.num_kv_heads, d)
-        qk = apply_rope(qk, *rope) if backend.pointwise is None else backend.pointwise.rope(qk, *rope)
+        if rotate:
+            qk = apply_rope(qk, *rope) if backend.pointwise is None else backend.pointwise.rope(qk, *rope)
         q, k = qk[:, :hq], qk[:, hq:]  # head-strided views, unit stride on D
         v = qkv[:, qk_dim:].view(n, self.num_kv_heads, d)
         return q, k, v
@@ -249,9 +259,10 @@ class SlidingWindowAttention(nn.Module):
         key_cache: torch.Tensor,
         value_cache: torch.Tensor,
         backend: Backend,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,  # q and k not rotated yet
     ) -> torch.Tensor:
         """The windowed attention over the slot rings [N, Hq, D] (the stateful part; rings updated)."""
-        return backend.sliding_window_attention(q, k, v, meta, key_cache, value_cache, self.scale)
+        return backend.sliding_window_attention(q, k, v, meta, key_cache, value_cache, self.scale, rope)
 
     def finish(
         self, out: torch.Tensor, backend: Backend, partial: bool = False

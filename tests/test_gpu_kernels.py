@@ -393,6 +393,52 @@ def test_swa_decode_many_splits(ctx: list[int]) -> None:
     assert torch.equal(kc.nan_to_num(0.0), kc_ref.nan_to_num(0.0))
 
 
+@pytest.mark.parametrize("decode", [True, False])
+@pytest.mark.parametrize("window", [16, 512])
+def test_sliding_window_attention_rotates_q_and_k(decode: bool, window: int) -> None:
+    """With the rope tables, q and k before RoPE give what the rope kernel and then the attention
+    give: bit for bit in decode (the split kernel rotates them with the rope kernel's roundings; the
+    ring gets the rotated key), and on the torch backend as well."""
+    from model.layers import apply_rope
+
+    tri, ref = _backends()
+    torch.manual_seed(window)
+    slots, lens, ctx, num_slots = _case(decode, 2)
+    if not decode and INTERPRET and not HAS_CUDA:
+        lens = [min(n, 20) for n in lens]  # a short prefill: the interpreter is slow
+    meta = BatchMeta.build(slots, lens, ctx, DEVICE)
+    HQ, HKV, D = 4, 2, 32
+    n = sum(lens)
+    qkv = torch.randn(n, (HQ + 2 * HKV) * D + 8, dtype=DT, device=DEVICE)  # row-strided views
+    angles = torch.rand(n, D // 2, device=DEVICE) * 6
+    cos, sin = (torch.cat([f(angles)] * 2, dim=-1).to(DT) for f in (torch.cos, torch.sin))
+    rings = [_pool((window, HKV, D), num_slots, DT, slots, ctx) for _ in range(2)]
+    results = []
+    for backend, late in ((tri, False), (tri, True), (ref, True), (ref, False)):
+        x = qkv.clone()
+        q, k = x[:, : HQ * D].view(n, HQ, D), x[:, HQ * D : (HQ + HKV) * D].view(n, HKV, D)
+        v = x[:, (HQ + HKV) * D : (HQ + 2 * HKV) * D].view(n, HKV, D)
+        if not late:
+            qk = x[:, : (HQ + HKV) * D].view(n, HQ + HKV, D)
+            if backend is tri:
+                tri.pointwise.rope(qk, cos, sin)
+            else:
+                qk.copy_(apply_rope(qk, cos, sin))
+        kc, vc = (r.clone() for r in rings)
+        rope = (cos, sin) if late else None
+        out = backend.sliding_window_attention(q, k, v, meta, kc, vc, D**-0.5, rope)
+        results.append((out, kc.nan_to_num(0.0)))
+    (tri_early, kc_early), (tri_late, kc_late), (ref_late, kc_ref_late), (ref_early, kc_ref) = results
+    if decode:
+        assert torch.equal(tri_late, tri_early)
+        assert torch.equal(kc_late, kc_early)
+    else:
+        assert rel_err(tri_late, tri_early) < TOL
+    assert torch.equal(ref_late, ref_early) and torch.equal(kc_ref_late, kc_ref)
+    assert rel_err(tri_late, ref_late) < TOL
+    assert rel_err(kc_late, kc_ref) < TOL
+
+
 @pytest.mark.parametrize("window", [256, 512])
 def test_sliding_window_attention_long_prefill(window: int) -> None:
     """Prefill spans long enough for the kernel's unmasked key blocks (ring and chunk) next to its
@@ -774,7 +820,8 @@ def test_model_decode_with_split_k_sums_in_the_norms(tiny_ckpt_dir) -> None:
 def test_model_decode_with_the_fused_gdn_step(tiny_ckpt_dir, monkeypatch: pytest.MonkeyPatch) -> None:
     """The tiny model on the Triton backend, decode steps from fresh slots on: with the one-launch
     GDN recurrence (with and without the gated norm in it) the hidden states and every pool equal
-    the separate launches' within bf16 noise, and the fused kernel ran once per GDN layer and step."""
+    the separate launches' within bf16 noise, and the fused kernel ran once per GDN layer and step;
+    with q and k rotated in the attention kernel instead of the rope kernel, bit for bit."""
     from model.backends import triton_backend
     from model.loader import load_model
     from model.state import allocate_state
@@ -783,9 +830,15 @@ def test_model_decode_with_the_fused_gdn_step(tiny_ckpt_dir, monkeypatch: pytest
     fused = triton_backend.gdn_recur_decode
     monkeypatch.setattr(triton_backend, "gdn_recur_decode", lambda *a: calls.append(1) or fused(*a))
     runs = []
-    for on, norm in ((False, False), (True, False), (True, True)):
+    for on, norm, late_rope in (
+        (False, False, False),
+        (True, False, False),
+        (True, True, True),
+        (False, False, True),
+    ):
         model = load_model(tiny_ckpt_dir, dtype=DT, device=DEVICE, backend="triton")
         model.backend.fused_gdn_decode, model.backend.fused_gdn_norm = on, norm
+        model.backend.rope_in_swa = late_rope
         text = model.config.text
         slots = [2, 0, 1]
         state = allocate_state(text, 3, torch.float32, model.dtype, DEVICE)
@@ -797,7 +850,11 @@ def test_model_decode_with_the_fused_gdn_step(tiny_ckpt_dir, monkeypatch: pytest
             meta = BatchMeta.build(slots, [1, 1, 1], [step] * 3, DEVICE)
             hidden_states.append(model(ids, pos, meta, state))
         assert len(calls) == (4 * len(text.gdn_layers) if on else 0)
-        runs.append([torch.cat(hidden_states)] + [t.clone() for t in (state.recurrent, state.conv)])
+        runs.append(
+            [torch.cat(hidden_states)] + [t.clone() for t in (state.recurrent, state.conv, state.key)]
+        )
     for variant in runs[1:]:
         for got, want in zip(variant, runs[0], strict=True):
             assert rel_err(got, want) < TOL
+    # q and k rotated inside the attention kernel: the rope kernel's roundings, so bit for bit
+    assert all(torch.equal(got, want) for got, want in zip(runs[3], runs[0], strict=True))

@@ -320,5 +320,12 @@ class Backend(Protocol):
         key_cache: torch.Tensor,  # [num_slots + 1, W, Hkv, D] ring: token p at row p % W; updated in place
         value_cache: torch.Tensor,
         scale: float,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,  # cos, sin [N, D]: q and k before RoPE
     ) -> torch.Tensor:  # [N, Hq, D]; query at absolute index i sees keys max(0, i-W+1) .. i
+        ...  # with rope the backend rotates q and k first (model.layers.apply_rope's roundings)
+
+    def rope_in_attention(self, meta: BatchMeta) -> bool:
+        """Whether the model should hand sliding_window_attention q and k before RoPE, with the
+        rope tables: both backends accept either; a backend says yes where its attention kernel
+        rotates them on the fly (one launch less per attention layer)."""
         ...

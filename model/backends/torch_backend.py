@@ -55,6 +55,9 @@ class TorchBackend:
     def gates_in_delta_rule(self, meta: BatchMeta) -> bool:
         return False
 
+    def rope_in_attention(self, meta: BatchMeta) -> bool:
+        return False
+
     def gdn_decode(
         self,
         inputs: GDNDecodeInputs,
@@ -205,7 +208,12 @@ class TorchBackend:
         key_cache: torch.Tensor,
         value_cache: torch.Tensor,
         scale: float,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        if rope is not None:
+            from model.layers import apply_rope  # (model.layers imports this package)
+
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         window = key_cache.shape[1]
         out = torch.empty_like(q)
         for start, end, slot, ctx in _spans(meta):

@@ -36,8 +36,9 @@ from model.backends.triton_kernels.ops import (
     gdn_decode_call,
     swa_decode_call,
 )
-from model.backends.triton_kernels.swa import swa_prefill
+from model.backends.triton_kernels.swa import swa_decode, swa_prefill
 from model.batch import BatchMeta, upload
+from model.layers import apply_rope
 
 # prefill launch parameters (H100 sweep: benchmarks/sweep_prefill_kernels.py, docs/benchmarks.md)
 # (8K chunk at context 8K, 5ef1835: SWA 1.28 ms per layer, tied with 4 warps / 2 stages; conv 0.20 ms
@@ -114,6 +115,8 @@ class TritonBackend:
         self.fused_gdn_norm = True
         # its launch ({"bv": ..., "num_warps": ...}, at every batch); None: gdn.fused_decode_launch
         self.fused_gdn_launch: dict | None = None
+        # decode: the attention kernel rotates q and k (`rope_in_attention`); False: the rope launch
+        self.rope_in_swa = True
         # the fused decode kernel's per-(row, head) arrival counters, zero between launches; a larger
         # batch gets a new buffer and the older ones stay alive for the graphs captured with them
         self._arrival_counters: list[torch.Tensor] = []
@@ -233,6 +236,11 @@ class TritonBackend:
         chunk). Decode: the delta-rule kernel normalises in registers, which the norm in the conv
         epilogue would only slow down (0.5-0.7% at batch 64-128, benchmarks/ab_qk_norm.py)."""
         return not meta.is_decode
+
+    def rope_in_attention(self, meta: BatchMeta) -> bool:
+        """Decode: the attention kernel rotates q and k (`rope_in_swa`; no rope launch). Prefill and
+        torch.compile: the rope kernel before the attention."""
+        return meta.is_decode and self.rope_in_swa and not torch.compiler.is_compiling()
 
     def gates_in_delta_rule(self, meta: BatchMeta) -> bool:
         """Decode: the delta-rule kernel computes g and beta from a and b (no gates kernel, one launch
@@ -370,9 +378,32 @@ class TritonBackend:
         key_cache: torch.Tensor,
         value_cache: torch.Tensor,
         scale: float,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Windowed causal attention [N, Hq, D]; the ring rows of meta.slot_ids get the new keys."""
+        """Windowed causal attention [N, Hq, D]; the ring rows of meta.slot_ids get the new keys.
+        With rope, decode rotates q and k inside the attention kernel; elsewhere the rope kernel
+        rotates them (in place) first."""
+        if rope is not None and not (meta.is_decode and not torch.compiler.is_compiling()):
+            for x in (q, k):
+                if self.pointwise is not None:
+                    self.pointwise.rope(x, *rope)
+                else:
+                    x.copy_(apply_rope(x, *rope))
+            rope = None
         if meta.is_decode:
+            if rope is not None:
+                return swa_decode(
+                    q,
+                    k,
+                    v,
+                    key_cache,
+                    value_cache,
+                    meta.slot_ids,
+                    meta.context_lens,
+                    scale,
+                    self.num_sms,
+                    rope,
+                )
             return swa_decode_call(
                 q, k, v, key_cache, value_cache, meta.slot_ids, meta.context_lens, scale, self.num_sms
             )

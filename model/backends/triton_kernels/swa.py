@@ -33,13 +33,33 @@ def _attend_block(q, kb, vb, visible, m_i, l_i, acc, qk_scale):
 
 
 @triton.jit
+def _rotate(x_ptrs, mask, cos_row, sin_row, HALF: tl.constexpr):
+    """RoPE of the vectors at x_ptrs [..., HALF] (first halves; the second halves HALF further) in
+    fp32 with the products rounded as pointwise's rope kernel rounds them: (first, second) halves,
+    rounded to the model dtype."""
+    dt = x_ptrs.dtype.element_ty
+    offs = tl.arange(0, HALF)
+    x1 = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+    c1 = tl.load(cos_row + offs).to(tl.float32)
+    c2 = tl.load(cos_row + HALF + offs).to(tl.float32)
+    s1 = tl.load(sin_row + offs).to(tl.float32)
+    s2 = tl.load(sin_row + HALF + offs).to(tl.float32)
+    y1 = (x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)
+    y2 = (x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)
+    return y1.to(dt), y2.to(dt)
+
+
+@triton.jit
 def _swa_decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, ctx_ptr, m_ptr, l_ptr, acc_ptr,
+    q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, ctx_ptr, m_ptr, l_ptr, acc_ptr, cos_ptr, sin_ptr,
     W, HKV, G, NSPLIT, SPLIT_LEN,
     stride_q, stride_qh, stride_k, stride_kh, stride_v, stride_vh,
-    stride_c_slot, stride_c_row, stride_c_h, qk_scale,
-    D: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr, USE_PDL: tl.constexpr,
+    stride_c_slot, stride_c_row, stride_c_h, stride_cos, stride_sin, qk_scale,
+    D: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr, ROPE: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    # ROPE: q and k come before RoPE and are rotated here with the row's cos/sin [D] (every program
+    # rotates its q heads; the new key goes into the ring rotated)
     pdl.prologue(USE_PDL)
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -51,14 +71,25 @@ def _swa_decode_split_kernel(
     slot = tl.load(slot_ptr + b).to(tl.int64)
     p = tl.load(ctx_ptr + b).to(tl.int64)  # absolute index of the new token
     heads = hk * G + offs_g
-    q = tl.load(
-        q_ptr + b * stride_q + heads[:, None] * stride_qh + offs_d[None, :], mask=mg[:, None], other=0.0
-    )
+    k_row = k_ptr + b * stride_k + hk * stride_kh
+    HALF: tl.constexpr = D // 2
+    if ROPE:
+        offs_h = tl.arange(0, HALF)
+        cos_row, sin_row = cos_ptr + b * stride_cos, sin_ptr + b * stride_sin
+        q_ptrs = q_ptr + b * stride_q + heads[:, None] * stride_qh + offs_h[None, :]
+        q1, q2 = _rotate(q_ptrs, mg[:, None], cos_row, sin_row, HALF)
+        q = tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), [BG, D])  # halves side by side
+        k1, k2 = _rotate(k_row + offs_h, offs_h < HALF, cos_row, sin_row, HALF)
+        k_new = tl.reshape(tl.permute(tl.join(k1, k2), (1, 0)), [D])
+    else:
+        q = tl.load(
+            q_ptr + b * stride_q + heads[:, None] * stride_qh + offs_d[None, :], mask=mg[:, None], other=0.0
+        )
+        k_new = tl.load(k_row + offs_d)
 
     m_i = tl.full([BG], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BG], dtype=tl.float32)
     acc = tl.zeros([BG, D], dtype=tl.float32)
-    k_new = tl.load(k_ptr + b * stride_k + hk * stride_kh + offs_d)
     v_new = tl.load(v_ptr + b * stride_v + hk * stride_vh + offs_d)
     if split == 0:  # the new token itself, from registers
         s_new = tl.sum(q.to(tl.float32) * k_new[None, :].to(tl.float32), axis=1) * qk_scale
@@ -133,8 +164,11 @@ def swa_decode(
     context_lens: torch.Tensor,
     scale: float,
     num_sms: int = 132,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """q [B, Hq, D], k/v [B, Hkv, D] (token index context_lens[b]); writes k/v into the ring in place."""
+    """q [B, Hq, D], k/v [B, Hkv, D] (token index context_lens[b]); writes k/v into the ring in place.
+    With rope (cos, sin [B, D], unit stride on D), q and k come before RoPE and are rotated here
+    (pointwise.rope_'s roundings); the ring gets the rotated key."""
     num_rows, num_q_heads, dim = q.shape
     _, window, num_kv_heads, _ = key_cache.shape
     group = num_q_heads // num_kv_heads
@@ -150,12 +184,15 @@ def swa_decode(
     lsum = torch.empty((num_rows, num_q_heads, nsplit), **f32)
     acc = torch.empty((num_rows, num_q_heads, nsplit, dim), **f32)
     bg = max(16, triton.next_power_of_2(group))
+    if rope is not None and (rope[0].stride(1) != 1 or rope[1].stride(1) != 1):
+        raise ValueError("swa_decode expects cos/sin with unit stride on D")
+    cos, sin = rope if rope is not None else (q, q)  # placeholders without rope
     _swa_decode_split_kernel[(num_rows * num_kv_heads, nsplit)](
-        q, k, v, key_cache, value_cache, slot_ids, context_lens, m, lsum, acc,
+        q, k, v, key_cache, value_cache, slot_ids, context_lens, m, lsum, acc, cos, sin,
         window, num_kv_heads, group, nsplit, split_len,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), scale * LOG2E,
-        D=dim, BG=bg, BN=64, num_warps=4,
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), cos.stride(0), sin.stride(0),
+        scale * LOG2E, D=dim, BG=bg, BN=64, ROPE=rope is not None, num_warps=4,
         **pdl.launch_kwargs(),
     )  # fmt: skip
     out = torch.empty_like(q)
