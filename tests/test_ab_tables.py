@@ -52,7 +52,14 @@ def test_candidate_files_are_valid_table_changes_and_backend_switches() -> None:
     keys) and backend attributes the Triton backend has."""
     from ab_tables import load_candidates, split_candidate
 
-    switches = {"fused_gdn_decode", "fused_gdn_norm", "fused_gdn_launch", "rope_in_swa", "split_k_into_norm"}
+    switches = {
+        "fused_gdn_decode",
+        "fused_gdn_norm",
+        "fused_gdn_launch",
+        "rope_in_swa",
+        "split_k_into_norm",
+        "num_sms",
+    }
     files = sorted((ROOT / "benchmarks" / "candidates").glob("*.json"))
     assert files
     for path in files:
