@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A short device call (when little device time is left): the GPU tests of this session's decode
 # kernels (RoPE in the SWA split kernel, the one-launch GDN recurrence in the tiny model), then the
-# batch-1 step: shipped defaults against the rope kernel, the state before this session and another
+# batch-1 step: shipped defaults against RoPE in the SWA split kernel, the state before this session and another
 # GDN launch (ab_tables.py, three rounds of bare graph replays at 1K context).
 #   COMMIT=<short sha> BUDGET=130 bash benchmarks/gpu_check_session_short.sh    (.whl/ carried)
 set -uo pipefail

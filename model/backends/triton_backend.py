@@ -115,8 +115,10 @@ class TritonBackend:
         self.fused_gdn_norm = True
         # its launch ({"bv": ..., "num_warps": ...}, at every batch); None: gdn.fused_decode_launch
         self.fused_gdn_launch: dict | None = None
-        # decode: the attention kernel rotates q and k (`rope_in_attention`); False: the rope launch
-        self.rope_in_swa = True
+        # decode: the attention kernel rotates q and k (`rope_in_attention`) instead of the rope
+        # kernel. Off until it has run on a GPU: built and checked in Triton's interpreter only
+        # (bit-identical to the rope kernel there); benchmarks/gpu_check_session.sh measures it
+        self.rope_in_swa = False
         # the fused decode kernel's per-(row, head) arrival counters, zero between launches; a larger
         # batch gets a new buffer and the older ones stay alive for the graphs captured with them
         self._arrival_counters: list[torch.Tensor] = []
@@ -238,8 +240,8 @@ class TritonBackend:
         return not meta.is_decode
 
     def rope_in_attention(self, meta: BatchMeta) -> bool:
-        """Decode: the attention kernel rotates q and k (`rope_in_swa`; no rope launch). Prefill and
-        torch.compile: the rope kernel before the attention."""
+        """Decode with `rope_in_swa`: the attention kernel rotates q and k (no rope launch). Else,
+        and in prefill and while torch.compile traces: the rope kernel before the attention."""
         return meta.is_decode and self.rope_in_swa and not torch.compiler.is_compiling()
 
     def gates_in_delta_rule(self, meta: BatchMeta) -> bool:
