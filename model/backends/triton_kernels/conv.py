@@ -125,6 +125,22 @@ def _conv_prefill_state_kernel(
 
 
 @triton.jit
+def conv_token(row_ptr, w_ptr, conv_row_ptr, ch, mask, has_ctx, stride_c, KC: tl.constexpr):
+    """silu(causal depthwise conv) of one token for channels `ch` (fp32, not rounded), the shifted
+    conv state [len(ch), KC] (fp32) and its pointers (the decode step of the conv kernels)."""
+    cols = tl.arange(0, KC)
+    is_new = cols == KC - 1
+    ptrs = conv_row_ptr + ch[:, None] * stride_c + cols[None, :]
+    # new column c is old column c + 1; the last column is the token's own input
+    old = tl.load(ptrs + 1, mask=mask[:, None] & (~is_new & has_ctx)[None, :], other=0.0)
+    x = tl.load(row_ptr + ch, mask=mask, other=0.0)
+    new = tl.where(is_new[None, :], x[:, None].to(tl.float32), old.to(tl.float32))
+    w = tl.load(w_ptr + ch[:, None] * KC + cols[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
+    acc = tl.sum(new * w, axis=1)
+    return acc * tl.sigmoid(acc), new, ptrs
+
+
+@triton.jit
 def _conv_decode_kernel(
     x_ptr, w_ptr, state_ptr, out_ptr, slot_ptr, ctx_ptr,
     C, NORM_CH, stride_x, stride_o, stride_s_slot, stride_s_c,
@@ -136,22 +152,16 @@ def _conv_decode_kernel(
     mc = offs_c < C
     slot = tl.load(slot_ptr + b).to(tl.int64)
     has_ctx = tl.load(ctx_ptr + b) > 0
-    cols = tl.arange(0, K)
-    base = state_ptr + slot * stride_s_slot + offs_c[:, None] * stride_s_c
-    # new column k is old column k+1; the last column is the current input
-    is_new = cols == K - 1
-    sv = tl.load(base + (cols + 1)[None, :], mask=mc[:, None] & (~is_new & has_ctx)[None, :], other=0.0)
-    xv = tl.load(x_ptr + b.to(tl.int64) * stride_x + offs_c, mask=mc, other=0.0)
-    new = tl.where(is_new[None, :], xv[:, None].to(tl.float32), sv.to(tl.float32))
-    w = tl.load(w_ptr + offs_c[:, None] * K + cols[None, :], mask=mc[:, None], other=0.0).to(tl.float32)
-    acc = tl.sum(new * w, axis=1)
-    y = acc * tl.sigmoid(acc)
+    x_row = x_ptr + b.to(tl.int64) * stride_x
+    y, new, s_ptrs = conv_token(
+        x_row, w_ptr, state_ptr + slot * stride_s_slot, offs_c, mc, has_ctx, stride_s_c, K
+    )
     if NORM_HD > 0:  # noqa: SIM102 (as in the prefill kernel)
         if tl.program_id(1) * BC < NORM_CH:
             y = tl.reshape(_l2norm_heads(tl.reshape(y, [1, BC]), 1, BC, NORM_HD), [BC])
     tl.store(out_ptr + b.to(tl.int64) * stride_o + offs_c, y.to(out_ptr.dtype.element_ty), mask=mc)
     tl.debug_barrier()  # all old columns read before the shifted state is written
-    tl.store(base + cols[None, :], new.to(state_ptr.dtype.element_ty), mask=mc[:, None])
+    tl.store(s_ptrs, new.to(state_ptr.dtype.element_ty), mask=mc[:, None])
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor) -> int:

@@ -12,7 +12,19 @@ import triton
 import triton.language as tl
 
 from model.backends.triton_kernels import pdl
+from model.backends.triton_kernels.conv import conv_token
 from model.backends.triton_kernels.pointwise import gate_math
+
+
+@triton.jit
+def _delta_rule(s, q, k, v, g, beta):
+    """One token of the gated delta rule on a state tile s [DK, BV] (fp32): decay, the delta write
+    with the L2-normalised key k [DK] and value block v [BV], the read with the scaled query q [DK].
+    Returns (new tile, output block [BV])."""
+    s = s * tl.exp(g)
+    u = beta * (v - tl.sum(s * k[:, None], axis=0))  # [BV]
+    s = s + k[:, None] * u[None, :]
+    return s, tl.sum(s * q[:, None], axis=0)
 
 
 @triton.jit
@@ -51,10 +63,7 @@ def _gdn_decode_kernel(
         q = q / tl.sqrt(tl.sum(q * q) + 1e-6) * scale
         k = k / tl.sqrt(tl.sum(k * k) + 1e-6)
 
-    s = s * tl.exp(g)
-    u = beta * (v - tl.sum(s * k[:, None], axis=0))  # [BV]
-    s = s + k[:, None] * u[None, :]
-    o = tl.sum(s * q[:, None], axis=0)
+    s, o = _delta_rule(s, q, k, v, g, beta)
     tl.store(out_ptr + b * stride_o + h * stride_oh + offs_v, o.to(out_ptr.dtype.element_ty), mask=mv)
     tl.store(s_ptrs, s.to(state_ptr.dtype.element_ty), mask=mv[None, :])
 
@@ -135,22 +144,6 @@ def gdn_decode(
 
 
 @triton.jit
-def _conv_token(row_ptr, w_ptr, conv_row_ptr, ch, mask, has_ctx, stride_c, KC: tl.constexpr):
-    """silu(causal depthwise conv) of one token for channels `ch` (fp32, not rounded), the shifted
-    conv state [len(ch), KC] (fp32) and its pointers: the conv kernel's math (conv.py)."""
-    cols = tl.arange(0, KC)
-    is_new = cols == KC - 1
-    ptrs = conv_row_ptr + ch[:, None] * stride_c + cols[None, :]
-    # new column c is old column c + 1; the last column is the token's own input
-    old = tl.load(ptrs + 1, mask=mask[:, None] & (~is_new & has_ctx)[None, :], other=0.0)
-    x = tl.load(row_ptr + ch, mask=mask, other=0.0)
-    new = tl.where(is_new[None, :], x[:, None].to(tl.float32), old.to(tl.float32))
-    w = tl.load(w_ptr + ch[:, None] * KC + cols[None, :], mask=mask[:, None], other=0.0).to(tl.float32)
-    acc = tl.sum(new * w, axis=1)
-    return acc * tl.sigmoid(acc), new, ptrs
-
-
-@triton.jit
 def _gdn_recur_decode_kernel(
     proj_ptr, convw_ptr, conv_ptr, state_ptr, out_ptr, slot_ptr, ctx_ptr, nea_ptr, dtb_ptr, normw_ptr,
     count_ptr,
@@ -178,11 +171,11 @@ def _gdn_recur_decode_kernel(
     has_ctx = tl.load(ctx_ptr + b) > 0
     row = proj_ptr + b * stride_p
     conv_row = conv_ptr + slot * stride_c_slot
-    q, q_new, q_ptrs = _conv_token(row, convw_ptr, conv_row, h * DK + offs_k, mk, has_ctx, stride_c_c, KC)
-    k, k_new, k_ptrs = _conv_token(
+    q, q_new, q_ptrs = conv_token(row, convw_ptr, conv_row, h * DK + offs_k, mk, has_ctx, stride_c_c, KC)
+    k, k_new, k_ptrs = conv_token(
         row, convw_ptr, conv_row, key_dim + h * DK + offs_k, mk, has_ctx, stride_c_c, KC
     )
-    v, v_new, v_ptrs = _conv_token(
+    v, v_new, v_ptrs = conv_token(
         row, convw_ptr, conv_row, 2 * key_dim + h * DV + offs_v, mv, has_ctx, stride_c_c, KC
     )
     dt = out_ptr.dtype.element_ty  # the conv outputs are rounded as the conv kernel stores them
@@ -199,10 +192,7 @@ def _gdn_recur_decode_kernel(
     q = q / tl.sqrt(tl.sum(q * q) + 1e-6) * scale
     k = k / tl.sqrt(tl.sum(k * k) + 1e-6)
 
-    s = s * tl.exp(g)
-    u = beta * (v - tl.sum(s * k[:, None], axis=0))  # [BV]
-    s = s + k[:, None] * u[None, :]
-    o = tl.sum(s * q[:, None], axis=0)
+    s, o = _delta_rule(s, q, k, v, g, beta)
     o_row = out_ptr + b * stride_o + h * DV
     tl.store(o_row + offs_v, o.to(dt), mask=mv)
     tl.store(s_ptrs, s.to(state_ptr.dtype.element_ty), mask=mv[None, :])
