@@ -385,30 +385,16 @@ class TritonBackend:
         """Windowed causal attention [N, Hq, D]; the ring rows of meta.slot_ids get the new keys.
         With rope, decode rotates q and k inside the attention kernel; elsewhere the rope kernel
         rotates them (in place) first."""
-        if rope is not None and not (meta.is_decode and not torch.compiler.is_compiling()):
+        in_kernel = rope is not None and meta.is_decode and not torch.compiler.is_compiling()
+        if rope is not None and not in_kernel:  # the rope kernel first, in place
             for x in (q, k):
                 if self.pointwise is not None:
                     self.pointwise.rope(x, *rope)
                 else:
                     x.copy_(apply_rope(x, *rope))
-            rope = None
         if meta.is_decode:
-            if rope is not None:
-                return swa_decode(
-                    q,
-                    k,
-                    v,
-                    key_cache,
-                    value_cache,
-                    meta.slot_ids,
-                    meta.context_lens,
-                    scale,
-                    self.num_sms,
-                    rope,
-                )
-            return swa_decode_call(
-                q, k, v, key_cache, value_cache, meta.slot_ids, meta.context_lens, scale, self.num_sms
-            )
+            args = (q, k, v, key_cache, value_cache, meta.slot_ids, meta.context_lens, scale, self.num_sms)
+            return swa_decode(*args, rope) if in_kernel else swa_decode_call(*args)
         window = key_cache.shape[1]
         t = self._tables(meta, window)
         out = swa_prefill(

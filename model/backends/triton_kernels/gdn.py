@@ -13,7 +13,7 @@ import triton.language as tl
 
 from model.backends.triton_kernels import pdl
 from model.backends.triton_kernels.conv import conv_token
-from model.backends.triton_kernels.pointwise import gate_math
+from model.backends.triton_kernels.pointwise import gate_math, gated_norm_math
 
 
 @triton.jit
@@ -213,11 +213,10 @@ def _gdn_recur_decode_kernel(
             md = offs_d < DV
             of = tl.load(o_row + offs_d, mask=md, other=0.0, cache_modifier=".cg").to(tl.float32)
             z = tl.load(row + conv_dim + 2 * H + h * DV + offs_d, mask=md, other=0.0).to(tl.float32)
-            inv = 1.0 / tl.sqrt(tl.sum(of * of) / DV + eps)
             w = tl.load(normw_ptr + offs_d, mask=md, other=0.0).to(tl.float32)
-            gate = z / (1.0 + tl.exp(-z))
+            y = gated_norm_math(of, z, w, eps, DV)
             tl.debug_barrier()  # every thread has its values before any is overwritten
-            tl.store(o_row + offs_d, (of * inv * w * gate).to(dt), mask=md)
+            tl.store(o_row + offs_d, y.to(dt), mask=md)
 
 
 def gdn_recur_decode(

@@ -35,6 +35,7 @@ import triton.language as tl
 from model.backends.base import SplitKPartials
 from model.backends.gemm_table import NORM_GEMM_MAX_M
 from model.backends.triton_kernels import pdl
+from model.backends.triton_kernels.pointwise import gated_norm_math
 
 
 @triton.jit
@@ -226,9 +227,7 @@ def _gated_norm_gemv_kernel(
             mh = h < H
             o = tl.load(o_ptr + h * stride_oh + offs_v, mask=mh, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + h * DV + offs_v, mask=mh, other=0.0).to(tl.float32)
-            # the gated norm's own math and rounding (pointwise.gated_rms_norm)
-            inv = 1.0 / tl.sqrt(tl.sum(o * o, axis=0) / DV + eps)
-            x = (o * inv * g * (z / (1.0 + tl.exp(-z)))).to(dt).to(tl.float32)
+            x = gated_norm_math(o, z, g, eps, DV).to(dt).to(tl.float32)  # the gated norm's rounding
             w_off = offs_n[:, None].to(tl.int64) * stride_w + (h * DV + offs_v)[None, :]
             w = tl.load(w_ptr + w_off, mask=mn[:, None] & mh, other=0.0)
             acc2 += w.to(tl.float32) * x[None, :]

@@ -88,6 +88,14 @@ def rms_norm(
 
 
 @triton.jit
+def gated_norm_math(o, z, w, eps, DV):
+    """The GDN gated output norm in fp32 over the last axis of o and z (DV wide), w [DV] fp32:
+    rmsnorm(o) * w * silu(z). Every kernel that applies the norm uses this, so their roundings agree."""
+    inv = 1.0 / tl.sqrt(tl.sum(o * o, axis=len(o.shape) - 1, keep_dims=True) / DV + eps)
+    return o * inv * w * (z / (1.0 + tl.exp(-z)))
+
+
+@triton.jit
 def _gated_rms_norm_kernel(
     o_ptr, z_ptr, w_ptr, y_ptr, H, DV, stride_o, stride_oh, stride_z, stride_y, eps,
     BLOCK_H: tl.constexpr, BLOCK_V: tl.constexpr, USE_PDL: tl.constexpr,
@@ -100,11 +108,8 @@ def _gated_rms_norm_kernel(
     o = tl.load(o_ptr + row * stride_o + offs_h[:, None] * stride_oh + offs_v[None, :], mask=mask, other=0.0)
     col = offs_h[:, None] * DV + offs_v[None, :]  # z and y are [N, H * DV] rows
     z = tl.load(z_ptr + row * stride_z + col, mask=mask, other=0.0).to(tl.float32)
-    of = o.to(tl.float32)
-    inv = 1.0 / tl.sqrt(tl.sum(of * of, axis=1) / DV + eps)  # [BLOCK_H]
     w = tl.load(w_ptr + offs_v, mask=offs_v < DV, other=0.0).to(tl.float32)
-    gate = z / (1.0 + tl.exp(-z))
-    y = of * inv[:, None] * w[None, :] * gate
+    y = gated_norm_math(o.to(tl.float32), z, w, eps, DV)
     tl.store(y_ptr + row * stride_y + col, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -198,6 +203,25 @@ def gdn_gates(
 
 
 @triton.jit
+def rope_halves(x_ptrs, mask, cos_row, sin_row, HALF: tl.constexpr):
+    """RoPE of the vectors whose first halves x_ptrs [..., HALF] point at (the second halves lie HALF
+    further) with one token's cos/sin rows (the same angles in both halves: rotate_half pairs d with
+    d + HALF): x * cos + rotate_half(x) * sin in fp32, each product rounded to the model dtype as the
+    reference does. Returns the (first, second) halves in the model dtype."""
+    dt = x_ptrs.dtype.element_ty
+    offs = tl.arange(0, HALF)
+    x1 = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
+    c1 = tl.load(cos_row + offs).to(tl.float32)
+    c2 = tl.load(cos_row + HALF + offs).to(tl.float32)
+    s1 = tl.load(sin_row + offs).to(tl.float32)
+    s2 = tl.load(sin_row + HALF + offs).to(tl.float32)
+    y1 = (x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)
+    y2 = (x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)
+    return y1.to(dt), y2.to(dt)
+
+
+@triton.jit
 def _rope_kernel(
     x_ptr, cos_ptr, sin_ptr, NH, stride_x, stride_xh, stride_c, stride_s,
     HALF: tl.constexpr, BLOCK_H: tl.constexpr, USE_PDL: tl.constexpr,
@@ -208,19 +232,9 @@ def _rope_kernel(
     offs_d = tl.arange(0, HALF)
     mask = offs_h[:, None] < NH
     p1 = x_ptr + row * stride_x + offs_h[:, None] * stride_xh + offs_d[None, :]
-    x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(p1 + HALF, mask=mask, other=0.0).to(tl.float32)
-    dt = x_ptr.dtype.element_ty
-    # cos/sin rows hold the same angles in both halves (rotate_half pairs d with d + HALF)
-    c1 = tl.load(cos_ptr + row * stride_c + offs_d).to(tl.float32)[None, :]
-    c2 = tl.load(cos_ptr + row * stride_c + HALF + offs_d).to(tl.float32)[None, :]
-    s1 = tl.load(sin_ptr + row * stride_s + offs_d).to(tl.float32)[None, :]
-    s2 = tl.load(sin_ptr + row * stride_s + HALF + offs_d).to(tl.float32)[None, :]
-    # x * cos + rotate_half(x) * sin, each product rounded to the model dtype as the reference does
-    y1 = (x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)
-    y2 = (x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)
-    tl.store(p1, y1.to(dt), mask=mask)
-    tl.store(p1 + HALF, y2.to(dt), mask=mask)
+    y1, y2 = rope_halves(p1, mask, cos_ptr + row * stride_c, sin_ptr + row * stride_s, HALF)
+    tl.store(p1, y1, mask=mask)
+    tl.store(p1 + HALF, y2, mask=mask)
 
 
 def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from model.backends.triton_kernels import pdl
+from model.backends.triton_kernels.pointwise import rope_halves
 
 LOG2E = 1.4426950408889634
 
@@ -30,24 +31,6 @@ def _attend_block(q, kb, vb, visible, m_i, l_i, acc, qk_scale):
     l_i = l_i * alpha + tl.sum(pr, axis=1)
     acc = acc * alpha[:, None] + tl.dot(pr.to(vb.dtype), vb)
     return m_new, l_i, acc
-
-
-@triton.jit
-def _rotate(x_ptrs, mask, cos_row, sin_row, HALF: tl.constexpr):
-    """RoPE of the vectors at x_ptrs [..., HALF] (first halves; the second halves HALF further) in
-    fp32 with the products rounded as pointwise's rope kernel rounds them: (first, second) halves,
-    rounded to the model dtype."""
-    dt = x_ptrs.dtype.element_ty
-    offs = tl.arange(0, HALF)
-    x1 = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x_ptrs + HALF, mask=mask, other=0.0).to(tl.float32)
-    c1 = tl.load(cos_row + offs).to(tl.float32)
-    c2 = tl.load(cos_row + HALF + offs).to(tl.float32)
-    s1 = tl.load(sin_row + offs).to(tl.float32)
-    s2 = tl.load(sin_row + HALF + offs).to(tl.float32)
-    y1 = (x1 * c1).to(dt).to(tl.float32) + (-x2 * s1).to(dt).to(tl.float32)
-    y2 = (x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)
-    return y1.to(dt), y2.to(dt)
 
 
 @triton.jit
@@ -77,9 +60,9 @@ def _swa_decode_split_kernel(
         offs_h = tl.arange(0, HALF)
         cos_row, sin_row = cos_ptr + b * stride_cos, sin_ptr + b * stride_sin
         q_ptrs = q_ptr + b * stride_q + heads[:, None] * stride_qh + offs_h[None, :]
-        q1, q2 = _rotate(q_ptrs, mg[:, None], cos_row, sin_row, HALF)
+        q1, q2 = rope_halves(q_ptrs, mg[:, None], cos_row, sin_row, HALF)
         q = tl.reshape(tl.permute(tl.join(q1, q2), (0, 2, 1)), [BG, D])  # halves side by side
-        k1, k2 = _rotate(k_row + offs_h, offs_h < HALF, cos_row, sin_row, HALF)
+        k1, k2 = rope_halves(k_row + offs_h, offs_h < HALF, cos_row, sin_row, HALF)
         k_new = tl.reshape(tl.permute(tl.join(k1, k2), (1, 0)), [D])
     else:
         q = tl.load(
