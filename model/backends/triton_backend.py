@@ -354,13 +354,14 @@ class TritonBackend:
             return None
         num_heads, _, dv = inputs.head_dims
         rows = inputs.proj.shape[0]
-        if self.fused_gdn_launch is None and fused_decode_launch(rows * num_heads) is None:
+        launch = self.fused_gdn_launch or fused_decode_launch(rows * num_heads)
+        if launch is None:
             return None  # the separate launches are faster at this batch
         norm = gated_norm and self.fused_gdn_norm
         out = gdn_recur_decode(
             inputs.proj, inputs.conv_weight.contiguous(), conv_state, state, meta.slot_ids, meta.context_lens,
             inputs.neg_exp_a, inputs.dt_bias, inputs.head_dims, self._counters(rows * num_heads),
-            inputs.norm_weight if norm else None, inputs.eps, self.fused_gdn_launch,
+            inputs.norm_weight if norm else None, inputs.eps, launch,
         )  # fmt: skip
         return GatedNormed(out.view(rows, num_heads * dv)) if norm else out
 
