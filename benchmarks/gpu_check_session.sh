@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One device call: every GPU test, then this session's decode changes in the whole step against the
-# shipped defaults (ab_tables.py with benchmarks/candidates/session_decode_changes.json: three rounds
-# of bare graph replays at 1K context, batches 1, 8 and 64). Results under $OUT.
+# One device call: every GPU test, then the decode candidates that are off by default, in the whole
+# step against the shipped defaults (ab_tables.py with benchmarks/candidates/session_decode_changes.json:
+# three rounds of bare graph replays at 1K context, batches 1, 8 and 64). Results under $OUT.
 #   COMMIT=<short sha> BUDGET=570 bash benchmarks/gpu_check_session.sh    (.whl/ carried)
 set -uo pipefail
 source benchmarks/device_setup.sh

@@ -1,8 +1,8 @@
 """Registers, spills and shared memory of the decode kernels this project added after the folded
 norms, compiled for sm_90a without a GPU (see ptxas_fold_kernels.py): the one-launch GDN
 recurrence at the launches `gdn.fused_decode_launch` and the step A/B tried, with the gated norm
-in it or not, and the SWA decode split kernel with RoPE inside it or not. A kernel that Triton
-cannot compile for the H100 fails here first.
+in it or not, and the SWA decode split kernel with RoPE inside it or not and with the split
+merge in its tail or not. A kernel that Triton cannot compile for the H100 fails here first.
 
     /tmp/infinitevl-kernels-venv/bin/python benchmarks/ptxas_decode_kernels.py
 """
@@ -37,12 +37,17 @@ def main() -> None:
             compile_sm90(kernel, types, consts, aligned(kernel), 1, warps),
         )
     kernel = swa._swa_decode_split_kernel
-    types = {"qk_scale": "fp32", "slot_ptr": "*i32", "ctx_ptr": "*i32"}
+    types = {"qk_scale": "fp32", "slot_ptr": "*i32", "ctx_ptr": "*i32", "count_ptr": "*i32"}
     types |= dict.fromkeys(["m_ptr", "l_ptr", "acc_ptr"], "*fp32")
-    types |= dict.fromkeys(["q_ptr", "k_ptr", "v_ptr", "kc_ptr", "vc_ptr", "cos_ptr", "sin_ptr"], "*bf16")
-    for rope in (False, True):
-        consts = dict(D=128, BG=16, BN=64, ROPE=rope, USE_PDL=True)
-        report(f"SWA decode split rope {rope}", compile_sm90(kernel, types, consts, aligned(kernel), 3))
+    names = ["q_ptr", "k_ptr", "v_ptr", "kc_ptr", "vc_ptr", "cos_ptr", "sin_ptr", "out_ptr"]
+    types |= dict.fromkeys(names, "*bf16")
+    # the 4B shape at batch 1: 8 query heads per kv head, 128 splits of 64 rows (64 of 128 rows)
+    for rope, tail, bs in [(False, False, 128), (True, False, 128), (False, True, 128), (True, True, 64)]:
+        consts = dict(D=128, BG=16, BN=64, ROPE=rope, TAIL=tail, BGT=8, BS=bs, SC=4, USE_PDL=True)
+        report(
+            f"SWA decode split rope {rope} tail {tail} splits {bs}",
+            compile_sm90(kernel, types, consts, aligned(kernel), 3),
+        )
 
 
 if __name__ == "__main__":

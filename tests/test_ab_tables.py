@@ -57,6 +57,8 @@ def test_candidate_files_are_valid_table_changes_and_backend_switches() -> None:
         "fused_gdn_norm",
         "fused_gdn_launch",
         "rope_in_swa",
+        "swa_reduce_tail",
+        "swa_min_split",
         "split_k_into_norm",
         "num_sms",
     }

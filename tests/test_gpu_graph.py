@@ -72,6 +72,30 @@ def test_replay_equals_eager_and_padding_is_confined(
         pdl.ENABLED = saved_pdl
 
 
+@pytest.mark.parametrize(
+    "switches",
+    [
+        {"rope_in_swa": True},
+        {"swa_reduce_tail": True},
+        {"swa_reduce_tail": True, "swa_min_split": 128, "rope_in_swa": True},
+        {"fused_gdn_launch": {"bv": 32, "num_warps": 4}},
+    ],
+    ids=["rope-in-swa", "swa-tail", "swa-tail-128-rope", "gdn-bv32w4"],
+)
+def test_replay_equals_eager_with_decode_switches(gpu_model, switches: dict) -> None:
+    """The decode candidates that are off by default (TritonBackend attributes), captured in graphs
+    with PDL: replay equals eager with the same switches, and padded rows stay in the dummy slot."""
+    backend = gpu_model.backend
+    saved = {name: getattr(backend, name) for name in switches}
+    try:
+        for name, value in switches.items():
+            setattr(backend, name, value)
+        _replay_case(gpu_model, host_inputs=True)
+    finally:
+        for name, value in saved.items():
+            setattr(backend, name, value)
+
+
 def _replay_case(gpu_model, host_inputs: bool, copy_in_graph: bool = False) -> None:
     from serving.cuda_graph import CudaGraphRunner
     from serving.runner import TokenPatch

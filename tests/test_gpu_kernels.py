@@ -393,6 +393,53 @@ def test_swa_decode_many_splits(ctx: list[int]) -> None:
     assert torch.equal(kc.nan_to_num(0.0), kc_ref.nan_to_num(0.0))
 
 
+@pytest.mark.parametrize("min_split", [64, 128])
+@pytest.mark.parametrize("ctx", [[0, 5, 130, 700], [64, 511, 512, 1000]])
+def test_swa_decode_merges_the_splits_in_the_tail(min_split: int, ctx: list[int]) -> None:
+    """With arrival counters the split kernel's last used split merges the partials (no reduce
+    launch): the torch backend's output and ring, the reduce launch's output up to summation order,
+    only the used splits' partials read (the rest NaN-poisoned), and the counters back at zero,
+    over two consecutive steps; with 128-row splits too (half as many splits)."""
+    from model.backends.triton_kernels.swa import swa_decode
+
+    tri, ref = _backends()
+    torch.manual_seed(sum(ctx) + min_split)
+    slots, window, HQ, HKV, D = [3, 0, 5, 1], 512, 8, 2, 32
+    kc = _pool((window, HKV, D), 6, DT, slots, ctx)
+    vc = _pool((window, HKV, D), 6, DT, slots, ctx)
+    kc_ref, vc_ref, kc_red, vc_red = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+    counters = torch.zeros(64, dtype=torch.int32, device=DEVICE)
+    empty = torch.empty
+    for step in range(2):
+        meta = BatchMeta.build(slots, [1] * 4, [c + step for c in ctx], DEVICE)
+        q = torch.randn(4, HQ, D, dtype=DT, device=DEVICE)
+        k = torch.randn(4, HKV, D, dtype=DT, device=DEVICE)
+        v = torch.randn(4, HKV, D, dtype=DT, device=DEVICE)
+        args = (meta.slot_ids, meta.context_lens, D**-0.5, 132)
+        try:  # the split partials come from torch.empty: poison them
+            torch.empty = lambda *a, **kw: empty(*a, **kw).fill_(float("nan"))
+            out = swa_decode(q, k, v, kc, vc, *args, None, counters, min_split)
+            reduced = swa_decode(q, k, v, kc_red, vc_red, *args, None, None, min_split)
+        finally:
+            torch.empty = empty
+        out_ref = ref.sliding_window_attention(q, k, v, meta, kc_ref, vc_ref, D**-0.5)
+        assert rel_err(out, out_ref) < TOL
+        assert rel_err(out, reduced) < (4e-3 if HAS_CUDA else 1e-6)  # bf16 on the GPU
+        assert torch.equal(kc.nan_to_num(0.0), kc_ref.nan_to_num(0.0))
+        assert torch.equal(vc.nan_to_num(0.0), vc_ref.nan_to_num(0.0))
+        assert not counters.any()
+    # the backend switches reach the kernel
+    tri.swa_reduce_tail, tri.swa_min_split = True, min_split
+    meta = BatchMeta.build(slots, [1] * 4, [c + 2 for c in ctx], DEVICE)
+    q = torch.randn(4, HQ, D, dtype=DT, device=DEVICE)
+    k = torch.randn(4, HKV, D, dtype=DT, device=DEVICE)
+    v = torch.randn(4, HKV, D, dtype=DT, device=DEVICE)
+    out = tri.sliding_window_attention(q, k, v, meta, kc, vc, D**-0.5)
+    out_ref = ref.sliding_window_attention(q, k, v, meta, kc_ref, vc_ref, D**-0.5)
+    assert rel_err(out, out_ref) < TOL
+    assert not tri._counters(8).any()
+
+
 @pytest.mark.parametrize("decode", [True, False])
 @pytest.mark.parametrize("window", [16, 512])
 def test_sliding_window_attention_rotates_q_and_k(decode: bool, window: int) -> None:
@@ -821,7 +868,8 @@ def test_model_decode_with_the_fused_gdn_step(tiny_ckpt_dir, monkeypatch: pytest
     """The tiny model on the Triton backend, decode steps from fresh slots on: with the one-launch
     GDN recurrence (with and without the gated norm in it) the hidden states and every pool equal
     the separate launches' within bf16 noise, and the fused kernel ran once per GDN layer and step;
-    with q and k rotated in the attention kernel instead of the rope kernel, bit for bit."""
+    with q and k rotated in the attention kernel instead of the rope kernel, bit for bit; with the
+    attention's splits merged in its tail (and 128-row splits), within bf16 noise."""
     from model.backends import triton_backend
     from model.loader import load_model
     from model.state import allocate_state
@@ -830,15 +878,17 @@ def test_model_decode_with_the_fused_gdn_step(tiny_ckpt_dir, monkeypatch: pytest
     fused = triton_backend.gdn_recur_decode
     monkeypatch.setattr(triton_backend, "gdn_recur_decode", lambda *a: calls.append(1) or fused(*a))
     runs = []
-    for on, norm, late_rope in (
-        (False, False, False),
-        (True, False, False),
-        (True, True, True),
-        (False, False, True),
+    for on, norm, late_rope, tail in (
+        (False, False, False, False),
+        (True, False, False, False),
+        (True, True, True, False),
+        (False, False, True, False),
+        (True, True, True, True),
     ):
         model = load_model(tiny_ckpt_dir, dtype=DT, device=DEVICE, backend="triton")
         model.backend.fused_gdn_decode, model.backend.fused_gdn_norm = on, norm
         model.backend.rope_in_swa = late_rope
+        model.backend.swa_reduce_tail, model.backend.swa_min_split = tail, (128 if tail else 64)
         text = model.config.text
         slots = [2, 0, 1]
         state = allocate_state(text, 3, torch.float32, model.dtype, DEVICE)

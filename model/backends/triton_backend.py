@@ -119,6 +119,12 @@ class TritonBackend:
         # kernel. Off until it has run on a GPU: built and checked in Triton's interpreter only
         # (bit-identical to the rope kernel there); benchmarks/gpu_check_session.sh measures it
         self.rope_in_swa = False
+        # decode: the SWA split kernel's last split to finish merges the splits (no reduce launch),
+        # and the window splits are at least swa_min_split rows (a multiple of 64: fewer, longer
+        # splits leave the merge less to read). Built and checked in Triton's interpreter only; off
+        # until benchmarks/gpu_check_session.sh has tested and timed them on a GPU
+        self.swa_reduce_tail = False
+        self.swa_min_split = 64
         # the fused decode kernel's per-(row, head) arrival counters, zero between launches; a larger
         # batch gets a new buffer and the older ones stay alive for the graphs captured with them
         self._arrival_counters: list[torch.Tensor] = []
@@ -395,7 +401,10 @@ class TritonBackend:
                     x.copy_(apply_rope(x, *rope))
         if meta.is_decode:
             args = (q, k, v, key_cache, value_cache, meta.slot_ids, meta.context_lens, scale, self.num_sms)
-            return swa_decode(*args, rope) if in_kernel else swa_decode_call(*args)
+            if torch.compiler.is_compiling():
+                return swa_decode_call(*args)  # the custom op: no tail, 64-row splits
+            counters = self._counters(q.shape[0] * key_cache.shape[2]) if self.swa_reduce_tail else None
+            return swa_decode(*args, rope if in_kernel else None, counters, self.swa_min_split)
         window = key_cache.shape[1]
         t = self._tables(meta, window)
         out = swa_prefill(

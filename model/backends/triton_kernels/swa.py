@@ -36,13 +36,17 @@ def _attend_block(q, kb, vb, visible, m_i, l_i, acc, qk_scale):
 @triton.jit
 def _swa_decode_split_kernel(
     q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, ctx_ptr, m_ptr, l_ptr, acc_ptr, cos_ptr, sin_ptr,
+    count_ptr, out_ptr,
     W, HKV, G, NSPLIT, SPLIT_LEN,
     stride_q, stride_qh, stride_k, stride_kh, stride_v, stride_vh,
-    stride_c_slot, stride_c_row, stride_c_h, stride_cos, stride_sin, qk_scale,
-    D: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr, ROPE: tl.constexpr, USE_PDL: tl.constexpr,
+    stride_c_slot, stride_c_row, stride_c_h, stride_cos, stride_sin, stride_o, stride_oh, qk_scale,
+    D: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr, ROPE: tl.constexpr, TAIL: tl.constexpr,
+    BGT: tl.constexpr, BS: tl.constexpr, SC: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     # ROPE: q and k come before RoPE and are rotated here with the row's cos/sin [D] (every program
     # rotates its q heads; the new key goes into the ring rotated)
+    # TAIL: the last of the (row, kv head)'s splits that hold keys to finish (an arrival counter per
+    # (row, kv head), zero between launches) merges the G heads' partials into out (no reduce launch)
     pdl.prologue(USE_PDL)
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -103,6 +107,53 @@ def _swa_decode_split_kernel(
         dst = base + (p % W) * stride_c_row + offs_d
         tl.store(kc_ptr + dst, k_new)
         tl.store(vc_ptr + dst, v_new)
+    if TAIL:
+        n_used = tl.maximum(1, tl.cdiv(num_rows, SPLIT_LEN))
+        if split < n_used:
+            tl.debug_barrier()  # every partial store of this program comes before its arrival
+            count = count_ptr + pid
+            if tl.atomic_add(count, 1, sem="acq_rel") == n_used - 1:
+                tl.store(count, 0)  # ready for the next launch, which starts after this one has finished
+                _merge_splits(
+                    m_ptr, l_ptr, acc_ptr, out_ptr + b * stride_o + hk * G * stride_oh, stride_oh,
+                    b * HKV * G + hk * G, G, NSPLIT, n_used, D, BGT, BS, SC,
+                )  # fmt: skip
+
+
+@triton.jit
+def _merge_splits(
+    m_ptr, l_ptr, acc_ptr, out_ptr, stride_oh, first, G, NSPLIT, n_used,
+    D: tl.constexpr, BGT: tl.constexpr, BS: tl.constexpr, SC: tl.constexpr,
+):  # fmt: skip
+    """Merge splits 0 .. n_used-1 of heads first .. first+G-1 (partials [B Hq, NSPLIT]) into out_ptr's
+    G head rows: the weights from the split maxima first, then the outputs SC splits at a time. Loads
+    are ".cg" (L2): other SMs wrote the partials."""
+    offs_g = tl.arange(0, BGT)
+    offs_s = tl.arange(0, BS)
+    offs_c = tl.arange(0, SC)
+    offs_d = tl.arange(0, D)
+    mg = offs_g < G
+    heads = (first + offs_g).to(tl.int64) * NSPLIT
+    ms = mg[:, None] & (offs_s[None, :] < n_used)
+    m = tl.load(m_ptr + heads[:, None] + offs_s[None, :], mask=ms, other=float("-inf"), cache_modifier=".cg")
+    lsum = tl.load(l_ptr + heads[:, None] + offs_s[None, :], mask=ms, other=0.0, cache_modifier=".cg")
+    m_max = tl.where(mg, tl.max(m, axis=1), 0.0)  # finite: split 0 always holds the new token
+    denom = tl.sum(tl.where(ms, tl.exp2(m - m_max[:, None]), 0.0) * lsum, axis=1)
+    o = tl.zeros([BGT, D], dtype=tl.float32)
+    for s0 in range(0, n_used, SC):
+        s = s0 + offs_c
+        mc = mg[:, None] & (s[None, :] < n_used)
+        idx = heads[:, None] + s[None, :]
+        mc_s = tl.load(m_ptr + idx, mask=mc, other=float("-inf"), cache_modifier=".cg")
+        w = tl.where(mc, tl.exp2(mc_s - m_max[:, None]), 0.0)
+        a = tl.load(
+            acc_ptr + idx[:, :, None] * D + offs_d[None, None, :], mask=mc[:, :, None], other=0.0,
+            cache_modifier=".cg",
+        )  # fmt: skip
+        o += tl.sum(a * w[:, :, None], axis=1)
+    o = o / tl.where(mg, denom, 1.0)[:, None]
+    o_ptrs = out_ptr + offs_g[:, None] * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=mg[:, None])
 
 
 @triton.jit
@@ -131,10 +182,13 @@ def _swa_decode_reduce_kernel(
     tl.store(out_ptr + b * stride_o + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty))
 
 
-def decode_num_splits(num_rows: int, num_kv_heads: int, window: int, num_sms: int = 132) -> int:
-    """Window splits per (row, kv head) so that about two programs per SM are in flight."""
+def decode_num_splits(
+    num_rows: int, num_kv_heads: int, window: int, num_sms: int = 132, min_split: int = 64
+) -> int:
+    """Window splits per (row, kv head) so that about two programs per SM are in flight, each split at
+    least min_split rows."""
     want = max(1, (2 * num_sms) // max(1, num_rows * num_kv_heads))
-    return max(1, min(want, triton.cdiv(window, 64)))
+    return max(1, min(want, triton.cdiv(window, min_split)))
 
 
 def swa_decode(
@@ -148,10 +202,14 @@ def swa_decode(
     scale: float,
     num_sms: int = 132,
     rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    counters: torch.Tensor | None = None,
+    min_split: int = 64,
 ) -> torch.Tensor:
     """q [B, Hq, D], k/v [B, Hkv, D] (token index context_lens[b]); writes k/v into the ring in place.
     With rope (cos, sin [B, D], unit stride on D), q and k come before RoPE and are rotated here
-    (pointwise.rope_'s roundings); the ring gets the rotated key."""
+    (pointwise.rope_'s roundings); the ring gets the rotated key. With counters (int32, >= B Hkv
+    zeros, left zero), the split kernel's tail merges the splits (no reduce launch). Splits are
+    multiples of min_split rows (a multiple of 64)."""
     num_rows, num_q_heads, dim = q.shape
     _, window, num_kv_heads, _ = key_cache.shape
     group = num_q_heads // num_kv_heads
@@ -159,8 +217,12 @@ def swa_decode(
         raise ValueError(f"head_dim {dim} must be a power of two >= 16 for the Triton path")
     if key_cache.stride() != value_cache.stride() or key_cache.stride(3) != 1:
         raise ValueError("key and value caches must share a layout with unit stride on head_dim")
-    nsplit = decode_num_splits(num_rows, num_kv_heads, window, num_sms)
-    split_len = triton.cdiv(triton.cdiv(window, nsplit), 64) * 64
+    if min_split <= 0 or min_split % 64:
+        raise ValueError(f"min_split {min_split}: a positive multiple of 64 (the key block)")
+    if counters is not None and (counters.dtype != torch.int32 or counters.numel() < num_rows * num_kv_heads):
+        raise ValueError(f"counters: int32 with at least {num_rows * num_kv_heads} entries")
+    nsplit = decode_num_splits(num_rows, num_kv_heads, window, num_sms, min_split)
+    split_len = triton.cdiv(triton.cdiv(window, nsplit), min_split) * min_split
     nsplit = triton.cdiv(window, split_len)
     f32 = dict(dtype=torch.float32, device=q.device)
     m = torch.empty((num_rows, num_q_heads, nsplit), **f32)
@@ -170,15 +232,22 @@ def swa_decode(
     if rope is not None and (rope[0].stride(1) != 1 or rope[1].stride(1) != 1):
         raise ValueError("swa_decode expects cos/sin with unit stride on D")
     cos, sin = rope if rope is not None else (q, q)  # placeholders without rope
+    out = torch.empty_like(q)
+    bs = triton.next_power_of_2(nsplit)
+    bgt = triton.next_power_of_2(group)
     _swa_decode_split_kernel[(num_rows * num_kv_heads, nsplit)](
         q, k, v, key_cache, value_cache, slot_ids, context_lens, m, lsum, acc, cos, sin,
+        counters if counters is not None else context_lens, out,
         window, num_kv_heads, group, nsplit, split_len,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), cos.stride(0), sin.stride(0),
-        scale * LOG2E, D=dim, BG=bg, BN=64, ROPE=rope is not None, num_warps=4,
+        out.stride(0), out.stride(1), scale * LOG2E,
+        D=dim, BG=bg, BN=64, ROPE=rope is not None, TAIL=counters is not None,
+        BGT=bgt, BS=bs, SC=min(bs, max(1, 4096 // (bgt * dim))), num_warps=4,
         **pdl.launch_kwargs(),
     )  # fmt: skip
-    out = torch.empty_like(q)
+    if counters is not None:
+        return out
     _swa_decode_reduce_kernel[(num_rows * num_q_heads,)](
         m, lsum, acc, out, context_lens, num_q_heads, nsplit, window, split_len, out.stride(0), out.stride(1),
         D=dim, BS=triton.next_power_of_2(nsplit),
