@@ -1,7 +1,7 @@
 # ruff: noqa: B023  (closures are called at once, inside the loop that binds their variables)
 """Whole-step A/B of several candidate decode GEMM table changes in one process: the shipped table and
-each candidate merged into it (`DecodeGemmTable.extended`), graph-captured decode steps at context 1K,
-in rounds (every table once per round), median per table.
+each candidate merged into it (`DecodeGemmTable.extended`), graph-captured decode steps at context 1K
+(or the `--contexts` given), in rounds (every table once per round), median per table.
 
 Isolated kernel timings did not carry over to the step three times in a row on the H100 (a fold fed
 more split-K partials than its tune, more programs than SMs; docs/benchmarks.md), so table changes
@@ -12,7 +12,7 @@ the JSON may also be {"table": [entries], "attrs": {backend attribute: value}}: 
 (e.g. {"fused_gdn_decode": false}, {"fused_gdn_launch": {"bv": 32, "num_warps": 2}}) set for its
 steps, with or without table entries.
 
-    python benchmarks/ab_tables.py --out DIR [--batches 1] [--rounds 3]
+    python benchmarks/ab_tables.py --out DIR [--batches 1] [--contexts 1024] [--rounds 3]
         [--candidates FILE] [--from-tune A.json,B.json] [--max-programs 132]      (GPU)
 """
 
@@ -71,6 +71,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--batches", default="1")
+    ap.add_argument("--contexts", default="1024", help="context lengths, comma-separated")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument(
         "--candidates", default="", help='JSON {"candidates": {name: [table entries]}}, comma-separated'
@@ -82,10 +83,13 @@ def main() -> None:
     cands = load_candidates(*split, args.max_programs)
     if not cands:
         raise SystemExit("no candidates: give --candidates or --from-tune")
-    run(cands, [int(b) for b in args.batches.split(",")], args.rounds, Path(args.out))
+    batches = [int(b) for b in args.batches.split(",")]
+    run(cands, batches, args.rounds, Path(args.out), [int(c) for c in args.contexts.split(",")])
 
 
-def run(cands: dict[str, list[dict] | dict], batches: list[int], rounds: int, out: Path) -> None:
+def run(
+    cands: dict[str, list[dict] | dict], batches: list[int], rounds: int, out: Path, contexts: list[int]
+) -> None:
     import torch
     from bench_gpu import build_model, decode_floor_s, decode_inputs, load_cfg, random_state
     from profile_decode import graph_ms_with
@@ -100,8 +104,8 @@ def run(cands: dict[str, list[dict] | dict], batches: list[int], rounds: int, ou
         variants[name] = (shipped.extended(entries) if entries else shipped, attrs)
     rows = []
     with torch.inference_mode():
-        for batch in batches:
-            ids, pos, meta = decode_inputs(batch, 1024)
+        for batch, ctx in ((b, c) for c in contexts for b in batches):
+            ids, pos, meta = decode_inputs(batch, ctx)
 
             def step():
                 return model.compute_logits(model.forward(ids, pos, meta, state))
@@ -110,14 +114,14 @@ def run(cands: dict[str, list[dict] | dict], batches: list[int], rounds: int, ou
             for _ in range(rounds):
                 for name, (table, attrs) in variants.items():
                     times[name].append(graph_ms_with(model, step, gemm_table=table, **attrs))
-            floor_ms = decode_floor_s(batch, 1024) * 1e3
+            floor_ms = decode_floor_s(batch, ctx) * 1e3
             base = statistics.median(times["shipped"])
             for name, ms in sorted(times.items(), key=lambda kv: statistics.median(kv[1])):
                 med = statistics.median(ms)
-                rows.append(
-                    {"batch": batch, "table": name, "ms": ms, "median_ms": med, "ratio": med / floor_ms}
-                )
-                print(f"b{batch} {med:.3f} ms ({med / floor_ms:.3f}) {med - base:+.3f} {name}", flush=True)
+                row = {"batch": batch, "context": ctx, "table": name, "ms": ms, "median_ms": med}
+                rows.append(row | {"ratio": med / floor_ms})
+                label = f"b{batch}" + (f" ctx {ctx}" if ctx != 1024 else "")
+                print(f"{label} {med:.3f} ms ({med / floor_ms:.3f}) {med - base:+.3f} {name}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ab_tables.json").write_text(
         json.dumps({"device": torch.cuda.get_device_name(), "candidates": cands, "rows": rows}, indent=1)

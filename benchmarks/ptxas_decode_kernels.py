@@ -42,11 +42,12 @@ def main() -> None:
     names = ["q_ptr", "k_ptr", "v_ptr", "kc_ptr", "vc_ptr", "cos_ptr", "sin_ptr", "out_ptr"]
     types |= dict.fromkeys(names, "*bf16")
     # the 4B shape at batch 1: 8 query heads per kv head, 128 splits of 64 rows (64 of 128 rows)
-    for rope, tail, bs in [(False, False, 128), (True, False, 128), (False, True, 128), (True, True, 64)]:
-        consts = dict(D=128, BG=16, BN=64, ROPE=rope, TAIL=tail, BGT=8, BS=bs, SC=4, USE_PDL=True)
+    # (rope, tail, merge width BS, at most MAX_USED splits a row)
+    for rope, tail, bs, most in [(0, 0, 128, 0), (1, 0, 128, 0), (0, 1, 128, 0), (1, 1, 32, 32)]:
+        consts = dict(D=128, BG=16, BN=64, ROPE=rope, TAIL=tail, BGT=8, BS=bs, SC=4, MAX_USED=most)
         report(
-            f"SWA decode split rope {rope} tail {tail} splits {bs}",
-            compile_sm90(kernel, types, consts, aligned(kernel), 3),
+            f"SWA decode split rope {rope} tail {tail} merge {bs} at most {most} splits",
+            compile_sm90(kernel, types, consts | {"USE_PDL": True}, aligned(kernel), 3),
         )
 
 

@@ -59,6 +59,7 @@ def test_candidate_files_are_valid_table_changes_and_backend_switches() -> None:
         "rope_in_swa",
         "swa_reduce_tail",
         "swa_min_split",
+        "swa_tail_max_splits",
         "split_k_into_norm",
         "num_sms",
     }

@@ -393,13 +393,14 @@ def test_swa_decode_many_splits(ctx: list[int]) -> None:
     assert torch.equal(kc.nan_to_num(0.0), kc_ref.nan_to_num(0.0))
 
 
-@pytest.mark.parametrize("min_split", [64, 128])
+@pytest.mark.parametrize("min_split,max_used", [(64, 0), (128, 0), (64, 2), (64, 3)])
 @pytest.mark.parametrize("ctx", [[0, 5, 130, 700], [64, 511, 512, 1000]])
-def test_swa_decode_merges_the_splits_in_the_tail(min_split: int, ctx: list[int]) -> None:
+def test_swa_decode_merges_the_splits_in_the_tail(min_split: int, max_used: int, ctx: list[int]) -> None:
     """With arrival counters the split kernel's last used split merges the partials (no reduce
-    launch): the torch backend's output and ring, the reduce launch's output up to summation order,
-    only the used splits' partials read (the rest NaN-poisoned), and the counters back at zero,
-    over two consecutive steps; with 128-row splits too (half as many splits)."""
+    launch): the torch backend's output and ring, only the used splits' partials read (the rest
+    NaN-poisoned), and the counters back at zero, over two consecutive steps; with 128-row splits
+    (half as many splits), and with a row's keys spread over at most 2 or 3 longer splits. With the
+    same splits, the reduce launch's output up to summation order."""
     from model.backends.triton_kernels.swa import swa_decode
 
     tri, ref = _backends()
@@ -416,20 +417,27 @@ def test_swa_decode_merges_the_splits_in_the_tail(min_split: int, ctx: list[int]
         k = torch.randn(4, HKV, D, dtype=DT, device=DEVICE)
         v = torch.randn(4, HKV, D, dtype=DT, device=DEVICE)
         args = (meta.slot_ids, meta.context_lens, D**-0.5, 132)
+        made = []
         try:  # the split partials come from torch.empty: poison them
-            torch.empty = lambda *a, **kw: empty(*a, **kw).fill_(float("nan"))
-            out = swa_decode(q, k, v, kc, vc, *args, None, counters, min_split)
+            torch.empty = lambda *a, made=made, **kw: (
+                made.append(empty(*a, **kw).fill_(float("nan"))) or made[-1]
+            )
+            out = swa_decode(q, k, v, kc, vc, *args, None, counters, min_split, max_used)
             reduced = swa_decode(q, k, v, kc_red, vc_red, *args, None, None, min_split)
         finally:
             torch.empty = empty
+        maxima = made[0]  # [B, Hq, splits]: the tail run's split maxima
+        if max_used:  # no row's keys went past its first max_used splits
+            assert torch.isnan(maxima[..., max_used:]).all() and not torch.isnan(maxima[..., 0]).any()
         out_ref = ref.sliding_window_attention(q, k, v, meta, kc_ref, vc_ref, D**-0.5)
         assert rel_err(out, out_ref) < TOL
-        assert rel_err(out, reduced) < (4e-3 if HAS_CUDA else 1e-6)  # bf16 on the GPU
+        if not max_used:  # the same splits
+            assert rel_err(out, reduced) < (4e-3 if HAS_CUDA else 1e-6)  # bf16 on the GPU
         assert torch.equal(kc.nan_to_num(0.0), kc_ref.nan_to_num(0.0))
         assert torch.equal(vc.nan_to_num(0.0), vc_ref.nan_to_num(0.0))
         assert not counters.any()
     # the backend switches reach the kernel
-    tri.swa_reduce_tail, tri.swa_min_split = True, min_split
+    tri.swa_reduce_tail, tri.swa_min_split, tri.swa_tail_max_splits = True, min_split, max_used
     meta = BatchMeta.build(slots, [1] * 4, [c + 2 for c in ctx], DEVICE)
     q = torch.randn(4, HQ, D, dtype=DT, device=DEVICE)
     k = torch.randn(4, HKV, D, dtype=DT, device=DEVICE)

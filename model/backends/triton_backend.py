@@ -125,6 +125,9 @@ class TritonBackend:
         # until benchmarks/gpu_check_session.sh has tested and timed them on a GPU
         self.swa_reduce_tail = False
         self.swa_min_split = 64
+        # with swa_reduce_tail: spread a row's keys over at most this many splits (0: no bound), so
+        # that the merge reads little at long contexts while short ones keep 64-row splits
+        self.swa_tail_max_splits = 0
         # the fused decode kernel's per-(row, head) arrival counters, zero between launches; a larger
         # batch gets a new buffer and the older ones stay alive for the graphs captured with them
         self._arrival_counters: list[torch.Tensor] = []
@@ -403,8 +406,10 @@ class TritonBackend:
             args = (q, k, v, key_cache, value_cache, meta.slot_ids, meta.context_lens, scale, self.num_sms)
             if torch.compiler.is_compiling():
                 return swa_decode_call(*args)  # the custom op: no tail, 64-row splits
-            counters = self._counters(q.shape[0] * key_cache.shape[2]) if self.swa_reduce_tail else None
-            return swa_decode(*args, rope if in_kernel else None, counters, self.swa_min_split)
+            tail = self.swa_reduce_tail
+            counters = self._counters(q.shape[0] * key_cache.shape[2]) if tail else None
+            max_used = self.swa_tail_max_splits if tail else 0
+            return swa_decode(*args, rope if in_kernel else None, counters, self.swa_min_split, max_used)
         window = key_cache.shape[1]
         t = self._tables(meta, window)
         out = swa_prefill(

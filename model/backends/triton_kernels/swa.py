@@ -41,12 +41,14 @@ def _swa_decode_split_kernel(
     stride_q, stride_qh, stride_k, stride_kh, stride_v, stride_vh,
     stride_c_slot, stride_c_row, stride_c_h, stride_cos, stride_sin, stride_o, stride_oh, qk_scale,
     D: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr, ROPE: tl.constexpr, TAIL: tl.constexpr,
-    BGT: tl.constexpr, BS: tl.constexpr, SC: tl.constexpr, USE_PDL: tl.constexpr,
+    BGT: tl.constexpr, BS: tl.constexpr, SC: tl.constexpr, MAX_USED: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
     # ROPE: q and k come before RoPE and are rotated here with the row's cos/sin [D] (every program
     # rotates its q heads; the new key goes into the ring rotated)
     # TAIL: the last of the (row, kv head)'s splits that hold keys to finish (an arrival counter per
-    # (row, kv head), zero between launches) merges the G heads' partials into out (no reduce launch)
+    # (row, kv head), zero between launches) merges the G heads' partials into out (no reduce launch).
+    # MAX_USED > 0 (with TAIL): the keys are spread over at most MAX_USED splits of whole key blocks
+    # (longer ones at long contexts), which bounds what the merge reads
     pdl.prologue(USE_PDL)
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -87,8 +89,11 @@ def _swa_decode_split_kernel(
     # ring rows holding cached keys: 0..p-1 while p < W, else every row but p % W
     num_rows = tl.minimum(p, W)
     skip_row = tl.where(p >= W, p % W, -1)
-    lo = split * SPLIT_LEN
-    hi = tl.minimum(lo + SPLIT_LEN, num_rows)
+    split_len = SPLIT_LEN
+    if MAX_USED > 0:
+        split_len = tl.maximum(SPLIT_LEN, tl.cdiv(tl.cdiv(num_rows, MAX_USED), BN) * BN)
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, num_rows)
     base = slot * stride_c_slot + hk * stride_c_h
     for start in range(lo, hi, BN):
         rows = start + tl.arange(0, BN)
@@ -108,7 +113,7 @@ def _swa_decode_split_kernel(
         tl.store(kc_ptr + dst, k_new)
         tl.store(vc_ptr + dst, v_new)
     if TAIL:
-        n_used = tl.maximum(1, tl.cdiv(num_rows, SPLIT_LEN))
+        n_used = tl.maximum(1, tl.cdiv(num_rows, split_len))
         if split < n_used:
             tl.debug_barrier()  # every partial store of this program comes before its arrival
             count = count_ptr + pid
@@ -204,12 +209,14 @@ def swa_decode(
     rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     counters: torch.Tensor | None = None,
     min_split: int = 64,
+    max_used: int = 0,
 ) -> torch.Tensor:
     """q [B, Hq, D], k/v [B, Hkv, D] (token index context_lens[b]); writes k/v into the ring in place.
     With rope (cos, sin [B, D], unit stride on D), q and k come before RoPE and are rotated here
     (pointwise.rope_'s roundings); the ring gets the rotated key. With counters (int32, >= B Hkv
-    zeros, left zero), the split kernel's tail merges the splits (no reduce launch). Splits are
-    multiples of min_split rows (a multiple of 64)."""
+    zeros, left zero), the split kernel's tail merges the splits (no reduce launch); with max_used
+    > 0 too, a row's keys are spread over at most max_used splits (whole 64-row key blocks, longer
+    splits at long contexts). Splits are multiples of min_split rows (a multiple of 64)."""
     num_rows, num_q_heads, dim = q.shape
     _, window, num_kv_heads, _ = key_cache.shape
     group = num_q_heads // num_kv_heads
@@ -221,6 +228,8 @@ def swa_decode(
         raise ValueError(f"min_split {min_split}: a positive multiple of 64 (the key block)")
     if counters is not None and (counters.dtype != torch.int32 or counters.numel() < num_rows * num_kv_heads):
         raise ValueError(f"counters: int32 with at least {num_rows * num_kv_heads} entries")
+    if max_used < 0 or (max_used and counters is None):
+        raise ValueError(f"max_used {max_used}: >= 0, and > 0 only with counters (the tail merge)")
     nsplit = decode_num_splits(num_rows, num_kv_heads, window, num_sms, min_split)
     split_len = triton.cdiv(triton.cdiv(window, nsplit), min_split) * min_split
     nsplit = triton.cdiv(window, split_len)
@@ -233,7 +242,7 @@ def swa_decode(
         raise ValueError("swa_decode expects cos/sin with unit stride on D")
     cos, sin = rope if rope is not None else (q, q)  # placeholders without rope
     out = torch.empty_like(q)
-    bs = triton.next_power_of_2(nsplit)
+    bs = triton.next_power_of_2(min(nsplit, max_used) if max_used else nsplit)
     bgt = triton.next_power_of_2(group)
     _swa_decode_split_kernel[(num_rows * num_kv_heads, nsplit)](
         q, k, v, key_cache, value_cache, slot_ids, context_lens, m, lsum, acc, cos, sin,
@@ -243,7 +252,7 @@ def swa_decode(
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), cos.stride(0), sin.stride(0),
         out.stride(0), out.stride(1), scale * LOG2E,
         D=dim, BG=bg, BN=64, ROPE=rope is not None, TAIL=counters is not None,
-        BGT=bgt, BS=bs, SC=min(bs, max(1, 4096 // (bgt * dim))), num_warps=4,
+        BGT=bgt, BS=bs, SC=min(bs, max(1, 4096 // (bgt * dim))), MAX_USED=max_used, num_warps=4,
         **pdl.launch_kwargs(),
     )  # fmt: skip
     if counters is not None:
