@@ -2,7 +2,8 @@
 norms, compiled for sm_90a without a GPU (see ptxas_fold_kernels.py): the one-launch GDN
 recurrence at the launches `gdn.fused_decode_launch` and the step A/B tried, with the gated norm
 in it or not, and the SWA decode split kernel with RoPE inside it or not and with the split
-merge in its tail or not. A kernel that Triton cannot compile for the H100 fails here first.
+merge in its tail or not, and the M-RoPE table kernel with the embedding gather in it or not. A
+kernel that Triton cannot compile for the H100 fails here first.
 
     /tmp/infinitevl-kernels-venv/bin/python benchmarks/ptxas_decode_kernels.py
 """
@@ -17,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ptxas_fold_kernels import compile_sm90, report  # noqa: E402
 
-from model.backends.triton_kernels import gdn, swa  # noqa: E402
+from model.backends.triton_kernels import gdn, pointwise, swa  # noqa: E402
 
 
 def aligned(kernel) -> list[str]:
@@ -48,6 +49,15 @@ def main() -> None:
         report(
             f"SWA decode split rope {rope} tail {tail} merge {bs} at most {most} splits",
             compile_sm90(kernel, types, consts | {"USE_PDL": True}, aligned(kernel), 3),
+        )
+    kernel = pointwise._mrope_cos_sin_kernel
+    types = {"pos_ptr": "*i64", "inv_ptr": "*fp32", "ids_ptr": "*i64"}
+    types |= dict.fromkeys(["cos_ptr", "sin_ptr", "table_ptr", "h_ptr"], "*bf16")
+    for embed in (False, True):
+        consts = dict(S0=16, S01=40, HALF=64, BLOCK_F=64, BLOCK_R=16, EMBED=embed, BLOCK_H=2048, USE_PDL=True)
+        report(
+            f"M-RoPE tables, embedding gather {embed}",
+            compile_sm90(kernel, types, consts, aligned(kernel), 3),
         )
 
 

@@ -198,8 +198,15 @@ class InfiniteVLForCausalLM(nn.Module):
         inputs_embeds: torch.Tensor | None = None,  # [N, hidden]; replaces embed(input_ids) if given
     ) -> torch.Tensor:
         """Final-norm hidden states [N, hidden] of every packed token; updates `state` in place."""
-        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.to(self.dtype)
-        rope = self.rope_tables(positions, h.dtype)
+        if inputs_embeds is None and self.backend.embed_with_rope_tables(meta):
+            cfg, table = self.config.text, self.model.embed_tokens.weight
+            h, cos, sin = self.backend.pointwise.embed_mrope_cos_sin(
+                input_ids, table, positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section
+            )
+            rope = (cos, sin)
+        else:
+            h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.to(self.dtype)
+            rope = self.rope_tables(positions, h.dtype)
         residual = None
         for layer in self.model.layers:
             h, residual = layer(h, residual, rope, meta, state, self.backend)

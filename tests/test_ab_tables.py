@@ -60,6 +60,7 @@ def test_candidate_files_are_valid_table_changes_and_backend_switches() -> None:
         "swa_reduce_tail",
         "swa_min_split",
         "swa_tail_max_splits",
+        "embed_in_rope_tables",
         "split_k_into_norm",
         "num_sms",
     }

@@ -77,11 +77,11 @@ def test_replay_equals_eager_and_padding_is_confined(
     [
         {"rope_in_swa": True},
         {"swa_reduce_tail": True},
-        {"swa_reduce_tail": True, "swa_min_split": 128, "rope_in_swa": True},
+        {"swa_reduce_tail": True, "swa_min_split": 128, "rope_in_swa": True, "embed_in_rope_tables": True},
         {"swa_reduce_tail": True, "swa_tail_max_splits": 2, "fused_gdn_launch": {"bv": 32, "num_warps": 4}},
         {"fused_gdn_launch": {"bv": 32, "num_warps": 4}},
     ],
-    ids=["rope-in-swa", "swa-tail", "swa-tail-128-rope", "swa-tail-max2-gdn-bv32w4", "gdn-bv32w4"],
+    ids=["rope-in-swa", "swa-tail", "swa-tail-128-rope-embed", "swa-tail-max2-gdn-bv32w4", "gdn-bv32w4"],
 )
 def test_replay_equals_eager_with_decode_switches(gpu_model, switches: dict) -> None:
     """The decode candidates that are off by default (TritonBackend attributes), captured in graphs

@@ -877,7 +877,8 @@ def test_model_decode_with_the_fused_gdn_step(tiny_ckpt_dir, monkeypatch: pytest
     GDN recurrence (with and without the gated norm in it) the hidden states and every pool equal
     the separate launches' within bf16 noise, and the fused kernel ran once per GDN layer and step;
     with q and k rotated in the attention kernel instead of the rope kernel, bit for bit; with the
-    attention's splits merged in its tail (and 128-row splits), within bf16 noise."""
+    attention's splits merged in its tail (and 128-row splits) and the embedding gathered in the
+    rope-table launch, within bf16 noise."""
     from model.backends import triton_backend
     from model.loader import load_model
     from model.state import allocate_state
@@ -897,6 +898,9 @@ def test_model_decode_with_the_fused_gdn_step(tiny_ckpt_dir, monkeypatch: pytest
         model.backend.fused_gdn_decode, model.backend.fused_gdn_norm = on, norm
         model.backend.rope_in_swa = late_rope
         model.backend.swa_reduce_tail, model.backend.swa_min_split = tail, (128 if tail else 64)
+        model.backend.embed_in_rope_tables = tail
+        gather = model.backend.pointwise.embed_mrope_cos_sin
+        model.backend.pointwise.embed_mrope_cos_sin = lambda *a, f=gather: calls.append(0) or f(*a)
         text = model.config.text
         slots = [2, 0, 1]
         state = allocate_state(text, 3, torch.float32, model.dtype, DEVICE)
@@ -907,7 +911,8 @@ def test_model_decode_with_the_fused_gdn_step(tiny_ckpt_dir, monkeypatch: pytest
             pos = torch.full((3, 3), step, device=DEVICE)
             meta = BatchMeta.build(slots, [1, 1, 1], [step] * 3, DEVICE)
             hidden_states.append(model(ids, pos, meta, state))
-        assert len(calls) == (4 * len(text.gdn_layers) if on else 0)
+        assert calls.count(1) == (4 * len(text.gdn_layers) if on else 0)
+        assert calls.count(0) == (4 if tail else 0)  # one embedding-and-tables launch a step
         runs.append(
             [torch.cat(hidden_states)] + [t.clone() for t in (state.recurrent, state.conv, state.key)]
         )

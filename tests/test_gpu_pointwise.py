@@ -128,6 +128,33 @@ def test_mrope_cos_sin_table_equals_plain_code(head_dim, theta, section, n) -> N
     assert torch.equal(cos_w, cos)
 
 
+@pytest.mark.parametrize(("n", "hidden"), [(1, 48), (5, 5000), (37, 64)])
+def test_embedding_gather_in_the_rope_table_launch(n: int, hidden: int) -> None:
+    """The embedding rows gathered in the rope-table launch: exactly table[ids] (a table with a row
+    stride, repeated ids, the last row, a hidden size past one 4096-wide block), and the same tables
+    as mrope_cos_sin; with positions the kernel does not take, the plain code's tables and the
+    embedding op."""
+    g = torch.Generator().manual_seed(n)
+    vocab = 300
+    table = _strided(_randn(vocab, hidden, seed=n), pad=3)
+    ids = torch.randint(0, vocab, (n,), generator=g).to(DEVICE)
+    ids[0] = vocab - 1
+    if n > 2:
+        ids[2] = ids[1]
+    positions = torch.randint(0, 300_000, (3, n), generator=g).to(DEVICE)
+    ops = _ops()
+    h, cos, sin = ops.embed_mrope_cos_sin(ids, table, positions, 16, 1e4, (2, 3, 3))
+    cos_ref, sin_ref = ops.mrope_cos_sin(positions, 16, 1e4, (2, 3, 3), DT)
+    assert h.shape == (n, hidden) and h.dtype == DT
+    assert torch.equal(h, table[ids])
+    assert torch.equal(cos, cos_ref) and torch.equal(sin, sin_ref)
+    wide = torch.zeros((3, n + 4), dtype=torch.int64, device=DEVICE)
+    wide[:, 2 : 2 + n] = positions
+    h_w, cos_w, _ = ops.embed_mrope_cos_sin(ids, table, wide[:, 2 : 2 + n], 16, 1e4, (2, 3, 3))
+    assert torch.equal(h_w, table[ids])
+    assert (cos_w - mrope_cos_sin(positions, 16, 1e4, (2, 3, 3), DT)[0]).abs().max().item() < 1e-5
+
+
 @torch.no_grad()
 def test_model_with_fused_ops_tracks_plain_code(tiny_ckpt_dir) -> None:
     """The tiny model (torch backend for the stateful parts) with and without the Triton pointwise ops,

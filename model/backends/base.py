@@ -203,6 +203,17 @@ class PointwiseOps(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor]:  # cos/sin [N, head_dim]: model.layers.mrope_cos_sin
         ...
 
+    def embed_mrope_cos_sin(
+        self,
+        input_ids: torch.Tensor,  # [N]
+        table: torch.Tensor,  # [V, hidden] embedding weight
+        positions: torch.Tensor,  # [3, N] int64 (t, h, w)
+        head_dim: int,
+        theta: float,
+        mrope_section: tuple[int, ...],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # (table[input_ids], cos, sin in table.dtype)
+        ...
+
 
 class Backend(Protocol):
     name: str
@@ -328,4 +339,10 @@ class Backend(Protocol):
         """Whether the model should hand sliding_window_attention q and k before RoPE, with the
         rope tables: both backends accept either; a backend says yes where its attention kernel
         rotates them on the fly (one launch less per attention layer)."""
+        ...
+
+    def embed_with_rope_tables(self, meta: BatchMeta) -> bool:
+        """Whether the model should take the token embeddings and the rope tables from one call
+        (`PointwiseOps.embed_mrope_cos_sin`, one launch) rather than the embedding op and
+        `mrope_cos_sin`."""
         ...

@@ -58,6 +58,9 @@ class TorchBackend:
     def rope_in_attention(self, meta: BatchMeta) -> bool:
         return False
 
+    def embed_with_rope_tables(self, meta: BatchMeta) -> bool:
+        return False
+
     def gdn_decode(
         self,
         inputs: GDNDecodeInputs,

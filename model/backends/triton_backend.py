@@ -128,6 +128,9 @@ class TritonBackend:
         # with swa_reduce_tail: spread a row's keys over at most this many splits (0: no bound), so
         # that the merge reads little at long contexts while short ones keep 64-row splits
         self.swa_tail_max_splits = 0
+        # decode: the embedding gather in the rope-table launch (`embed_with_rope_tables`); built and
+        # checked in the interpreter only, off until timed on a GPU
+        self.embed_in_rope_tables = False
         # the fused decode kernel's per-(row, head) arrival counters, zero between launches; a larger
         # batch gets a new buffer and the older ones stay alive for the graphs captured with them
         self._arrival_counters: list[torch.Tensor] = []
@@ -252,6 +255,11 @@ class TritonBackend:
         """Decode with `rope_in_swa`: the attention kernel rotates q and k (no rope launch). Else,
         and in prefill and while torch.compile traces: the rope kernel before the attention."""
         return meta.is_decode and self.rope_in_swa and not torch.compiler.is_compiling()
+
+    def embed_with_rope_tables(self, meta: BatchMeta) -> bool:
+        """Decode with `embed_in_rope_tables` and the Triton pointwise ops: one launch for the
+        embedding gather and the rope tables."""
+        return meta.is_decode and self.embed_in_rope_tables and self.pointwise is not None
 
     def gates_in_delta_rule(self, meta: BatchMeta) -> bool:
         """Decode: the delta-rule kernel computes g and beta from a and b (no gates kernel, one launch

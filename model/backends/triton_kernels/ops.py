@@ -226,15 +226,43 @@ class TritonPointwise:
         """One launch for the plain code's dozen kernels; the plain code itself while torch.compile
         traces (it fuses them) and, before the frequencies are cached, inside a CUDA-graph capture
         (a tensor made there would live in the graph's pool)."""
-        if torch.compiler.is_compiling() or positions.stride(1) != 1:
+        inv_freq = self._kernel_inv_freq(positions, head_dim, theta)
+        if inv_freq is None:
             return mrope_cos_sin(positions, head_dim, theta, mrope_section, dtype)
+        return pointwise.mrope_cos_sin(positions, inv_freq, tuple(mrope_section), dtype)
+
+    def embed_mrope_cos_sin(
+        self,
+        input_ids: torch.Tensor,
+        table: torch.Tensor,
+        positions: torch.Tensor,
+        head_dim: int,
+        theta: float,
+        mrope_section: tuple[int, ...],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The embedding gather and the cos/sin tables (in the table's dtype) in one launch; where
+        `mrope_cos_sin` takes the plain code, the embedding op and that."""
+        inv_freq = self._kernel_inv_freq(positions, head_dim, theta)
+        if inv_freq is None or table.stride(1) != 1:
+            cos, sin = self.mrope_cos_sin(positions, head_dim, theta, mrope_section, table.dtype)
+            return torch.nn.functional.embedding(input_ids, table), cos, sin
+        cos, sin, h = pointwise.mrope_cos_sin(
+            positions, inv_freq, tuple(mrope_section), table.dtype, (input_ids, table)
+        )
+        return h, cos, sin
+
+    def _kernel_inv_freq(self, positions: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor | None:
+        """The cached rotary frequencies for the table kernel, or None where the plain code runs
+        instead (see mrope_cos_sin)."""
+        if torch.compiler.is_compiling() or positions.stride(1) != 1:
+            return None
         key = (positions.device, head_dim, float(theta))
         inv_freq = self._inv_freq.get(key)
         if inv_freq is None:
             if pdl.capturing():
-                return mrope_cos_sin(positions, head_dim, theta, mrope_section, dtype)
+                return None
             inv_freq = self._inv_freq[key] = rope_inv_freq(head_dim, theta, positions.device)
-        return pointwise.mrope_cos_sin(positions, inv_freq, tuple(mrope_section), dtype)
+        return inv_freq
 
 
 def _rms_norm_ops(

@@ -315,12 +315,25 @@ else:  # CUDA's cosf/sinf, as torch's cos/sin kernels compute them (tl.cos may l
 
 @triton.jit
 def _mrope_cos_sin_kernel(
-    pos_ptr, inv_ptr, cos_ptr, sin_ptr, N, stride_p, stride_c, stride_s,
+    pos_ptr, inv_ptr, cos_ptr, sin_ptr, ids_ptr, table_ptr, h_ptr, N, NRB, HIDDEN,
+    stride_p, stride_c, stride_s, stride_t, stride_h,
     S0: tl.constexpr, S01: tl.constexpr, HALF: tl.constexpr, BLOCK_F: tl.constexpr,
-    BLOCK_R: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_R: tl.constexpr, EMBED: tl.constexpr, BLOCK_H: tl.constexpr, USE_PDL: tl.constexpr,
 ):  # fmt: skip
+    # programs 0 .. NRB-1: BLOCK_R rows of the tables each; with EMBED, program NRB + i gathers the
+    # embedding row of token i (table[ids[i]] into h[i])
     pdl.prologue(USE_PDL)
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    pid = tl.program_id(0)
+    if EMBED:  # noqa: SIM102 (a compile-time branch around a run-time one)
+        if pid >= NRB:
+            i = (pid - NRB).to(tl.int64)
+            src = table_ptr + tl.load(ids_ptr + i).to(tl.int64) * stride_t
+            for c in range(0, HIDDEN, BLOCK_H):
+                offs = c + tl.arange(0, BLOCK_H)
+                mh = offs < HIDDEN
+                tl.store(h_ptr + i * stride_h + offs, tl.load(src + offs, mask=mh), mask=mh)
+            return
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     f = tl.arange(0, BLOCK_F)
     mr = rows < N
     mf = f < HALF
@@ -348,9 +361,11 @@ def mrope_cos_sin(
     inv_freq: torch.Tensor,  # [head_dim / 2] fp32, as model.layers.mrope_cos_sin computes it
     mrope_section: tuple[int, ...],
     dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    embed: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, ...]:
     """cos/sin [N, head_dim] in `dtype`: model.layers.mrope_cos_sin in one launch (fp32 angles, the
-    same cos/sin, rounded once)."""
+    same cos/sin, rounded once). With embed (ids [N], table [V, hidden] with unit stride on hidden),
+    the same launch also gathers the embeddings: (cos, sin, table[ids])."""
     half = inv_freq.shape[0]
     if positions.dim() != 2 or positions.shape[0] != 3 or positions.stride(1) != 1:
         raise ValueError("mrope_cos_sin expects positions [3, N] with unit stride on N")
@@ -359,11 +374,22 @@ def mrope_cos_sin(
     n = positions.shape[1]
     cos = torch.empty((n, 2 * half), dtype=dtype, device=positions.device)
     sin = torch.empty_like(cos)
+    if embed is not None:
+        ids, table = embed
+        if ids.shape != (n,) or table.dim() != 2 or table.stride(1) != 1:
+            raise ValueError(f"embed expects ids [{n}] and a table [V, hidden] with unit stride on hidden")
+        h = torch.empty((n, table.shape[1]), dtype=table.dtype, device=table.device)
+    else:
+        ids, table = positions, cos  # placeholders
+        h = cos
+    block_r = 16
+    nrb = triton.cdiv(n, block_r)
     if n:
-        block_r = 16
-        _mrope_cos_sin_kernel[(triton.cdiv(n, block_r),)](
-            positions, inv_freq, cos, sin, n, positions.stride(0), cos.stride(0), sin.stride(0),
+        _mrope_cos_sin_kernel[(nrb + (n if embed is not None else 0),)](
+            positions, inv_freq, cos, sin, ids, table, h, n, nrb, h.shape[1],
+            positions.stride(0), cos.stride(0), sin.stride(0), table.stride(0), h.stride(0),
             S0=mrope_section[0], S01=mrope_section[0] + mrope_section[1], HALF=half,
-            BLOCK_F=triton.next_power_of_2(half), BLOCK_R=block_r, num_warps=4, **pdl.launch_kwargs(),
+            BLOCK_F=triton.next_power_of_2(half), BLOCK_R=block_r, EMBED=embed is not None,
+            BLOCK_H=min(4096, triton.next_power_of_2(h.shape[1])), num_warps=4, **pdl.launch_kwargs(),
         )  # fmt: skip
-    return cos, sin
+    return (cos, sin) if embed is None else (cos, sin, h)
