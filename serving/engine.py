@@ -272,10 +272,10 @@ class EngineCore:
             st = er.stats
             if st.first_token_time is None:
                 st.first_token_time = st.prefill_done_time = now
-            elif tok.choice == 0:
-                st.token_intervals.append(now - st.last_token_time)
-            if tok.choice == 0:
-                st.last_token_time = now
+            previous = st.choice_last_token_time.get(tok.choice)
+            if previous is not None:  # every choice's gaps (n > 1: as n requests of one choice)
+                st.token_intervals.append(now - previous)
+            st.choice_last_token_time[tok.choice] = st.last_token_time = now
             dec = er.decoders[tok.choice]
             res = dec.append(tok.token_id) if dec.ends_on_text else None
             if res is not None:
@@ -353,6 +353,7 @@ class EngineCore:
         st.finish_time = time.monotonic()
         st.finish_reason = reason
         st.generation_tokens = sum(d.num_tokens for d in er.decoders)
+        st.longest_choice_tokens = max((d.num_tokens for d in er.decoders), default=0)
         if self.metrics is not None:
             self.metrics.on_request_finished(st)
 
@@ -362,7 +363,9 @@ class EngineCore:
 
     def _record_step(self, batch: ScheduledBatch) -> None:
         prompt = sum(r.num_tokens for r in batch.rows if r.is_prefill)
-        self._record_tokens(prompt, sum(1 for r in batch.rows if r.is_sampled), self.runner.step_mode(batch))
+        # a sampled prefill row with fork_to samples the first token of every choice (n > 1)
+        generated = sum(1 + len(r.fork_to) for r in batch.rows if r.is_sampled)
+        self._record_tokens(prompt, generated, self.runner.step_mode(batch))
 
     def _record_tokens(self, prompt: int, gen: int, mode: str | None = None) -> None:
         if self.metrics is None:

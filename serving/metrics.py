@@ -295,8 +295,10 @@ class Metrics:
         last = getattr(stats, "last_token_time", None) or finish
         if first is not None and last is not None:
             self._phase["request_decode_time_seconds"].observe(last - first)
-            if stats.generation_tokens > 1:
-                self.request_time_per_output_token.observe((last - first) / (stats.generation_tokens - 1))
+            # per output token of one choice: n choices decode side by side, not one after another
+            per_choice = stats.longest_choice_tokens or stats.generation_tokens
+            if per_choice > 1:
+                self.request_time_per_output_token.observe((last - first) / (per_choice - 1))
 
     def on_vision(self, *, num_images: int, num_video_frames: int, seconds: float) -> None:
         """Record one vision-encoder call over `num_images` images and `num_video_frames` frames."""

@@ -177,7 +177,10 @@ class RequestStats:
     finish_reason: str = ""
     n: int = 1
     max_tokens: int = 0
-    token_intervals: list[float] = field(default_factory=list)  # seconds between consecutive tokens
+    # seconds between consecutive tokens of one choice
+    token_intervals: list[float] = field(default_factory=list)
+    choice_last_token_time: dict[int, float] = field(default_factory=dict)  # by choice index
+    longest_choice_tokens: int = 0  # tokens of the choice that generated most (n > 1: per-choice pace)
 
 
 class EngineClient(Protocol):

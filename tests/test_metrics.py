@@ -291,6 +291,27 @@ def test_engine_counts_eager_and_graph_steps(tiny_ckpt_dir, monkeypatch):
     assert value(llm.core.metrics, "infinitevl:engine_steps_total", mode="cuda_graph") == 4
 
 
+def test_engine_counts_every_choice_of_an_n_request(tiny_ckpt_dir):
+    """n = 4 choices of 5 tokens each: the generation-token counter and the request histogram count
+    all 20 tokens (the prefill step samples the first token of every choice), the inter-token
+    latency has each choice's 4 gaps, and the time per output token is one choice's pace."""
+    from serving.llm import LLM
+    from serving.types import SamplingParams
+
+    llm = LLM(str(tiny_ckpt_dir), device="cpu", dtype="float32", max_num_seqs=4)
+    llm.core.metrics = m = make_metrics()
+    outs = llm.generate(
+        ["count"], SamplingParams(temperature=0.8, max_tokens=5, ignore_eos=True, n=4, seed=1)
+    )
+    assert sum(len(c.token_ids) for c in outs[0].choices) == 20
+    assert value(m, "infinitevl:generation_tokens_total") == 20
+    assert value(m, "infinitevl:request_generation_tokens_sum") == 20
+    assert value(m, "infinitevl:inter_token_latency_seconds_count") == 16
+    itl_mean = value(m, "infinitevl:inter_token_latency_seconds_sum") / 16
+    tpot = value(m, "infinitevl:request_time_per_output_token_seconds_sum")
+    assert tpot == pytest.approx(itl_mean, rel=0.5)  # about one step a token, not a quarter of one
+
+
 def test_observe_many_equals_observing_one_by_one() -> None:
     """observe_many (a finished request's token intervals in one go) leaves every bucket and the count
     as observing each value does, the sum within float rounding; values on a bucket edge land in it,
