@@ -2,8 +2,10 @@
 
 Every step, each running choice that has finished prefill gets one decode token first (so inter-token latency
 stays bounded), then the remaining budget goes to prefill chunks in arrival order; waiting requests are admitted
-in strict FIFO order when enough slots are free for all their choices. Admission is only "are slots free":
-memory per request is constant, so nothing is ever preempted.
+in strict FIFO order when enough slots are free for all their choices. Prefills under way share the budget
+equally, and take at most half of it while a request could be admitted, so a long prompt keeps neither an
+arrival nor a shorter prompt beside it waiting for its whole prefill; what the arrivals leave goes back to
+them. Admission is only "are slots free": memory per request is constant, so nothing is ever preempted.
 """
 
 from __future__ import annotations
@@ -121,22 +123,49 @@ class Scheduler:
                 rows.append(ScheduledRow(req.request_id, req.slots[c], start, 1, c, False, True))
                 req.num_generated[c] += 1
                 budget -= 1
-        for req in self.running.values():
-            if budget == 0:
-                break
-            if req.is_prefilling:
-                budget -= self._schedule_prefill(req, budget, rows)
-        while budget > 0 and self.waiting and self._num_free() >= self.waiting[0].num_choices:
+        # prefills under way share the budget, but get only half of it while an arrival could be
+        # admitted: a long prompt's chunks must not hold every newcomer back until it is all read
+        continuing = [r for r in self.running.values() if r.is_prefilling]
+        grants = self._grant(continuing, budget - budget // 2 if self._can_admit() else budget)
+        budget -= sum(grants)
+        admitted: list[ScheduledRow] = []
+        while budget > 0 and self._can_admit():
             req = self.waiting.popleft()
             req.slots = [self._allocate() for _ in range(req.num_choices)]
             req.status = Status.RUNNING
             self.running[req.request_id] = req
-            budget -= self._schedule_prefill(req, budget, rows)
-        return ScheduledBatch(tuple(rows))
+            budget -= self._schedule_prefill(req, self._chunk(req, budget), admitted)
+        extra = self._grant(continuing, budget, grants)  # what the arrivals left
+        for req, n, more in zip(continuing, grants, extra, strict=True):
+            if n + more:
+                self._schedule_prefill(req, n + more, rows)
+        return ScheduledBatch(tuple(rows + admitted))
 
-    def _schedule_prefill(self, req: SchedRequest, budget: int, rows: list[ScheduledRow]) -> int:
-        cap = budget if self.config.max_prefill_chunk is None else min(budget, self.config.max_prefill_chunk)
-        n = min(cap, req.prompt_len - req.num_prefilled)
+    def _can_admit(self) -> bool:
+        return bool(self.waiting) and self._num_free() >= self.waiting[0].num_choices
+
+    def _chunk(self, req: SchedRequest, budget: int, granted: int = 0) -> int:
+        """Tokens of req's prompt the next chunk may take beyond `granted`, within `budget`."""
+        cap = req.prompt_len - req.num_prefilled
+        if self.config.max_prefill_chunk is not None:
+            cap = min(cap, self.config.max_prefill_chunk)
+        return max(0, min(budget, cap - granted))
+
+    def _grant(self, reqs: list[SchedRequest], budget: int, granted: list[int] | None = None) -> list[int]:
+        """Chunk sizes for reqs (in their order) beyond what `granted` gives them: `budget` shared
+        equally, a share one needs only in part going to the others (so a prompt admitted beside a
+        long one is not left waiting for all of it)."""
+        granted = granted or [0] * len(reqs)
+        wants = [self._chunk(req, budget, g) for req, g in zip(reqs, granted, strict=True)]
+        out = [0] * len(reqs)
+        order = sorted(range(len(reqs)), key=lambda i: wants[i])
+        for k, i in enumerate(order):
+            out[i] = min(wants[i], budget // (len(order) - k))
+            budget -= out[i]
+        return out
+
+    def _schedule_prefill(self, req: SchedRequest, n: int, rows: list[ScheduledRow]) -> int:
+        """Append req's next prefill chunk of n tokens (n <= what `_chunk` allows) to rows."""
         start = req.num_prefilled
         req.num_prefilled += n
         is_last = not req.is_prefilling

@@ -83,6 +83,44 @@ def test_long_prompt_does_not_stall_decodes():
     assert prefill_steps == -(-10_000 // 253)
 
 
+def _prefill_tokens(batch) -> dict[str, int]:
+    return {r.request_id: r.num_tokens for r in batch.rows if r.is_prefill}
+
+
+def test_arrivals_are_admitted_while_a_long_prompt_prefills():
+    """A long prefill under way takes the whole budget only while nobody could be admitted: an
+    arrival gets its prompt in the next step (the long one keeps what the arrival leaves), prompts
+    under way share the budget equally (one admitted beside the long one finishes in a few steps),
+    and a stream of arrivals never takes more than half from the prompts under way."""
+    sched, _ = make(num_slots=4, budget=256)
+    sched.add(SchedRequest("long", prompt_len=10_000, max_tokens=4))
+    assert _prefill_tokens(sched.schedule()) == {"long": 256}
+    sched.add(SchedRequest("short", prompt_len=20, max_tokens=4))
+    batch = sched.schedule()
+    assert _prefill_tokens(batch) == {"long": 236, "short": 20}
+    assert [r.request_id for r in batch.rows] == ["long", "short"]
+    assert _prefill_tokens(sched.schedule()) == {"long": 255}  # one token for short's decode
+    sched.add(SchedRequest("long2", prompt_len=5_000, max_tokens=4))
+    assert _prefill_tokens(sched.schedule()) == {"long": 128, "long2": 127}
+    both = _prefill_tokens(sched.schedule())  # both under way, nobody waiting: an equal share each
+    assert sorted(both.values()) == [127, 128] and set(both) == {"long", "long2"}
+    sched.abort("long2")
+    sched.add(SchedRequest("medium", prompt_len=300, max_tokens=4))  # more than half the budget
+    steps = 0
+    while sched.running.get("medium") is None or sched.running["medium"].is_prefilling:
+        sched.schedule()
+        steps += 1
+    assert steps == 3  # 127 on admission, then an equal share of the rest, not after all of "long"
+    sched.abort("medium")
+    sched.abort("short")
+    for i in range(2):  # back-to-back arrivals of long prompts: those under way keep half, shared
+        under_way = [r.request_id for r in sched.running.values() if r.is_prefilling]
+        sched.add(SchedRequest(f"burst{i}", prompt_len=1_000, max_tokens=4))
+        chunks = _prefill_tokens(sched.schedule())
+        assert sum(chunks[r] for r in under_way) == 128 and chunks[f"burst{i}"] == 128
+        assert chunks["long"] == 128 // len(under_way)
+
+
 def test_fifo_admission_and_queueing_when_slots_exhausted():
     sched, slots = make(num_slots=2, budget=100)
     for i in range(5):
