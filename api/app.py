@@ -407,7 +407,9 @@ def _add_generation_routes(
         greqs = []
         for i, text_or_ids in enumerate(prompts):  # every prompt checked before any is submitted
             param = "prompt" if len(prompts) == 1 else f"prompt.{i}"
-            prompt = await prepare_completion(text_or_ids, processor, vocab_size=vocab, param=param)
+            prompt = await prepare_completion(
+                text_or_ids, processor, vocab_size=vocab, param=param, max_prompt_len=settings.max_prompt_len
+            )
             check_prompt_len(len(prompt.input_ids), settings, param)
             sampling = build_sampling(req, len(prompt.input_ids), settings, vocab)
             if req.echo and req.logprobs is not None:  # the echoed prompt's logprobs too (scoring)
@@ -510,7 +512,9 @@ def _add_tokenizer_routes(
                 raise invalid_request("messages must not be empty", "messages")
             prompt = await prepare_chat(req.messages, processor, settings)
         else:
-            prompt = await prepare_completion(req.prompt or "", processor)
+            prompt = await prepare_completion(
+                req.prompt or "", processor, max_prompt_len=settings.max_prompt_len
+            )
         ids = prompt.input_ids
         return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": settings.max_model_len})
 

@@ -268,31 +268,78 @@ def _prepared(processed: Any) -> PreparedPrompt:
     )
 
 
+PIECE_CHARS = 1 << 18  # characters per piece when a long text's tokens are counted piecewise
+PIECE_SLACK = 16  # tokens one cut between pieces may add or remove (a special token or word split in two)
+
+
+def _may_exceed(text: str, max_tokens: int) -> bool:
+    """False when `text` cannot hold more than `max_tokens` tokens: a token covers at least one byte
+    (byte-level BPE), and the text has no more UTF-8 bytes than that."""
+    if len(text) > max_tokens:  # at least one byte per character
+        return True
+    return 4 * len(text) > max_tokens and len(text.encode("utf-8", "surrogatepass")) > max_tokens
+
+
+def check_text_len(tokenizer: Any, text: str, max_prompt_len: int, param: str) -> None:
+    """400 for a text that certainly has more than `max_prompt_len` tokens, found before tokenizing it
+    whole (that takes gigabytes for tens of megabytes of text). A text that may exceed the limit is
+    counted in pieces of PIECE_CHARS characters (memory bounded by one piece), stopping once the count
+    passes the limit by more than PIECE_SLACK per cut so far. A text that passes gets the exact check
+    (`check_prompt_len`) after its full tokenization. Runs in a worker thread."""
+    if not _may_exceed(text, max_prompt_len):
+        return
+    count = 0
+    for cuts, start in enumerate(range(0, len(text), PIECE_CHARS)):
+        count += len(tokenizer.encode(text[start : start + PIECE_CHARS], add_special_tokens=False))
+        if count > max_prompt_len + PIECE_SLACK * cuts:
+            raise invalid_request(
+                f"the prompt has at least {count - PIECE_SLACK * cuts} tokens, more than this server's "
+                f"limit of {max_prompt_len}",
+                param,
+            )
+
+
+def _process(
+    processor: Any, text: str, media: tuple[list[Any], list[Any]], max_prompt_len: int | None, param: str
+) -> PreparedPrompt:
+    """A rendered prompt and its (images, videos) through the processor, unless `check_text_len` finds
+    the text too long for `max_prompt_len` (None: no check). Runs in a worker thread."""
+    if max_prompt_len is not None:
+        check_text_len(processor.tokenizer, text, max_prompt_len, param)
+    return _prepared(processor.process(text, *media))
+
+
 def _run_processor(
-    processor: Any, tmpl: TemplateInput, images: list[Any], videos: list[Any]
+    processor: Any, tmpl: TemplateInput, media: tuple[list[Any], list[Any]], max_prompt_len: int
 ) -> PreparedPrompt:
     text = processor.apply_chat_template(tmpl.messages)
-    return _prepared(processor.process(text, images, videos))
+    return _process(processor, text, media, max_prompt_len, "messages")
 
 
 async def prepare_chat(
     messages: list[ChatMessage], processor: Any, settings: ServerSettings
 ) -> PreparedPrompt:
-    """Messages -> processed prompt: media fetched on the loop, template and processor in a thread."""
+    """Messages -> processed prompt: media fetched on the loop, template and processor in a thread; a
+    template text certainly longer than settings.max_prompt_len tokens is refused before the processor."""
     tmpl = to_template(messages)
-    images, videos = await load_media(tmpl.media, settings) if tmpl.media else ([], [])
+    media = await load_media(tmpl.media, settings) if tmpl.media else ([], [])
     try:
-        return await asyncio.to_thread(_run_processor, processor, tmpl, images, videos)
+        return await asyncio.to_thread(_run_processor, processor, tmpl, media, settings.max_prompt_len)
     except (ValueError, TypeError) as e:
         raise invalid_request(f"could not process the prompt: {e}", "messages") from e
 
 
 async def prepare_completion(
-    prompt: str | list[int], processor: Any, vocab_size: int | None = None, param: str = "prompt"
+    prompt: str | list[int],
+    processor: Any,
+    vocab_size: int | None = None,
+    param: str = "prompt",
+    max_prompt_len: int | None = None,
 ) -> PreparedPrompt:
     """One text or token-id prompt (`split_prompts`) -> processed prompt (text only; positions are
     0..L-1 on all three axes). Token ids must lie in the vocabulary (0..vocab_size-1) when `vocab_size`
-    is given; errors name `param`."""
+    is given; a text certainly longer than `max_prompt_len` tokens is refused before the processor
+    (`check_text_len`); errors name `param`."""
     if isinstance(prompt, list):
         ids = [int(t) for t in prompt]
         if vocab_size is not None:
@@ -305,10 +352,9 @@ async def prepare_completion(
     if not prompt:
         raise invalid_request("prompt must not be empty", param)
     try:
-        processed = await asyncio.to_thread(processor.process, prompt, [], [])
+        return await asyncio.to_thread(_process, processor, prompt, ([], []), max_prompt_len, param)
     except (ValueError, TypeError) as e:
         raise invalid_request(f"could not process the prompt: {e}", param) from e
-    return _prepared(processed)
 
 
 # ---- sampling ------------------------------------------------------------------------------------------

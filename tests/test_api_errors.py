@@ -189,6 +189,8 @@ COMPLETION_CASES = [
     ("empty-prompt", {"model": MODEL, "prompt": ""}, 400, "prompt"),
     ("logprobs-bool-string", {"model": MODEL, "prompt": "a", "logprobs": "x"}, 400, "logprobs"),
     ("negative-token", {"model": MODEL, "prompt": [1, -2]}, 400, "prompt"),
+    ("prompt-too-long", {"model": MODEL, "prompt": "x" * 2500}, 400, "prompt"),
+    ("batch-prompt-too-long", {"model": MODEL, "prompt": ["a", "x" * 2500]}, 400, "prompt.1"),
 ]
 
 
@@ -199,6 +201,8 @@ def test_malformed_completion(http, case, body, status, param):
     err = assert_envelope(_post(http, "/v1/completions", body), status)
     if param is not None:
         assert err["param"] == param or err["param"].startswith(param + "."), err
+    if case.endswith("prompt-too-long"):
+        assert err["param"] == param and "limit of 2000" in err["message"], err
 
 
 def test_wrong_content_type(http):

@@ -14,6 +14,7 @@ from fake_engine import ServerThread
 from PIL import Image
 
 from api.app import create_app
+from api.errors import APIError
 from api.settings import ServerSettings
 
 pytest.importorskip("model.tiny")
@@ -239,3 +240,26 @@ def test_completion_echo_with_logprobs_scores_the_prompt(client, real):
     assert sum((s["token_logprobs"] for s in streamed), []) == pytest.approx(
         [None, *lp.token_logprobs[1:]], abs=1e-5
     )
+
+
+@pytest.mark.parametrize("piece_chars", [7, 100, 4096])
+def test_piecewise_count_never_refuses_a_prompt_within_the_limit(real, monkeypatch, piece_chars):
+    """The real tokenizer on a rendered chat (special tokens, words, digits, unicode) cut into pieces: a
+    limit equal to the exact count passes (the slack covers every cut); half of it is refused where a
+    piece holds more tokens than the slack of one cut (not with 7-character pieces)."""
+    from api import chat as api_chat
+
+    monkeypatch.setattr(api_chat, "PIECE_CHARS", piece_chars)
+    processor = real[0]
+    words = "The river flows 1234567 past señor Ünal's 日本 house; ¿qué? " * 60
+    text = processor.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": words}]
+    )
+    count = len(processor.tokenizer.encode(text, add_special_tokens=False))
+    assert len(text.encode()) > count  # BPE: the text is counted piecewise
+    api_chat.check_text_len(processor.tokenizer, text, count, "messages")
+    if piece_chars == 7:
+        return
+    with pytest.raises(APIError) as e:
+        api_chat.check_text_len(processor.tokenizer, text, count // 2, "messages")
+    assert e.value.param == "messages"

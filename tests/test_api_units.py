@@ -4,10 +4,14 @@ sampling translation, logprob formats."""
 from __future__ import annotations
 
 import argparse
+import asyncio
+from typing import Any
 
 import pytest
+from fake_engine import FakeProcessor
 
-from api.chat import build_sampling, to_template
+from api import chat as api_chat
+from api.chat import build_sampling, prepare_chat, prepare_completion, to_template
 from api.errors import APIError, loc_to_param
 from api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 from api.responses import legacy_logprobs, openai_finish_reason
@@ -155,3 +159,77 @@ def test_legacy_logprobs_offsets():
     assert out.tokens == ["ab", "c", "de"]
     assert out.token_logprobs == [-0.1, -9999.0, -0.2]
     assert out.top_logprobs[0] == {"z": -1.0}
+
+
+# ---- long prompts: refused before the full tokenization --------------------------------------------------
+
+
+class QuadTokenizer:
+    """One token per 4 UTF-8 bytes (fewer tokens than bytes, as real BPE has); counts its calls."""
+
+    def __init__(self) -> None:
+        self.encoded: list[int] = []  # length in characters of each text encoded
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        self.encoded.append(len(text))
+        return list(range(-(-len(text.encode()) // 4)))
+
+
+class NoFullTokenization(FakeProcessor):
+    """FakeProcessor whose `process` (the full tokenization) fails the test when `forbidden`."""
+
+    def __init__(self, tokenizer: Any = None, forbidden: bool = True) -> None:
+        super().__init__()
+        self.tokenizer = tokenizer or self.tokenizer
+        self.forbidden = forbidden
+
+    def process(self, text: str, images: list[Any], videos: list[Any]) -> Any:
+        assert not self.forbidden, "the full tokenization ran on a text known to be too long"
+        return super().process(text, images, videos)
+
+
+def _run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_too_long_text_is_refused_before_the_processor():
+    settings = _settings(max_prompt_len=100)
+    proc = NoFullTokenization()
+    with pytest.raises(APIError) as e:
+        _run(prepare_chat([ChatMessage(role="user", content="x" * 1000)], proc, settings))
+    assert e.value.status_code == 400 and e.value.param == "messages"
+    assert "limit of 100" in e.value.message
+    for param in ("prompt", "prompt.3"):
+        with pytest.raises(APIError) as e:
+            _run(prepare_completion("é" * 51, proc, param=param, max_prompt_len=100))  # 102 bytes
+        assert e.value.status_code == 400 and e.value.param == param
+    assert proc.calls == []
+
+
+def test_piecewise_count_stops_early(monkeypatch):
+    """Pieces of PIECE_CHARS characters; the count stops once it passes the limit plus the slack of the
+    cuts so far: 64 tokens per piece, 128 > 100 + 16 after the second of 625 pieces."""
+    monkeypatch.setattr(api_chat, "PIECE_CHARS", 64)
+    proc = NoFullTokenization()
+    counted: list[int] = []
+    encode = proc.tokenizer.encode
+    monkeypatch.setattr(
+        proc.tokenizer, "encode", lambda text, **kw: counted.append(len(text)) or encode(text, **kw)
+    )
+    with pytest.raises(APIError) as e:
+        _run(prepare_completion("x" * 40_000, proc, max_prompt_len=100))
+    assert counted == [64, 64] and "at least 112 tokens" in e.value.message
+
+
+def test_long_text_within_the_limit_is_processed():
+    """More bytes than the limit but fewer tokens: counted, then processed (and exactly checked) as usual."""
+    tok = QuadTokenizer()
+    proc = NoFullTokenization(tok, forbidden=False)
+    prompt = _run(prepare_completion("abcd" * 100, proc, max_prompt_len=100))  # 400 bytes, 100 tokens
+    assert len(prompt.input_ids) == 100 and tok.encoded == [400, 400]  # the count, then the processor
+    short = _run(prepare_completion("abcd" * 25, proc, max_prompt_len=100))  # 100 bytes: not counted
+    assert len(short.input_ids) == 25 and tok.encoded[2:] == [100]
+    chat = _run(
+        prepare_chat([ChatMessage(role="user", content="abcd" * 80)], proc, _settings(max_prompt_len=100))
+    )
+    assert len(chat.input_ids) == -(-len(proc.calls[-1][0]) // 4) <= 100

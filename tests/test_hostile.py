@@ -14,10 +14,12 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -480,13 +482,49 @@ def test_oversized_body_chunked(target: Target) -> None:
     assert_envelope(r)
 
 
-def test_ten_megabyte_content_is_refused_as_too_long(target: Target) -> None:
-    """A 10 MB string under the 16 MiB body cap is tokenised, then refused for the prompt-length limit."""
-    body = chat(messages=[{"role": "user", "content": "ab " * (10 * 2**20 // 3)}])
-    r = post(target.server.base_url, CHAT, json.dumps(body).encode())
+def _reset_peak_rss(pid: int) -> bool:
+    """Start the process's peak resident memory (VmHWM) afresh from its current size (Linux only)."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _peak_rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE)
+    assert match is not None, status
+    return int(match.group(1)) / 1024
+
+
+def _rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+    assert match is not None, status
+    return int(match.group(1)) / 1024
+
+
+@pytest.mark.parametrize("path", [CHAT, COMPLETIONS])
+def test_ten_megabyte_content_is_refused_as_too_long(target: Target, path: str) -> None:
+    """A 10 MB string under the 16 MiB body cap is refused for the prompt-length limit, counted in pieces
+    before its full tokenization (which would take gigabytes): the server's peak memory barely grows."""
+    text = "ab " * (10 * 2**20 // 3)
+    if path == CHAT:
+        body, param = chat(messages=[{"role": "user", "content": text}]), "messages"
+    else:
+        body, param = {"model": MODEL, "prompt": ["hi", text], "max_tokens": 2}, "prompt.1"
+    pid = target.server.proc.pid
+    measured = _reset_peak_rss(pid)
+    before = _rss_mib(pid) if measured else 0.0
+    r = post(target.server.base_url, path, json.dumps(body).encode())
     assert r.status_code == 400
     assert_envelope(r)
-    assert str(MAX_PROMPT_LEN) in r.json()["error"]["message"]
+    err = r.json()["error"]
+    assert str(MAX_PROMPT_LEN) in err["message"] and err["param"] == param
+    if measured:
+        growth = _peak_rss_mib(pid) - before
+        assert growth < 512, f"the server's peak RSS grew by {growth:.0f} MiB"
 
 
 def test_wrong_methods_and_routes(target: Target) -> None:
