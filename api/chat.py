@@ -108,10 +108,12 @@ MAX_PROMPTS = 256  # prompts in one /v1/completions batch (each one engine reque
 _PROMPT_FORMS = "a string, a list of strings, a list of token ids, or a list of token-id lists"
 
 
-def split_prompts(prompt: str | list[Any]) -> list[str | list[int]]:
+def split_prompts(prompt: str | list[Any] | None) -> list[str | list[int]]:
     """The prompts of a completion request, as OpenAI's `prompt` field allows them: one string, a batch
     of strings, one list of token ids (non-negative ints), or a batch of such lists. Every prompt is
     checked here, before any of them is submitted."""
+    if prompt is None:  # OpenAI's schema allows null (its models then start a new document): not here
+        raise invalid_request(f"prompt is required: {_PROMPT_FORMS}", "prompt")
     if isinstance(prompt, str):
         return [prompt]
     if not prompt:

@@ -5,13 +5,17 @@ what the caller expects but that we do not implement are declared so that `api.c
 400 naming the field; see `UNSUPPORTED_CHAT_FIELDS` there. Hosted-only fields that change nothing for a
 self-hosted server (`store`, `metadata`, `service_tier`, `user`, `parallel_tool_calls` without tools) are
 accepted and ignored.
+
+Types are strict: a boolean must be a JSON boolean and an integer a JSON integer (`max_tokens: true` or
+`stream: "yes"` is a 400 naming the field); a number field takes integers too. `null` in a field that has a
+default means that default (OpenAI marks `stream`, `n`, `logprobs` and `echo` nullable).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 MAX_N = 16  # choices per request
 MAX_STOP = 16  # stop strings per request
@@ -19,7 +23,17 @@ INT32_MAX = 2**31 - 1
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        """Drop `null` values of fields that have a default (the default applies); required fields keep
+        them (and fail validation, or are checked where they are used)."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {k: v for k, v in data.items() if v is not None or k not in fields or fields[k].is_required()}
 
 
 class StreamOptions(_Request):
@@ -138,7 +152,8 @@ class ChatCompletionRequest(_SamplingFields):
 class CompletionRequest(_SamplingFields):
     """Body of POST /v1/completions (text prompt or token ids)."""
 
-    prompt: str | list[Any]  # a string, token ids, or a batch of either; checked by api.chat.split_prompts
+    # a string, token ids, or a batch of either (null: a clear 400); checked by api.chat.split_prompts
+    prompt: str | list[Any] | None
     echo: bool = False  # the prompt is prepended to each choice (with logprobs: the prompt's too)
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     suffix: str | None = None  # rejected when set

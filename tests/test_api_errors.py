@@ -138,6 +138,12 @@ CHAT_CASES: list[tuple[str, Any, int, str | None]] = [
     ("logit-bias-range", chat(logit_bias={"5": 500}), 400, "logit_bias.5"),
     ("logit-bias-key", chat(logit_bias={"abc": 1}), 400, "logit_bias"),
     ("stop-token-out-of-vocab", chat(stop_token_ids=[10**6]), 400, None),
+    ("stream-yes", chat(stream="yes"), 400, "stream"),
+    ("stream-one", chat(stream=1), 400, "stream"),
+    ("max-tokens-true", chat(max_tokens=True), 400, "max_tokens"),
+    ("max-tokens-string", chat(max_tokens="5"), 400, "max_tokens"),
+    ("n-string", chat(n="2"), 400, "n"),
+    ("logprobs-string", chat(logprobs="true"), 400, "logprobs"),
     ("min-tokens-over-max", chat(min_tokens=10, max_tokens=5), 400, "min_tokens"),
     ("prompt-too-long", msgs({"role": "user", "content": "x" * 2500}), 400, "messages"),
     ("unknown-model", chat(model="gpt-4o"), 404, "model"),
@@ -189,8 +195,11 @@ COMPLETION_CASES = [
     ("empty-prompt", {"model": MODEL, "prompt": ""}, 400, "prompt"),
     ("logprobs-bool-string", {"model": MODEL, "prompt": "a", "logprobs": "x"}, 400, "logprobs"),
     ("negative-token", {"model": MODEL, "prompt": [1, -2]}, 400, "prompt"),
+    ("prompt-null", {"model": MODEL, "prompt": None}, 400, "prompt"),
     ("prompt-too-long", {"model": MODEL, "prompt": "x" * 2500}, 400, "prompt"),
     ("batch-prompt-too-long", {"model": MODEL, "prompt": ["a", "x" * 2500]}, 400, "prompt.1"),
+    ("echo-string", {"model": MODEL, "prompt": "a", "echo": "yes"}, 400, "echo"),
+    ("max-tokens-float", {"model": MODEL, "prompt": "a", "max_tokens": 2.0}, 400, "max_tokens"),
 ]
 
 

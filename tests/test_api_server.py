@@ -227,6 +227,28 @@ def test_completions_stream(client):
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+def test_null_fields_mean_their_defaults(http):
+    """OpenAI marks these nullable: null is the default (no stream, one choice, no logprobs, no echo)."""
+    body = {
+        "model": MODEL,
+        "messages": user("n"),
+        "max_tokens": 2,
+        "stream": None,
+        "n": None,
+        "logprobs": None,
+    }
+    r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    check(r.json(), "CreateChatCompletionResponse")
+    assert len(r.json()["choices"]) == 1 and r.json()["choices"][0]["logprobs"] is None
+    body = {"model": MODEL, "prompt": "p", "max_tokens": 2, "echo": None, "n": None, "stream": None}
+    r = http.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    check(r.json(), "CreateCompletionResponse")
+    (choice,) = r.json()["choices"]
+    assert not choice["text"].startswith("p")
+
+
 def test_models_list(client, http):
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL]

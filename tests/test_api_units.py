@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 from fake_engine import FakeProcessor
+from pydantic import ValidationError
 
 from api import chat as api_chat
 from api.chat import build_sampling, prepare_chat, prepare_completion, to_template
-from api.errors import APIError, loc_to_param
+from api.errors import APIError, loc_to_param, validation_error
 from api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 from api.responses import legacy_logprobs, openai_finish_reason
 from api.settings import ServerSettings, add_server_args, settings_from_args
@@ -159,6 +160,53 @@ def test_legacy_logprobs_offsets():
     assert out.tokens == ["ab", "c", "de"]
     assert out.token_logprobs == [-0.1, -9999.0, -0.2]
     assert out.top_logprobs[0] == {"z": -1.0}
+
+
+CHAT_BODY = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
+COMPLETION_BODY = {"model": "m", "prompt": "x"}
+
+
+def test_null_means_the_default():
+    chat = ChatCompletionRequest.model_validate({**CHAT_BODY, "stream": None, "n": None, "logprobs": None})
+    assert chat.stream is False and chat.n == 1 and chat.logprobs is False
+    done = CompletionRequest.model_validate({**COMPLETION_BODY, "echo": None, "n": None, "stream": None})
+    assert done.echo is False and done.n == 1 and done.stream is False
+    required = ((ChatCompletionRequest, CHAT_BODY, "messages"), (CompletionRequest, COMPLETION_BODY, "model"))
+    for model, body, field in required:  # required fields keep their null, which fails
+        with pytest.raises(ValidationError):
+            model.model_validate({**body, field: None})
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_tokens", True),
+        ("max_tokens", "5"),
+        ("max_tokens", 5.0),
+        ("n", "2"),
+        ("seed", False),
+        ("stream", "yes"),
+        ("stream", 1),
+        ("logprobs", "true"),
+        ("top_logprobs", True),
+        ("ignore_eos", "false"),
+        ("stop_token_ids", [True]),
+        ("temperature", "0.5"),
+        ("temperature", True),
+    ],
+)
+def test_strict_types(field, value):
+    with pytest.raises(ValidationError) as e:
+        ChatCompletionRequest.model_validate({**CHAT_BODY, field: value})
+    param = validation_error(list(e.value.errors())).param
+    assert param is not None and param.split(".")[0] == field
+
+
+def test_numbers_take_integers():
+    req = ChatCompletionRequest.model_validate(
+        {**CHAT_BODY, "temperature": 1, "top_p": 1, "presence_penalty": -2, "logit_bias": {"3": 5}}
+    )
+    assert req.temperature == 1.0 and req.top_p == 1.0 and req.logit_bias == {"3": 5.0}
 
 
 # ---- long prompts: refused before the full tokenization --------------------------------------------------

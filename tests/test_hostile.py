@@ -137,6 +137,7 @@ class Case:
     path: str = CHAT
     headers: tuple[tuple[str, str], ...] = ()
     raw: bool = False  # body is sent as given (bytes or str), not JSON-encoded
+    param: str | None = None  # the error's param, where the case checks it
 
     def content(self) -> bytes:
         if self.raw:
@@ -203,9 +204,13 @@ CASES: list[Case] = [
     Case("max-tokens-zero", chat(max_tokens=0), 400),
     Case("max-tokens-huge", chat(max_tokens=10**30), 400),
     Case("max-tokens-over-limit", chat(max_tokens=65), 400),
+    Case("max-tokens-true", chat(max_tokens=True), 400, param="max_tokens"),
+    Case("max-tokens-float", chat(max_tokens=2.0), 400, param="max_tokens"),
     Case("temperature-string", chat(temperature="hot"), 400),
     Case("n-zero", chat(n=0), 400),
     Case("n-huge", chat(n=10_000), 400),
+    Case("n-string", chat(n="2"), 400, param="n"),
+    Case("stream-yes", chat(stream="yes"), 400, param="stream"),
     Case("stop-int", chat(stop=7), 400),
     Case("stop-too-many", chat(stop=[f"s{i}" for i in range(100)]), 400),
     Case("logit-bias-bad-key", chat(logit_bias={"abc": 1}), 400),
@@ -251,6 +256,7 @@ CASES: list[Case] = [
         },
         200,
     ),
+    Case("nullable-fields-null", chat(stream=None, n=None, logprobs=None), 200),
     Case("unknown-fields-ignored", chat(foo={"bar": [1, 2]}, frobnicate=True), 200),
     Case(
         "unicode-everywhere",
@@ -280,6 +286,19 @@ CASES: list[Case] = [
     Case("prompt-ids-negative", {"model": MODEL, "prompt": [1, -2], "max_tokens": 2}, 400, path=COMPLETIONS),
     Case("prompt-mixed-list", {"model": MODEL, "prompt": [1, "a"], "max_tokens": 2}, 400, path=COMPLETIONS),
     Case("prompt-empty", {"model": MODEL, "prompt": "", "max_tokens": 2}, 400, path=COMPLETIONS),
+    Case(
+        "prompt-null",
+        {"model": MODEL, "prompt": None, "max_tokens": 2},
+        400,
+        path=COMPLETIONS,
+        param="prompt",
+    ),
+    Case(
+        "completion-nullable-fields-null",
+        {"model": MODEL, "prompt": "hi", "max_tokens": 2, "echo": None, "n": None, "stream": None},
+        200,
+        path=COMPLETIONS,
+    ),
     Case(
         "prompt-batch-empty-item",
         {"model": MODEL, "prompt": ["a", ""], "max_tokens": 2},
@@ -451,6 +470,8 @@ def test_hostile_request(case: Case, target: Target) -> None:
     assert r.status_code in expected, f"{r.status_code}: {r.text[:500]}"
     if r.status_code >= 400:
         assert_envelope(r)
+        if case.param is not None:
+            assert r.json()["error"]["param"] == case.param, r.text[:500]
     else:
         assert_success(case.path, r)
 
