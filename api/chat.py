@@ -95,6 +95,7 @@ def reject_unsupported_chat(req: ChatCompletionRequest) -> None:
             raise not_supported(name)
     if req.top_logprobs is not None and not req.logprobs:
         raise invalid_request("top_logprobs requires logprobs to be true", "top_logprobs")
+    _check_stream_options(req)
 
 
 def reject_unsupported_completion(req: CompletionRequest) -> None:
@@ -102,6 +103,13 @@ def reject_unsupported_completion(req: CompletionRequest) -> None:
         raise not_supported("suffix")
     if req.best_of is not None and req.best_of != req.n:
         raise not_supported("best_of", "best_of different from n")
+    _check_stream_options(req)
+
+
+def _check_stream_options(req: ChatCompletionRequest | CompletionRequest) -> None:
+    """stream_options only with stream true (as OpenAI and vLLM answer)."""
+    if req.stream_options is not None and not req.stream:
+        raise invalid_request("stream_options is only allowed when stream is true", "stream_options")
 
 
 MAX_PROMPTS = 256  # prompts in one /v1/completions batch (each one engine request, n choices each)

@@ -144,6 +144,9 @@ CHAT_CASES: list[tuple[str, Any, int, str | None]] = [
     ("max-tokens-string", chat(max_tokens="5"), 400, "max_tokens"),
     ("n-string", chat(n="2"), 400, "n"),
     ("logprobs-string", chat(logprobs="true"), 400, "logprobs"),
+    ("stream-options-without-stream", chat(stream_options={"include_usage": True}), 400, "stream_options"),
+    ("stream-options-stream-false", chat(stream=False, stream_options={}), 400, "stream_options"),
+    ("stream-options-stream-null", chat(stream=None, stream_options={}), 400, "stream_options"),
     ("min-tokens-over-max", chat(min_tokens=10, max_tokens=5), 400, "min_tokens"),
     ("prompt-too-long", msgs({"role": "user", "content": "x" * 2500}), 400, "messages"),
     ("unknown-model", chat(model="gpt-4o"), 404, "model"),
@@ -200,6 +203,12 @@ COMPLETION_CASES = [
     ("batch-prompt-too-long", {"model": MODEL, "prompt": ["a", "x" * 2500]}, 400, "prompt.1"),
     ("echo-string", {"model": MODEL, "prompt": "a", "echo": "yes"}, 400, "echo"),
     ("max-tokens-float", {"model": MODEL, "prompt": "a", "max_tokens": 2.0}, 400, "max_tokens"),
+    (
+        "stream-options-without-stream",
+        {"model": MODEL, "prompt": "a", "stream_options": {"include_usage": True}},
+        400,
+        "stream_options",
+    ),
 ]
 
 

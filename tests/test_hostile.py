@@ -211,6 +211,12 @@ CASES: list[Case] = [
     Case("n-huge", chat(n=10_000), 400),
     Case("n-string", chat(n="2"), 400, param="n"),
     Case("stream-yes", chat(stream="yes"), 400, param="stream"),
+    Case(
+        "stream-options-without-stream",
+        chat(stream_options={"include_usage": True}),
+        400,
+        param="stream_options",
+    ),
     Case("stop-int", chat(stop=7), 400),
     Case("stop-too-many", chat(stop=[f"s{i}" for i in range(100)]), 400),
     Case("logit-bias-bad-key", chat(logit_bias={"abc": 1}), 400),
