@@ -424,14 +424,14 @@ async def chat_stream(
 async def completion_stream(
     engine: EngineClient, spec: StreamSpec, deltas: AsyncIterator[Delta]
 ) -> AsyncIterator[bytes]:
-    """Legacy completion chunks (same shape as the response), a usage chunk if asked, then [DONE]."""
-    exclude = None if spec.include_usage else {"usage"}
+    """Legacy completion chunks (same shape as the response), a usage chunk if asked, then [DONE].
+    A chunk without usage leaves the field out: OpenAI's CreateCompletionResponse has no null usage."""
 
     def chunk(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> bytes:
         c = CompletionResponse(
             id=spec.rid, created=spec.created, model=spec.model, choices=choices, usage=usage
         )
-        return data_event(c, exclude)
+        return data_event(c, None if usage is not None else {"usage"})
 
     results = [ChoiceResult(i) for i in range(spec.n)]
     offsets = [0] * spec.n

@@ -249,6 +249,47 @@ def test_null_fields_mean_their_defaults(http):
     assert not choice["text"].startswith("p")
 
 
+def check_completion_chunk(chunk: dict) -> None:
+    """A legacy completion stream chunk against CreateCompletionResponse. That schema is the non-stream
+    body's, whose finish_reason is not nullable; a chunk that finishes no choice sends null there, as
+    OpenAI's own streams do (checked here, the rest of the chunk against the schema)."""
+    for c in chunk["choices"]:
+        assert "finish_reason" in c
+    check({**chunk, "choices": [{**c, "finish_reason": c["finish_reason"] or "length"} for c in chunk["choices"]]},
+          "CreateCompletionResponse")  # fmt: skip
+
+
+@pytest.mark.parametrize("usage", ["none", "include_usage", "continuous"])
+def test_completion_stream_chunks_match_the_schema(http, usage):
+    """Every chunk of a streamed completion batch validates; usage is left out where there is none
+    (CreateCompletionResponse's usage is not nullable)."""
+    options = {
+        "none": None,
+        "include_usage": {"include_usage": True},
+        "continuous": {"include_usage": True, "continuous_usage_stats": True},
+    }[usage]
+    body = {"model": MODEL, "prompt": ["a", "b"], "n": 2, "max_tokens": 3, "stream": True, "logprobs": 1}
+    if options is not None:
+        body["stream_options"] = options
+    with http.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    for c in chunks:
+        check_completion_chunk(c)
+    with_usage = [c for c in chunks if "usage" in c]
+    if usage == "none":
+        assert with_usage == []
+    elif usage == "include_usage":
+        assert with_usage == [chunks[-1]] and chunks[-1]["choices"] == []
+    else:
+        assert with_usage == chunks
+    assert sorted(c["choices"][0]["index"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]) == [
+        0, 1, 2, 3
+    ]  # fmt: skip
+
+
 def test_models_list(client, http):
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL]
