@@ -30,6 +30,7 @@ from api.chat import (
     make_generate_request,
     new_id,
     now_s,
+    param_of,
     prepare_chat,
     prepare_completion,
     reject_unsupported_chat,
@@ -326,12 +327,17 @@ async def _submit_all(engine: EngineClient, greqs: list[GenerateRequest], reques
     try:
         started = await start_all(engine, greqs, request)
     except ValueError as e:  # the engine's own validation
-        raise invalid_request(str(e)) from e
+        raise _engine_invalid(e) from e
     timed_out = next((s.first for s in started if _timed_out(s.first)), None)
     if timed_out is not None:
         await abort_all(engine, greqs)
         _raise_if_timed_out(timed_out)
     return started
+
+
+def _engine_invalid(e: ValueError) -> APIError:
+    """400 for a request the engine refused as invalid, naming the field its message starts with."""
+    return invalid_request(str(e), param_of(str(e)))
 
 
 async def _echo_prefixes(prompts: list[str | list[int]], n: int, processor: Any) -> tuple[str, ...]:

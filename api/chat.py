@@ -18,6 +18,7 @@ import asyncio
 import math
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -401,7 +402,7 @@ def check_prompt_len(prompt_len: int, settings: ServerSettings, param: str) -> N
         )
 
 
-def _logit_bias(raw: dict[str, float] | None) -> dict[int, float] | None:
+def _logit_bias(raw: dict[str, float] | None, vocab_size: int | None) -> dict[int, float] | None:
     if not raw:
         return None
     out = {}
@@ -410,7 +411,19 @@ def _logit_bias(raw: dict[str, float] | None) -> dict[int, float] | None:
             out[int(key)] = float(value)
         except ValueError:
             raise invalid_request(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
+    _check_token_ids(out, vocab_size, "logit_bias")
     return out
+
+
+def _check_token_ids(ids: Iterable[int], vocab_size: int | None, param: str) -> None:
+    """400 naming `param` for a token id outside 0..vocab_size-1 (when the vocabulary size is known)."""
+    if vocab_size is None:
+        return
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise invalid_request(
+            f"{param}: token id {bad} is outside the vocabulary (0..{vocab_size - 1})", param
+        )
 
 
 def build_sampling(
@@ -424,6 +437,8 @@ def build_sampling(
     else:
         requested, param, logprobs = req.max_tokens, "max_tokens", req.logprobs
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    vocab = vocab_size if isinstance(vocab_size, int) else None
+    _check_token_ids(req.stop_token_ids or (), vocab, "stop_token_ids")
     params = SamplingParams(
         max_tokens=_max_tokens(requested, prompt_len, settings, param),
         n=req.n,
@@ -435,7 +450,7 @@ def build_sampling(
         presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
         repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-        logit_bias=_logit_bias(req.logit_bias),
+        logit_bias=_logit_bias(req.logit_bias, vocab),
         min_tokens=req.min_tokens,
         ignore_eos=req.ignore_eos,
         stop=tuple(s for s in stop if s),
@@ -445,9 +460,9 @@ def build_sampling(
         skip_special_tokens=req.skip_special_tokens,
     )
     try:
-        params.validate(vocab_size if isinstance(vocab_size, int) else None)
+        params.validate(vocab)
     except ValueError as e:
-        raise invalid_request(str(e), _param_of(str(e))) from e
+        raise invalid_request(str(e), param_of(str(e))) from e
     return params
 
 
@@ -458,9 +473,14 @@ def _top_k(top_k: int | None, vocab_size: Any) -> int:
     return top_k
 
 
-def _param_of(message: str) -> str | None:
-    first = message.split(" ", 1)[0]
-    return first if first.isidentifier() else None
+_REQUEST_FIELDS = frozenset(ChatCompletionRequest.model_fields) | frozenset(CompletionRequest.model_fields)
+
+
+def param_of(message: str) -> str | None:
+    """The request field an engine or SamplingParams error message starts with ("n=5 exceeds ...",
+    "max_tokens 40000 exceeds ...", "top_p must be ..."), else None."""
+    first = message.split(" ", 1)[0].split("=", 1)[0]
+    return first if first in _REQUEST_FIELDS else None
 
 
 def make_generate_request(

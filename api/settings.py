@@ -34,6 +34,8 @@ class ServerSettings:
             raise ValueError("max_prompt_len must be positive")
         if self.default_max_tokens < 1:
             raise ValueError("default_max_tokens must be positive")
+        if self.max_tokens_limit is not None and self.max_tokens_limit < 1:
+            raise ValueError("max_tokens_limit must be positive (or None: no cap)")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError("max_model_len must be at least 2")
         if self.max_request_body_bytes < 1024:
@@ -66,7 +68,10 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         "--default-max-tokens", type=int, default=512, help="max_tokens when a request omits it"
     )
     group.add_argument(
-        "--max-tokens-limit", type=int, default=None, help="largest max_tokens a request may ask"
+        "--max-tokens-limit",
+        type=int,
+        default=32_768,
+        help="largest max_tokens a request may ask (default: 32768; 0: no cap)",
     )
     group.add_argument(
         "--max-request-bytes", type=int, default=64 * 2**20, help="largest request body in bytes"
@@ -127,7 +132,7 @@ def settings_from_args(args: argparse.Namespace, *, model_path: str) -> ServerSe
         max_prompt_len=getattr(args, "max_prompt_len", 1 << 20),
         max_model_len=getattr(args, "max_model_len", None),
         default_max_tokens=getattr(args, "default_max_tokens", 512),
-        max_tokens_limit=getattr(args, "max_tokens_limit", 32_768),
+        max_tokens_limit=getattr(args, "max_tokens_limit", 32_768) or None,  # 0: no cap
         max_request_body_bytes=getattr(args, "max_request_bytes", 64 * 2**20),
         media=limits,
         api_keys=_api_keys(args),

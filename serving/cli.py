@@ -88,7 +88,7 @@ def engine_config_from_args(args: argparse.Namespace, model_path: str):
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_waiting=args.max_waiting,
         max_prompt_len=getattr(args, "max_prompt_len", None) or 1_048_576,
-        max_tokens_limit=getattr(args, "max_tokens_limit", None) or 32_768,
+        max_tokens_limit=getattr(args, "max_tokens_limit", 32_768) or 2**31 - 1,  # 0: no cap
         enforce_eager=args.enforce_eager,
         piecewise_graphs=getattr(args, "piecewise_graphs", None),
         piecewise_max_tokens=getattr(args, "piecewise_max_tokens", 2048),

@@ -246,6 +246,16 @@ def test_completion_echo_with_logprobs_scores_the_prompt(client, real):
     )
 
 
+def test_limit_errors_name_their_param(real):
+    """n beyond the engine's slots (4 here) and a logit_bias key outside the vocabulary: 400s naming the
+    field, from the engine's check and the API's own."""
+    base = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for extra, param in (({"n": 5}, "n"), ({"logit_bias": {"99999999": 1}}, "logit_bias")):
+        r = httpx.post(real[1].base_url + "/v1/chat/completions", json={**base, **extra}, timeout=60)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == param, r.text
+
+
 @pytest.mark.parametrize("piece_chars", [7, 100, 4096])
 def test_piecewise_count_never_refuses_a_prompt_within_the_limit(real, monkeypatch, piece_chars):
     """The real tokenizer on a rendered chat (special tokens, words, digits, unicode) cut into pieces: a

@@ -12,7 +12,7 @@ from fake_engine import FakeProcessor
 from pydantic import ValidationError
 
 from api import chat as api_chat
-from api.chat import build_sampling, prepare_chat, prepare_completion, to_template
+from api.chat import build_sampling, param_of, prepare_chat, prepare_completion, to_template
 from api.errors import APIError, loc_to_param, validation_error
 from api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
 from api.responses import legacy_logprobs, openai_finish_reason
@@ -162,6 +162,26 @@ def test_legacy_logprobs_offsets():
     assert out.top_logprobs[0] == {"z": -1.0}
 
 
+def test_max_tokens_limit_flag_reaches_the_api_check():
+    """--max-tokens-limit: the API's own check (naming the param) gets the limit the engine gets; 0 lifts
+    the cap for both."""
+    from serving.cli import build_parser, engine_config_from_args
+
+    for argv, api_limit, engine_limit in (
+        ([], 32_768, 32_768),
+        (["--max-tokens-limit", "0"], None, 2**31 - 1),
+    ):
+        args = build_parser().parse_args(["serve", *argv])
+        assert settings_from_args(args, model_path="/ckpt").max_tokens_limit == api_limit
+        assert engine_config_from_args(args, "/ckpt").max_tokens_limit == engine_limit
+    req = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}]})
+    with pytest.raises(APIError) as e:
+        build_sampling(req.model_copy(update={"max_tokens": 40_000}), 10, _settings(), 1000)
+    assert e.value.status_code == 400 and e.value.param == "max_tokens"
+    with pytest.raises(ValueError):
+        _settings(max_tokens_limit=-1)
+
+
 CHAT_BODY = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
 COMPLETION_BODY = {"model": "m", "prompt": "x"}
 
@@ -207,6 +227,24 @@ def test_numbers_take_integers():
         {**CHAT_BODY, "temperature": 1, "top_p": 1, "presence_penalty": -2, "logit_bias": {"3": 5}}
     )
     assert req.temperature == 1.0 and req.top_p == 1.0 and req.logit_bias == {"3": 5.0}
+
+
+def test_token_ids_outside_the_vocabulary_name_their_field():
+    for update, param in (
+        ({"logit_bias": {"1000": 1}}, "logit_bias"),
+        ({"stop_token_ids": [7, 1000]}, "stop_token_ids"),
+    ):
+        req = ChatCompletionRequest.model_validate({**CHAT_BODY, **update})
+        with pytest.raises(APIError) as e:
+            build_sampling(req, 10, _settings(), 1000)
+        assert e.value.status_code == 400 and e.value.param == param, e.value.message
+
+
+def test_param_of_engine_messages():
+    assert param_of("n=5 exceeds the 4 slots of this server") == "n"
+    assert param_of("max_tokens 40000 exceeds the limit 32768") == "max_tokens"
+    assert param_of("the prompt has 9 tokens; this server accepts at most 8") is None
+    assert param_of("token id 5 is outside the vocabulary") is None
 
 
 # ---- long prompts: refused before the full tokenization --------------------------------------------------
