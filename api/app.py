@@ -13,6 +13,7 @@ import contextlib
 import json
 import re
 import time
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from importlib import metadata
 from typing import Any, TypeVar
@@ -57,8 +58,10 @@ from api.responses import (
     collect_all,
     completion_response,
     completion_stream,
+    deltas_of,
     merged,
     start_all,
+    submit_all,
 )
 from api.settings import ServerSettings
 from api.sse import sse_response
@@ -335,6 +338,15 @@ async def _submit_all(engine: EngineClient, greqs: list[GenerateRequest], reques
     return started
 
 
+async def _queue_all(engine: EngineClient, greqs: list[GenerateRequest]) -> list[AsyncIterator[Delta]]:
+    """Submit the requests of a streamed batch without waiting for any delta: all of them or none, a
+    refusal answered as by `_submit_all`; what the engine reports later comes in the stream."""
+    try:
+        return await submit_all(engine, greqs)
+    except ValueError as e:
+        raise _engine_invalid(e) from e
+
+
 def _engine_invalid(e: ValueError) -> APIError:
     """400 for a request the engine refused as invalid, naming the field its message starts with."""
     return invalid_request(str(e), param_of(str(e)))
@@ -423,23 +435,27 @@ def _add_generation_routes(
             # one engine request per prompt; a batch's ids say which prompt they serve
             request_id = rid if len(prompts) == 1 else f"{rid}-{i}"
             greqs.append(make_generate_request(request_id, prompt, sampling, deadline))
-        started = await _submit_all(engine, greqs, request)
         prompt_len = sum(len(g.prompt_token_ids) for g in greqs)
         prefixes = await _echo_prefixes(prompts, req.n, processor) if req.echo else ()
         want_logprobs = req.logprobs is not None
-        if req.stream:
-            opts = req.stream_options
-            spec = StreamSpec(
-                rid, created, req.model, req.n * len(prompts), prompt_len,
-                include_usage=bool(opts and opts.include_usage), want_logprobs=want_logprobs,
-                continuous_usage=bool(opts and opts.continuous_usage_stats),
-                greqs=tuple(greqs), prefixes=prefixes,
-            )  # fmt: skip
-            return sse_response(completion_stream(engine, spec, merged(started, req.n)))
-        results = await collect_all(engine, started, request)
-        return _json(
-            completion_response(rid, created, req.model, prompt_len, results, want_logprobs, prefixes)
-        )
+        if not req.stream:
+            results = await collect_all(engine, await _submit_all(engine, greqs, request), request)
+            return _json(
+                completion_response(rid, created, req.model, prompt_len, results, want_logprobs, prefixes)
+            )
+        opts = req.stream_options
+        spec = StreamSpec(
+            rid, created, req.model, req.n * len(prompts), prompt_len,
+            include_usage=bool(opts and opts.include_usage), want_logprobs=want_logprobs,
+            continuous_usage=bool(opts and opts.continuous_usage_stats),
+            greqs=tuple(greqs), prefixes=prefixes,
+        )  # fmt: skip
+        if len(greqs) == 1:
+            (started,) = await _submit_all(engine, greqs, request)
+            streams = [deltas_of(started)]
+        else:  # a batch streams once all its prompts are queued: their first tokens come at different times
+            streams = await _queue_all(engine, greqs)
+        return sse_response(completion_stream(engine, spec, merged(streams, req.n)))
 
 
 def _jsonable(info: dict[str, Any]) -> dict[str, Any]:

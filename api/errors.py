@@ -140,25 +140,29 @@ async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     return APIError(message, exc.status_code, headers=dict(exc.headers or {})).response()
 
 
-async def _overloaded(_: Request, exc: EngineOverloaded) -> JSONResponse:
-    return APIError(
-        str(exc) or "server is overloaded, retry later",
-        429,
-        code="server_overloaded",
-        headers=_retry_after_header(exc.retry_after),
-    ).response()
+def engine_error(exc: Exception) -> APIError:
+    """The answer to an engine exception: what the handlers send, and what a stream that has already
+    begun sends as its last event. Anything else is an internal error (logged by the caller)."""
+    if isinstance(exc, EngineOverloaded):
+        return APIError(
+            str(exc) or "server is overloaded, retry later",
+            429,
+            code="server_overloaded",
+            headers=_retry_after_header(exc.retry_after),
+        )
+    if isinstance(exc, EngineDead):
+        return APIError("the engine is not running", 503, code="engine_dead")
+    if isinstance(exc, EngineDraining):
+        return server_draining()
+    if isinstance(exc, RequestTooLarge):
+        return APIError(str(exc), 400, code="request_too_large")
+    if isinstance(exc, ValueError):
+        return invalid_request(str(exc))
+    return APIError("internal server error", 500, code="internal_error")
 
 
-async def _dead(_: Request, exc: EngineDead) -> JSONResponse:
-    return APIError("the engine is not running", 503, code="engine_dead").response()
-
-
-async def _draining(_: Request, exc: EngineDraining) -> JSONResponse:
-    return server_draining().response()
-
-
-async def _too_large(_: Request, exc: RequestTooLarge) -> JSONResponse:
-    return APIError(str(exc), 400, code="request_too_large").response()
+async def _engine_error(_: Request, exc: Exception) -> JSONResponse:
+    return engine_error(exc).response()
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -172,8 +176,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(ValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http)
-    app.add_exception_handler(EngineOverloaded, _overloaded)
-    app.add_exception_handler(EngineDead, _dead)
-    app.add_exception_handler(EngineDraining, _draining)
-    app.add_exception_handler(RequestTooLarge, _too_large)
+    for engine_exc in (EngineOverloaded, EngineDead, EngineDraining, RequestTooLarge):
+        app.add_exception_handler(engine_exc, _engine_error)
     app.add_exception_handler(Exception, _unexpected)

@@ -8,6 +8,7 @@ before the last choice finished.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field, replace
@@ -16,7 +17,7 @@ from typing import Any
 import anyio
 from starlette.requests import Request
 
-from api.errors import APIError, error_body
+from api.errors import APIError, engine_error, error_body
 from api.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -33,7 +34,10 @@ from api.protocol import (
     UsageInfo,
 )
 from api.sse import DONE, ChunkTemplate, data_event
+from serving.errors import EngineError
 from serving.types import Delta, EngineClient, GenerateRequest, LogprobEntry
+
+logger = logging.getLogger(__name__)
 
 MIN_LOGPROB = -9999.0  # OpenAI's stand-in for "very unlikely" (JSON has no -inf)
 
@@ -179,13 +183,24 @@ class Started:
     first: Delta | None
 
 
+async def submit_all(engine: EngineClient, greqs: list[GenerateRequest]) -> list[AsyncIterator[Delta]]:
+    """Submit every request (the deltas of each, none read yet); the engine refuses one at once (queue
+    full, invalid, dead): then the ones already submitted are aborted and the error raised."""
+    its: list[AsyncIterator[Delta]] = []
+    try:
+        for g in greqs:
+            its.append(aiter(engine.generate(g)))
+    except BaseException:
+        await abort_all(engine, greqs)
+        raise
+    return its
+
+
 async def start_all(engine: EngineClient, greqs: list[GenerateRequest], request: Request) -> list[Started]:
     """Submit every request and wait for the first delta of each, so queue-full and engine errors still
     get a proper status; if any of them fails, or the client leaves, all of them are aborted."""
-    its: list[AsyncIterator[Delta]] = []
+    its = await submit_all(engine, greqs)
     try:
-        for g in greqs:  # an engine may refuse one synchronously (queue full): the others are aborted
-            its.append(aiter(engine.generate(g)))
         firsts = await race_disconnect(request, _gather(*(_next_or_none(it) for it in its), errors=True))
         error = next((f for f in firsts if isinstance(f, BaseException)), None)
         if error is not None:
@@ -215,6 +230,11 @@ async def _chain(first: Delta | None, it: AsyncIterator[Delta]) -> AsyncIterator
     yield first
     async for d in it:
         yield d
+
+
+def deltas_of(started: Started) -> AsyncIterator[Delta]:
+    """All the deltas of a started request, its first one included."""
+    return _chain(started.first, started.it)
 
 
 async def _collect(first: Delta | None, it: AsyncIterator[Delta], n: int) -> list[ChoiceResult]:
@@ -258,25 +278,25 @@ async def collect_all(engine: EngineClient, started: list[Started], request: Req
     return results
 
 
-async def merged(started: list[Started], n: int) -> AsyncIterator[Delta]:
-    """The deltas of every started request as one stream, in arrival order, choice c of request p
-    re-indexed p * n + c; an engine error of any of them is raised here."""
-    if len(started) == 1:
-        async for d in _chain(started[0].first, started[0].it):
+async def merged(streams: list[AsyncIterator[Delta]], n: int) -> AsyncIterator[Delta]:
+    """The deltas of every request (`streams[p]`: all deltas of request p) as one stream, in arrival
+    order, choice c of request p re-indexed p * n + c; an engine error of any of them is raised here."""
+    if len(streams) == 1:
+        async for d in streams[0]:
             yield d
         return
     queue: asyncio.Queue[Delta | BaseException | None] = asyncio.Queue()
 
-    async def pump(p: int, s: Started) -> None:
+    async def pump(p: int, deltas: AsyncIterator[Delta]) -> None:
         try:
-            async for d in _chain(s.first, s.it):
+            async for d in deltas:
                 queue.put_nowait(replace(d, index=p * n + d.index))
         except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it
             queue.put_nowait(e)
         finally:
             queue.put_nowait(None)
 
-    tasks = [asyncio.create_task(pump(p, s)) for p, s in enumerate(started)]
+    tasks = [asyncio.create_task(pump(p, deltas)) for p, deltas in enumerate(streams)]
     try:
         remaining = len(tasks)
         while remaining:
@@ -369,6 +389,14 @@ def _error_event(d: Delta) -> bytes:
     )
 
 
+def _exception_event(e: Exception) -> bytes:
+    """The last event of a stream whose engine request failed after the response began (a batch
+    streams as soon as its prompts are queued: a refusal from the engine thread comes in the stream)."""
+    if not isinstance(e, EngineError | ValueError):
+        logger.error("stream failed", exc_info=e)
+    return data_event(engine_error(e).body())
+
+
 async def chat_stream(
     engine: EngineClient, spec: StreamSpec, first: Delta | None, it: AsyncIterator[Delta]
 ) -> AsyncIterator[bytes]:
@@ -416,6 +444,8 @@ async def chat_stream(
             )
             yield data_event(last)
         yield DONE
+    except Exception as e:  # noqa: BLE001 - the engine's error, sent as the stream's last event
+        yield _exception_event(e)
     finally:
         if not finished:
             await spec.abort(engine)
@@ -472,6 +502,8 @@ async def completion_stream(
                 )
             )
         yield DONE
+    except Exception as e:  # noqa: BLE001 - the engine's error, sent as the stream's last event
+        yield _exception_event(e)
     finally:
         if not finished:
             await spec.abort(engine)

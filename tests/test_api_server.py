@@ -3,10 +3,12 @@ the official OpenAI client, raw SSE framing, and every body validated against Op
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import itertools
 import json
+import threading
 import time
 
 import httpx
@@ -436,9 +438,10 @@ def test_disconnect_mid_batch_stream_aborts_every_prompt(stack, http):
         engine.token_delay = 0.0
 
 
-def test_batch_refused_part_way_leaves_nothing_running(stack, http):
+@pytest.mark.parametrize("stream", [False, True])
+def test_batch_refused_part_way_leaves_nothing_running(stack, http, stream):
     """The engine refuses the second prompt of a batch (queue full): 429, and the first one, already
-    submitted, is aborted (all of a batch or nothing)."""
+    submitted, is aborted (all of a batch or nothing); a streamed batch too, before its stream begins."""
     engine = stack[0]
     real_generate = engine.generate
     calls = []
@@ -451,7 +454,8 @@ def test_batch_refused_part_way_leaves_nothing_running(stack, http):
 
     engine.generate = generate_once
     try:
-        r = http.post("/v1/completions", json={"model": MODEL, "prompt": ["p1", "p2", "p3"], "max_tokens": 3})
+        body = {"model": MODEL, "prompt": ["p1", "p2", "p3"], "max_tokens": 3, "stream": stream}
+        r = http.post("/v1/completions", json=body)
     finally:
         del engine.generate
     assert r.status_code == 429 and r.json()["error"]["type"]
@@ -521,3 +525,54 @@ def test_video_url(client, stack):
     content[1]["video_url"]["max_frames"] = 4  # our extension: fewer frames spread over the whole video
     client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}], max_tokens=1)
     assert len(stack[1].calls[-1][2][0].frames) == 4
+
+
+class GatedEngine(FakeEngine):
+    """FakeEngine whose requests with an id ending in `held_suffix` are queued at submission as usual but
+    produce their first token only once `release` is set (a prompt waiting for a free slot)."""
+
+    def __init__(self, held_suffix: str) -> None:
+        super().__init__()
+        self.held_suffix = held_suffix
+        self.release = threading.Event()
+
+    def generate(self, request):
+        deltas = super().generate(request)
+        return self._after_release(deltas) if request.request_id.endswith(self.held_suffix) else deltas
+
+    async def _after_release(self, deltas):
+        while not self.release.is_set():
+            await asyncio.sleep(0.01)
+        async for d in deltas:
+            yield d
+
+
+def test_streamed_batch_starts_before_every_prompt_has_a_token():
+    """A streamed batch answers once all its prompts are queued: the chunks of the prompts that run
+    arrive (all the way to their finish) while the last prompt still waits for its first token."""
+    engine = GatedEngine(held_suffix="-3")
+    app = create_app(engine, FakeProcessor(), ServerSettings(served_model_name=MODEL, model_path="/m"))
+    body = {"model": MODEL, "prompt": ["a", "b", "c", "d"], "max_tokens": 2, "stream": True}
+    timer = threading.Timer(3.0, engine.release.set)  # without streaming early, only this lets it answer
+    with ServerThread(app) as server, httpx.Client(base_url=server.base_url, timeout=30) as c:
+        timer.start()
+        try:
+            with c.stream("POST", "/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                lines = (line[6:] for line in r.iter_lines() if line.startswith("data: "))
+                early: list[dict] = []
+                while {0, 1, 2} - {ch["index"] for e in early for ch in e["choices"] if ch["finish_reason"]}:
+                    early.append(json.loads(next(lines)))
+                released_early = engine.release.is_set()
+                engine.release.set()
+                late = list(lines)
+        finally:
+            timer.cancel()
+    assert not released_early, "the stream began only after the held prompt's first token"
+    assert all(ch["index"] != 3 for e in early for ch in e["choices"])
+    assert late[-1] == "[DONE]"
+    late_chunks = [json.loads(e) for e in late[:-1]]
+    assert {ch["index"] for e in late_chunks for ch in e["choices"]} == {3}
+    for chunk in early + late_chunks:
+        check_completion_chunk(chunk)
+    assert not engine.running

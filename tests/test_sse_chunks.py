@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 
+import openapi_validator as oav
 import pytest
 
 from api import responses
@@ -17,8 +18,9 @@ from api.protocol import (
     CompletionResponse,
     DeltaMessage,
 )
-from api.responses import StreamSpec, chat_stream, completion_stream
-from api.sse import ChunkTemplate, data_event
+from api.responses import StreamSpec, chat_stream, completion_stream, merged
+from api.sse import DONE, ChunkTemplate, data_event
+from serving.errors import EngineOverloaded
 from serving.types import Delta, Usage
 
 TEXTS = [
@@ -127,3 +129,24 @@ def test_streams_are_the_same_bytes_with_and_without_the_fast_path(
     assert fast == slow
     assert fast[-1] == b"data: [DONE]\n\n" and len(fast) > 2 * len(TEXTS)
     assert bool(used) == (not continuous)  # running usage in every chunk keeps the models
+
+
+def test_an_engine_error_after_the_stream_began_is_its_last_event() -> None:
+    """A streamed batch begins once its prompts are queued: the engine refusing one later (here its queue
+    is full) ends the stream with an error event in OpenAI's envelope, without [DONE]."""
+
+    async def refused():
+        yield Delta("r-1", 0, " b", (2,))
+        raise EngineOverloaded("the queue is full", retry_after=1.0)
+
+    spec = StreamSpec(rid="cmpl-e", created=1, model="m", n=2, prompt_len=2, include_usage=False,
+                      want_logprobs=False)  # fmt: skip
+    ok = _aiter([Delta("r-0", 0, " a", (1,), finish_reason="length", usage=Usage(1, 1))])
+    events = _collect(completion_stream(None, spec, merged([ok, refused()], 1)))
+    assert DONE not in events
+    error = json.loads(events[-1][len(b"data: ") :])
+    assert error["error"]["type"] == "rate_limit_error" and error["error"]["code"] == "server_overloaded"
+    if oav.is_available():
+        oav.validate(error, "ErrorResponse")
+    texts = [json.loads(e[len(b"data: ") :])["choices"][0]["text"] for e in events[:-1]]
+    assert sorted(texts) == [" a", " b"]
