@@ -2,10 +2,11 @@
 
 Every step, each running choice that has finished prefill gets one decode token first (so inter-token latency
 stays bounded), then the remaining budget goes to prefill chunks in arrival order; waiting requests are admitted
-in strict FIFO order when enough slots are free for all their choices. Prefills under way share the budget
-equally, and take at most half of it while a request could be admitted, so a long prompt keeps neither an
-arrival nor a shorter prompt beside it waiting for its whole prefill; what the arrivals leave goes back to
-them. Admission is only "are slots free": memory per request is constant, so nothing is ever preempted.
+in strict FIFO order when enough slots are free for all their choices. Prefills under way take at most half
+of the budget while a request could be admitted, so a long prompt does not keep arrivals waiting for its
+whole prefill; among them the fewest tokens left go first, the oldest being sure of an equal share (no
+prompt starves). What the arrivals leave goes back to them. Admission is only "are slots free": memory per
+request is constant, so nothing is ever preempted.
 """
 
 from __future__ import annotations
@@ -123,8 +124,8 @@ class Scheduler:
                 rows.append(ScheduledRow(req.request_id, req.slots[c], start, 1, c, False, True))
                 req.num_generated[c] += 1
                 budget -= 1
-        # prefills under way share the budget, but get only half of it while an arrival could be
-        # admitted: a long prompt's chunks must not hold every newcomer back until it is all read
+        # prefills under way get only half of the budget while an arrival could be admitted: a long
+        # prompt's chunks must not hold every newcomer back until it is all read
         continuing = [r for r in self.running.values() if r.is_prefilling]
         grants = self._grant(continuing, budget - budget // 2 if self._can_admit() else budget)
         budget -= sum(grants)
@@ -152,16 +153,21 @@ class Scheduler:
         return max(0, min(budget, cap - granted))
 
     def _grant(self, reqs: list[SchedRequest], budget: int, granted: list[int] | None = None) -> list[int]:
-        """Chunk sizes for reqs (in their order) beyond what `granted` gives them: `budget` shared
-        equally, a share one needs only in part going to the others (so a prompt admitted beside a
-        long one is not left waiting for all of it)."""
+        """Chunk sizes for reqs (oldest first) beyond what `granted` gives them, out of `budget`: the
+        oldest is sure of an equal share, the rest goes to the fewest tokens left first (a prompt
+        admitted beside a long one is not left waiting for all of it, and equal long prompts still
+        finish one after another rather than all at the end)."""
         granted = granted or [0] * len(reqs)
         wants = [self._chunk(req, budget, g) for req, g in zip(reqs, granted, strict=True)]
         out = [0] * len(reqs)
-        order = sorted(range(len(reqs)), key=lambda i: wants[i])
-        for k, i in enumerate(order):
-            out[i] = min(wants[i], budget // (len(order) - k))
-            budget -= out[i]
+        if len(reqs) > 1:
+            out[0] = min(wants[0], budget // len(reqs))
+            budget -= out[0]
+        left = [r.prompt_len - r.num_prefilled - g for r, g in zip(reqs, granted, strict=True)]
+        for i in sorted(range(len(reqs)), key=lambda i: left[i]):
+            more = min(wants[i] - out[i], budget)
+            out[i] += more
+            budget -= more
         return out
 
     def _schedule_prefill(self, req: SchedRequest, n: int, rows: list[ScheduledRow]) -> int:
