@@ -429,7 +429,7 @@ def _add_generation_routes(
                 text_or_ids, processor, vocab_size=vocab, param=param, max_prompt_len=settings.max_prompt_len
             )
             check_prompt_len(len(prompt.input_ids), settings, param)
-            sampling = build_sampling(req, len(prompt.input_ids), settings, vocab)
+            sampling = build_sampling(req, len(prompt.input_ids), settings, vocab, prompt_param=param)
             if req.echo and req.logprobs is not None:  # the echoed prompt's logprobs too (scoring)
                 sampling = replace(sampling, prompt_logprobs=req.logprobs)
             # one engine request per prompt; a batch's ids say which prompt they serve

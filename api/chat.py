@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from api.errors import APIError, invalid_request, model_not_found, not_supported
+from api.errors import APIError, context_too_long, invalid_value, model_not_found, not_supported, over_limit
 from api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, ImagePart, VideoPart, VideoURL
 from api.settings import ServerSettings
 from model.positions import continuation_positions
@@ -95,7 +95,7 @@ def reject_unsupported_chat(req: ChatCompletionRequest) -> None:
         if getattr(req, name) is not None:
             raise not_supported(name)
     if req.top_logprobs is not None and not req.logprobs:
-        raise invalid_request("top_logprobs requires logprobs to be true", "top_logprobs")
+        raise invalid_value("top_logprobs requires logprobs to be true", "top_logprobs")
     _check_stream_options(req)
 
 
@@ -110,7 +110,7 @@ def reject_unsupported_completion(req: CompletionRequest) -> None:
 def _check_stream_options(req: ChatCompletionRequest | CompletionRequest) -> None:
     """stream_options only with stream true (as OpenAI and vLLM answer)."""
     if req.stream_options is not None and not req.stream:
-        raise invalid_request("stream_options is only allowed when stream is true", "stream_options")
+        raise invalid_value("stream_options is only allowed when stream is true", "stream_options")
 
 
 MAX_PROMPTS = 256  # prompts in one /v1/completions batch (each one engine request, n choices each)
@@ -122,30 +122,30 @@ def split_prompts(prompt: str | list[Any] | None) -> list[str | list[int]]:
     of strings, one list of token ids (non-negative ints), or a batch of such lists. Every prompt is
     checked here, before any of them is submitted."""
     if prompt is None:  # OpenAI's schema allows null (its models then start a new document): not here
-        raise invalid_request(f"prompt is required: {_PROMPT_FORMS}", "prompt")
+        raise invalid_value(f"prompt is required: {_PROMPT_FORMS}", "prompt")
     if isinstance(prompt, str):
         return [prompt]
     if not prompt:
-        raise invalid_request("prompt must not be empty", "prompt")
+        raise invalid_value("prompt must not be empty", "prompt")
     if all(isinstance(p, str) for p in prompt):
         batch: list[str | list[int]] = list(prompt)
     elif all(isinstance(p, list) for p in prompt):
         batch = []
         for i, ids in enumerate(prompt):
             if not ids:
-                raise invalid_request("a token-id prompt must not be empty", f"prompt.{i}")
+                raise invalid_value("a token-id prompt must not be empty", f"prompt.{i}")
             batch.append(_token_ids(ids, f"prompt.{i}"))
     else:
         batch = [_token_ids(prompt, "prompt")]
     if len(batch) > MAX_PROMPTS:
-        raise invalid_request(f"at most {MAX_PROMPTS} prompts per request, got {len(batch)}", "prompt")
+        raise over_limit(f"at most {MAX_PROMPTS} prompts per request, got {len(batch)}", "prompt")
     return batch
 
 
 def _token_ids(ids: list[Any], param: str) -> list[int]:
     for i, t in enumerate(ids):
         if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < 2**31:
-            raise invalid_request(f"prompt must be {_PROMPT_FORMS} (non-negative ints)", f"{param}.{i}")
+            raise invalid_value(f"prompt must be {_PROMPT_FORMS} (non-negative ints)", f"{param}.{i}")
     return ids
 
 
@@ -160,18 +160,14 @@ def _assistant_text(msg: ChatMessage, i: int) -> str:
     texts = []
     for j, part in enumerate(msg.content):
         if part.type != "text":
-            raise invalid_request(
-                "assistant messages may only contain text parts", f"messages.{i}.content.{j}"
-            )
+            raise invalid_value("assistant messages may only contain text parts", f"messages.{i}.content.{j}")
         texts.append(part.text)
     return "".join(texts)
 
 
 def _user_content(msg: ChatMessage, i: int, media: list[MediaRef]) -> str | list[dict[str, Any]]:
     if msg.content is None:
-        raise invalid_request(
-            f"messages.{i}.content is required for role {msg.role}", f"messages.{i}.content"
-        )
+        raise invalid_value(f"messages.{i}.content is required for role {msg.role}", f"messages.{i}.content")
     if isinstance(msg.content, str):
         return msg.content
     items: list[dict[str, Any]] = []
@@ -179,12 +175,12 @@ def _user_content(msg: ChatMessage, i: int, media: list[MediaRef]) -> str | list
         where = f"messages.{i}.content.{j}"
         if isinstance(part, ImagePart):
             if msg.role != "user":
-                raise invalid_request("images are only allowed in user messages", where)
+                raise invalid_value("images are only allowed in user messages", where)
             media.append(MediaRef("image", part.image_url.url, f"{where}.image_url.url"))
             items.append({"type": "image"})
         elif isinstance(part, VideoPart):
             if msg.role != "user":
-                raise invalid_request("videos are only allowed in user messages", where)
+                raise invalid_value("videos are only allowed in user messages", where)
             media.append(_video_ref(part.video_url, f"{where}.video_url.url"))
             items.append({"type": "video"})
         elif part.type == "text":
@@ -214,7 +210,7 @@ def to_template(messages: list[ChatMessage]) -> TemplateInput:
         out.messages.append({"role": role, "content": content})
     if out.messages[-1]["role"] == "assistant":
         # continuing a partial assistant turn is not implemented: the template always opens a new one
-        raise invalid_request(
+        raise invalid_value(
             "the last message must not be an assistant message", f"messages.{len(messages) - 1}"
         )
     return out
@@ -231,11 +227,11 @@ async def load_media(refs: list[MediaRef], settings: ServerSettings) -> tuple[li
     num_images = sum(r.kind == "image" for r in refs)
     num_videos = len(refs) - num_images
     if num_images > limits.max_images_per_request:
-        raise invalid_request(
+        raise over_limit(
             f"too many images: {num_images} > {limits.max_images_per_request} per request", "messages"
         )
     if num_videos > limits.max_videos_per_request:
-        raise invalid_request(
+        raise over_limit(
             f"too many videos: {num_videos} > {limits.max_videos_per_request} per request", "messages"
         )
     tasks = []
@@ -303,7 +299,7 @@ def check_text_len(tokenizer: Any, text: str, max_prompt_len: int, param: str) -
     for cuts, start in enumerate(range(0, len(text), PIECE_CHARS)):
         count += len(tokenizer.encode(text[start : start + PIECE_CHARS], add_special_tokens=False))
         if count > max_prompt_len + PIECE_SLACK * cuts:
-            raise invalid_request(
+            raise over_limit(
                 f"the prompt has at least {count - PIECE_SLACK * cuts} tokens, more than this server's "
                 f"limit of {max_prompt_len}",
                 param,
@@ -337,7 +333,7 @@ async def prepare_chat(
     try:
         return await asyncio.to_thread(_run_processor, processor, tmpl, media, settings.max_prompt_len)
     except (ValueError, TypeError) as e:
-        raise invalid_request(f"could not process the prompt: {e}", "messages") from e
+        raise invalid_value(f"could not process the prompt: {e}", "messages") from e
 
 
 async def prepare_completion(
@@ -356,47 +352,59 @@ async def prepare_completion(
         if vocab_size is not None:
             for i, t in enumerate(ids):
                 if t >= vocab_size:
-                    raise invalid_request(
+                    raise invalid_value(
                         f"token id {t} is outside the vocabulary (0..{vocab_size - 1})", f"{param}.{i}"
                     )
         return PreparedPrompt(ids, continuation_positions(0, len(ids), 0), 0)
     if not prompt:
-        raise invalid_request("prompt must not be empty", param)
+        raise invalid_value("prompt must not be empty", param)
     try:
         return await asyncio.to_thread(_process, processor, prompt, ([], []), max_prompt_len, param)
     except (ValueError, TypeError) as e:
-        raise invalid_request(f"could not process the prompt: {e}", param) from e
+        raise invalid_value(f"could not process the prompt: {e}", param) from e
 
 
 # ---- sampling ------------------------------------------------------------------------------------------
 
 
-def _max_tokens(requested: int | None, prompt_len: int, settings: ServerSettings, param: str) -> int:
-    """The request's token budget: explicit value checked against the limits, else the clipped default."""
+def _max_tokens(
+    requested: int | None,
+    prompt_len: int,
+    settings: ServerSettings,
+    param: str,
+    prompt_param: str,
+) -> int:
+    """The request's token budget: explicit value checked against the limits, else the clipped default.
+    A prompt that leaves no room is the prompt's error (`prompt_param`)."""
     left = None if settings.max_model_len is None else settings.max_model_len - prompt_len
-    if left is not None and left < 1:
-        raise invalid_request(
+    if left is not None and left < 0:
+        raise context_too_long(
+            f"the prompt ({prompt_len} tokens) is longer than max_model_len {settings.max_model_len}",
+            prompt_param,
+        )
+    if left == 0:
+        raise context_too_long(
             f"the prompt ({prompt_len} tokens) leaves no room to generate within max_model_len "
             f"{settings.max_model_len}",
-            param,
+            prompt_param,
         )
     if requested is None:
         return settings.default_max_tokens if left is None else min(settings.default_max_tokens, left)
     if left is not None and requested > left:
-        raise invalid_request(
+        raise context_too_long(
             f"{param}={requested} is too large: prompt has {prompt_len} tokens and max_model_len is "
             f"{settings.max_model_len} ({left} tokens left)",
             param,
         )
     limit = getattr(settings, "max_tokens_limit", None)
     if limit is not None and requested > limit:
-        raise invalid_request(f"{param}={requested} exceeds this server's limit of {limit}", param)
+        raise over_limit(f"{param}={requested} exceeds this server's limit of {limit}", param)
     return requested
 
 
 def check_prompt_len(prompt_len: int, settings: ServerSettings, param: str) -> None:
     if prompt_len > settings.max_prompt_len:
-        raise invalid_request(
+        raise over_limit(
             f"the prompt has {prompt_len} tokens, more than this server's limit of {settings.max_prompt_len}",
             param,
         )
@@ -410,7 +418,7 @@ def _logit_bias(raw: dict[str, float] | None, vocab_size: int | None) -> dict[in
         try:
             out[int(key)] = float(value)
         except ValueError:
-            raise invalid_request(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
+            raise invalid_value(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
     _check_token_ids(out, vocab_size, "logit_bias")
     return out
 
@@ -421,26 +429,31 @@ def _check_token_ids(ids: Iterable[int], vocab_size: int | None, param: str) -> 
         return
     bad = next((t for t in ids if not 0 <= t < vocab_size), None)
     if bad is not None:
-        raise invalid_request(
-            f"{param}: token id {bad} is outside the vocabulary (0..{vocab_size - 1})", param
-        )
+        raise invalid_value(f"{param}: token id {bad} is outside the vocabulary (0..{vocab_size - 1})", param)
 
 
 def build_sampling(
-    req: ChatCompletionRequest | CompletionRequest, prompt_len: int, settings: ServerSettings, vocab_size: Any
+    req: ChatCompletionRequest | CompletionRequest,
+    prompt_len: int,
+    settings: ServerSettings,
+    vocab_size: Any,
+    prompt_param: str | None = None,
 ) -> SamplingParams:
-    """Request fields -> engine SamplingParams (validated; ValueError becomes a 400)."""
+    """Request fields -> engine SamplingParams (validated; ValueError becomes a 400); prompt_param names
+    the prompt in errors (default "messages" or "prompt")."""
     if isinstance(req, ChatCompletionRequest):
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        prompt_param = prompt_param or "messages"
     else:
         requested, param, logprobs = req.max_tokens, "max_tokens", req.logprobs
+        prompt_param = prompt_param or "prompt"
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     vocab = vocab_size if isinstance(vocab_size, int) else None
     _check_token_ids(req.stop_token_ids or (), vocab, "stop_token_ids")
     params = SamplingParams(
-        max_tokens=_max_tokens(requested, prompt_len, settings, param),
+        max_tokens=_max_tokens(requested, prompt_len, settings, param, prompt_param),
         n=req.n,
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
@@ -462,7 +475,7 @@ def build_sampling(
     try:
         params.validate(vocab)
     except ValueError as e:
-        raise invalid_request(str(e), param_of(str(e))) from e
+        raise invalid_value(str(e), param_of(str(e))) from e
     return params
 
 
@@ -513,7 +526,7 @@ def _timeout_value(raw: Any, param: str) -> float:
         except ValueError:
             value = None
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
-        raise invalid_request(f"{param} must be a positive number of seconds", param)
+        raise invalid_value(f"{param} must be a positive number of seconds", param)
     return float(value)
 
 

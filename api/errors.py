@@ -3,6 +3,10 @@
 Status mapping: 400 invalid input (never FastAPI's 422), 404 unknown model or route, 405, 413 body or item
 too large, 415 non-JSON content type, 429 engine queue full (Retry-After), 503 engine dead or draining,
 500 only for real faults (logged; the message carries no internals).
+
+Codes of 400s: "invalid_value" for a wrong field value (schema errors included), "unsupported" for a
+feature this server does not implement, "request_too_large" for a request over one of the server's limits,
+"context_length_exceeded" for a prompt and completion over max_model_len.
 """
 
 from __future__ import annotations
@@ -75,6 +79,22 @@ def invalid_request(message: str, param: str | None = None, code: str | None = N
     return APIError(message, 400, param=param, code=code)
 
 
+def invalid_value(message: str, param: str | None = None) -> APIError:
+    """400 for a field whose value is wrong (code "invalid_value", as a schema error gets)."""
+    return invalid_request(message, param, code="invalid_value")
+
+
+def over_limit(message: str, param: str | None = None) -> APIError:
+    """400 for a request over one of this server's limits (code "request_too_large", as the engine's
+    own limit checks answer)."""
+    return invalid_request(message, param, code="request_too_large")
+
+
+def context_too_long(message: str, param: str) -> APIError:
+    """400 for a prompt and completion that do not fit max_model_len (OpenAI's "context_length_exceeded")."""
+    return invalid_request(message, param, code="context_length_exceeded")
+
+
 def not_supported(field: str, what: str | None = None) -> APIError:
     """400 for a request feature this server does not implement."""
     return APIError(f"{what or field} is not supported by this server", 400, param=field, code="unsupported")
@@ -104,17 +124,30 @@ def loc_to_param(loc: tuple[Any, ...] | list[Any]) -> str | None:
     return ".".join(parts) or None
 
 
+def _specificity(error: dict[str, Any]) -> tuple[int, bool]:
+    """How well an error tells what is wrong: the deepest location first (a union's other branches fail
+    near the root); at equal depth, a broken constraint before a type mismatch, which is most often only
+    the union branch the value was not meant for (`stop: [17 strings]` fails "a valid string" too)."""
+    return len(error.get("loc", ())), not str(error.get("type", "")).endswith("_type")
+
+
+def _same_field(other: str | None, param: str | None) -> bool:
+    """True for `param` itself or a field holding it (where a union's other branch failed)."""
+    return other == param or (other is not None and (param or "").startswith(other + "."))
+
+
 def validation_error(errors: list[dict[str, Any]]) -> APIError:
-    """Turn pydantic errors into one 400 naming the first offending field."""
-    # the deepest location is the most specific one (a union's other branches fail near the root)
-    first = (
-        max(errors, key=lambda e: len(e.get("loc", ()))) if errors else {"loc": (), "msg": "invalid request"}
-    )
+    """Turn pydantic errors into one 400 naming the most specific offending field (`_specificity`); the
+    count of further errors leaves out the other union branches of that field."""
+    first = max(errors, key=_specificity) if errors else {"loc": (), "msg": "invalid request"}
     param = loc_to_param(tuple(first.get("loc", ())))
     msg = str(first.get("msg", "invalid request"))
     message = f"{param}: {msg}" if param else msg
-    if len(errors) > 1:
-        message += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
+    more = sum(
+        1 for e in errors if e is not first and not _same_field(loc_to_param(tuple(e.get("loc", ()))), param)
+    )
+    if more:
+        message += f" (and {more} more error{'s' if more > 1 else ''})"
     return APIError(message, 400, param=param, code="invalid_value")
 
 

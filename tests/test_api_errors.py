@@ -224,6 +224,24 @@ def test_malformed_completion(http, case, body, status, param):
         assert err["param"] == param and "limit of 2000" in err["message"], err
 
 
+def test_error_messages_and_codes(http):
+    """A stop list over the limit reports the list's problem (not the string branch's "valid string" nor
+    "1 more error"); input errors carry a code, as schema errors do."""
+    for path, body, param, code, words in (
+        ("/v1/completions", {"model": MODEL, "prompt": "a", "stop": ["s"] * 17}, "stop", "invalid_value",
+         "at most 16 items"),
+        ("/v1/chat/completions", chat(stop=["s"] * 17), "stop", "invalid_value", "at most 16 items"),
+        ("/v1/completions", {"model": MODEL, "prompt": ""}, "prompt", "invalid_value", "must not be empty"),
+        ("/v1/chat/completions", chat(top_logprobs=2), "top_logprobs", "invalid_value", "requires logprobs"),
+        ("/v1/chat/completions", chat(logit_bias={"5000": 1}), "logit_bias", "invalid_value", "vocabulary"),
+        ("/v1/completions", {"model": MODEL, "prompt": ["a"] * 257}, "prompt", "request_too_large", "at most"),
+        ("/v1/completions", {"model": MODEL, "prompt": "x" * 2500}, "prompt", "request_too_large", "limit"),
+    ):  # fmt: skip
+        err = assert_envelope(_post(http, path, body), 400)
+        assert (err["param"], err["code"]) == (param, code) and words in err["message"], err
+        assert "valid string" not in err["message"] and "more error" not in err["message"], err
+
+
 def test_wrong_content_type(http):
     r = http.post("/v1/chat/completions", content=json.dumps(chat()), headers={"content-type": "text/plain"})
     assert_envelope(r, 415)

@@ -141,6 +141,25 @@ def test_default_max_tokens_clipped_to_model_len():
         build_sampling(req, 100, _settings(max_model_len=100), None)
 
 
+def test_a_prompt_that_fills_the_context_is_the_prompt_error():
+    """No room left: the prompt is named (messages / prompt / prompt.3), code context_length_exceeded,
+    with or without max_tokens; a max_tokens that alone does not fit names max_tokens."""
+    chat = ChatCompletionRequest.model_validate({**CHAT_BODY})
+    done = CompletionRequest.model_validate({**COMPLETION_BODY})
+    for req, kw, param in (
+        (chat, {}, "messages"),
+        (chat.model_copy(update={"max_tokens": 5}), {}, "messages"),
+        (done, {}, "prompt"),
+        (done, {"prompt_param": "prompt.3"}, "prompt.3"),
+    ):
+        with pytest.raises(APIError) as e:
+            build_sampling(req, 100, _settings(max_model_len=100), None, **kw)
+        assert (e.value.param, e.value.code) == (param, "context_length_exceeded"), e.value.message
+    with pytest.raises(APIError) as e:
+        build_sampling(done.model_copy(update={"max_tokens": 11}), 90, _settings(max_model_len=100), None)
+    assert (e.value.param, e.value.code) == ("max_tokens", "context_length_exceeded")
+
+
 def test_finish_reason_mapping():
     assert [openai_finish_reason(r) for r in ("stop", "length", "abort", "timeout", None)] == [
         "stop",
