@@ -439,7 +439,8 @@ def _add_generation_routes(
         prefixes = await _echo_prefixes(prompts, req.n, processor) if req.echo else ()
         want_logprobs = req.logprobs is not None
         if not req.stream:
-            results = await collect_all(engine, await _submit_all(engine, greqs, request), request)
+            started = await _submit_all(engine, greqs, request)
+            results = await collect_all(engine, started, request, prompt_only=req.max_tokens == 0)
             return _json(
                 completion_response(rid, created, req.model, prompt_len, results, want_logprobs, prefixes)
             )
@@ -448,7 +449,7 @@ def _add_generation_routes(
             rid, created, req.model, req.n * len(prompts), prompt_len,
             include_usage=bool(opts and opts.include_usage), want_logprobs=want_logprobs,
             continuous_usage=bool(opts and opts.continuous_usage_stats),
-            greqs=tuple(greqs), prefixes=prefixes,
+            greqs=tuple(greqs), prefixes=prefixes, prompt_only=req.max_tokens == 0,
         )  # fmt: skip
         if len(greqs) == 1:
             (started,) = await _submit_all(engine, greqs, request)

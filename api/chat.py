@@ -367,36 +367,41 @@ async def prepare_completion(
 # ---- sampling ------------------------------------------------------------------------------------------
 
 
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # /v1/completions without max_tokens: OpenAI's and vLLM's default
+
+
 def _max_tokens(
     requested: int | None,
     prompt_len: int,
     settings: ServerSettings,
     param: str,
+    default: int,
     prompt_param: str,
 ) -> int:
-    """The request's token budget: explicit value checked against the limits, else the clipped default.
-    A prompt that leaves no room is the prompt's error (`prompt_param`)."""
+    """The request's token budget: an explicit value checked against the limits (0: score the prompt
+    only, which may fill max_model_len), else `default` clipped to what max_model_len leaves and to
+    --max-tokens-limit. A prompt that leaves no room is the prompt's error (`prompt_param`)."""
     left = None if settings.max_model_len is None else settings.max_model_len - prompt_len
     if left is not None and left < 0:
         raise context_too_long(
             f"the prompt ({prompt_len} tokens) is longer than max_model_len {settings.max_model_len}",
             prompt_param,
         )
-    if left == 0:
+    if left == 0 and requested != 0:
         raise context_too_long(
             f"the prompt ({prompt_len} tokens) leaves no room to generate within max_model_len "
             f"{settings.max_model_len}",
             prompt_param,
         )
+    limit = getattr(settings, "max_tokens_limit", None)
     if requested is None:
-        return settings.default_max_tokens if left is None else min(settings.default_max_tokens, left)
+        return min(x for x in (default, left, limit) if x is not None)
     if left is not None and requested > left:
         raise context_too_long(
             f"{param}={requested} is too large: prompt has {prompt_len} tokens and max_model_len is "
             f"{settings.max_model_len} ({left} tokens left)",
             param,
         )
-    limit = getattr(settings, "max_tokens_limit", None)
     if limit is not None and requested > limit:
         raise over_limit(f"{param}={requested} exceeds this server's limit of {limit}", param)
     return requested
@@ -439,21 +444,31 @@ def build_sampling(
     vocab_size: Any,
     prompt_param: str | None = None,
 ) -> SamplingParams:
-    """Request fields -> engine SamplingParams (validated; ValueError becomes a 400); prompt_param names
-    the prompt in errors (default "messages" or "prompt")."""
+    """Request fields -> engine SamplingParams (validated; ValueError becomes a 400).
+
+    Without max_tokens, chat gets settings.default_max_tokens and completions get 16
+    (COMPLETION_DEFAULT_MAX_TOKENS, the default of OpenAI's legacy API and vLLM), both clipped to what
+    max_model_len leaves and to settings.max_tokens_limit. A completion's max_tokens 0 (scoring: echo with logprobs) runs one token, which
+    the response leaves out (api.responses.without_completion): the engine needs one step to prefill the
+    prompt and score it. prompt_param names the prompt in errors (default "messages" or "prompt")."""
     if isinstance(req, ChatCompletionRequest):
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        prompt_param = prompt_param or "messages"
+        default, prompt_param = settings.default_max_tokens, prompt_param or "messages"
     else:
         requested, param, logprobs = req.max_tokens, "max_tokens", req.logprobs
-        prompt_param = prompt_param or "prompt"
+        default, prompt_param = COMPLETION_DEFAULT_MAX_TOKENS, prompt_param or "prompt"
+    max_tokens = _max_tokens(requested, prompt_len, settings, param, default, prompt_param)
+    if max_tokens == 0:
+        if req.min_tokens:
+            raise invalid_value("min_tokens must be between 0 and max_tokens", "min_tokens")
+        max_tokens, logprobs = 1, None  # the one token is left out of the answer
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     vocab = vocab_size if isinstance(vocab_size, int) else None
     _check_token_ids(req.stop_token_ids or (), vocab, "stop_token_ids")
     params = SamplingParams(
-        max_tokens=_max_tokens(requested, prompt_len, settings, param, prompt_param),
+        max_tokens=max_tokens,
         n=req.n,
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,

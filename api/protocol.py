@@ -154,6 +154,8 @@ class CompletionRequest(_SamplingFields):
 
     # a string, token ids, or a batch of either (null: a clear 400); checked by api.chat.split_prompts
     prompt: str | list[Any] | None
+    # 0: nothing is generated (with echo and logprobs: the prompt scored), as OpenAI's minimum allows
+    max_tokens: NonNegInt | None = None
     echo: bool = False  # the prompt is prepended to each choice (with logprobs: the prompt's too)
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     suffix: str | None = None  # rejected when set

@@ -35,7 +35,7 @@ from api.protocol import (
 )
 from api.sse import DONE, ChunkTemplate, data_event
 from serving.errors import EngineError
-from serving.types import Delta, EngineClient, GenerateRequest, LogprobEntry
+from serving.types import Delta, EngineClient, GenerateRequest, LogprobEntry, Usage
 
 logger = logging.getLogger(__name__)
 
@@ -237,10 +237,23 @@ def deltas_of(started: Started) -> AsyncIterator[Delta]:
     return _chain(started.first, started.it)
 
 
-async def _collect(first: Delta | None, it: AsyncIterator[Delta], n: int) -> list[ChoiceResult]:
+def without_completion(d: Delta) -> Delta:
+    """The delta of a max_tokens 0 completion with its generated part left out: the engine ran one token
+    (the prefill that scores the prompt); the answer is the prompt's part alone, finish_reason "length"
+    and no completion tokens."""
+    usage = None if d.usage is None else Usage(d.usage.prompt_tokens, 0)
+    reason = "length" if d.finish_reason == "stop" else d.finish_reason
+    return replace(
+        d, text="", token_ids=(), logprobs=None, finish_reason=reason, stop_reason=None, usage=usage
+    )
+
+
+async def _collect(
+    first: Delta | None, it: AsyncIterator[Delta], n: int, prompt_only: bool = False
+) -> list[ChoiceResult]:
     results = [ChoiceResult(i) for i in range(n)]
     async for d in _chain(first, it):
-        results[d.index].add(d)
+        results[d.index].add(without_completion(d) if prompt_only else d)
     return results
 
 
@@ -255,13 +268,16 @@ async def collect(
     return await collect_all(engine, [Started(greq, it, first)], request)
 
 
-async def collect_all(engine: EngineClient, started: list[Started], request: Request) -> list[ChoiceResult]:
+async def collect_all(
+    engine: EngineClient, started: list[Started], request: Request, prompt_only: bool = False
+) -> list[ChoiceResult]:
     """Gather every choice of every request, in order (choice c of request p gets index p * n + c);
-    abort them all when the client leaves; a choice that failed makes a 500."""
+    abort them all when the client leaves; a choice that failed makes a 500. prompt_only: a max_tokens 0
+    completion (`without_completion`)."""
     done = False
     try:
         per_request = await race_disconnect(
-            request, _gather(*(_collect(s.first, s.it, s.greq.sampling.n) for s in started))
+            request, _gather(*(_collect(s.first, s.it, s.greq.sampling.n, prompt_only) for s in started))
         )
         done = True
     finally:
@@ -374,6 +390,7 @@ class StreamSpec:
     continuous_usage: bool = False  # usage so far in every chunk (stream_options.continuous_usage_stats)
     greqs: tuple[GenerateRequest, ...] = ()  # the engine requests behind the stream
     prefixes: tuple[str, ...] = ()  # per choice, text its first chunk starts with (completions' echo)
+    prompt_only: bool = False  # a max_tokens 0 completion: deltas go through `without_completion`
 
     def usage(self, results: list[ChoiceResult]) -> UsageInfo | None:
         """The usage a content chunk carries: so far with continuous usage, else none."""
@@ -474,6 +491,8 @@ async def completion_stream(
     finished = False
     try:
         async for d in deltas:
+            if spec.prompt_only:
+                d = without_completion(d)
             results[d.index].add(d)
             if d.finish_reason == "error":
                 yield _error_event(d)

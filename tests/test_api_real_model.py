@@ -246,6 +246,26 @@ def test_completion_echo_with_logprobs_scores_the_prompt(client, real):
     )
 
 
+def test_max_tokens_0_scores_the_prompt(client, real):
+    """max_tokens 0 with echo and logprobs (OpenAI's scoring request): the prompt alone, its logprobs equal
+    to those of the same request with max_tokens 1, no completion tokens; streamed the same."""
+    prompt = "the quick brown fox"
+    n_prompt = len(real[0].tokenizer.encode(prompt, add_special_tokens=False))
+    args = {"model": MODEL, "prompt": prompt, "echo": True, "logprobs": 1, "temperature": 0}
+    scored = client.completions.create(**args, max_tokens=0)
+    one = client.completions.create(**args, max_tokens=1)
+    (choice,) = scored.choices
+    assert choice.text == prompt and choice.finish_reason == "length"
+    assert scored.usage.completion_tokens == 0 and scored.usage.prompt_tokens == n_prompt
+    lp, ref = choice.logprobs, one.choices[0].logprobs
+    assert lp.tokens == ref.tokens[:n_prompt] and lp.text_offset == ref.text_offset[:n_prompt]
+    assert lp.token_logprobs[1:] == pytest.approx(ref.token_logprobs[1:n_prompt], abs=1e-5)
+    chunks = _sse(real[1].base_url + "/v1/completions", {**args, "max_tokens": 0, "stream": True})
+    assert [c["choices"][0]["text"] for c in chunks] == [prompt]
+    assert chunks[0]["choices"][0]["logprobs"] == choice.logprobs.model_dump()
+    assert chunks[0]["choices"][0]["finish_reason"] == "length"
+
+
 def test_limit_errors_name_their_param(real):
     """n beyond the engine's slots (4 here) and a logit_bias key outside the vocabulary: 400s naming the
     field, from the engine's check and the API's own."""

@@ -134,11 +134,22 @@ def test_build_sampling_chat():
 
 
 def test_default_max_tokens_clipped_to_model_len():
-    req = CompletionRequest.model_validate({"model": "m", "prompt": "x"})
+    req = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}]})
     assert build_sampling(req, 90, _settings(max_model_len=100, default_max_tokens=50), None).max_tokens == 10
     assert build_sampling(req, 90, _settings(default_max_tokens=50), None).max_tokens == 50
     with pytest.raises(APIError):
         build_sampling(req, 100, _settings(max_model_len=100), None)
+
+
+def test_completions_default_to_16_tokens():
+    """/v1/completions without max_tokens: 16, OpenAI's and vLLM's default (chat keeps the server's),
+    clipped to what max_model_len leaves and to --max-tokens-limit."""
+    req = CompletionRequest.model_validate({"model": "m", "prompt": "x"})
+    assert build_sampling(req, 5, _settings(default_max_tokens=512), None).max_tokens == 16
+    assert build_sampling(req, 90, _settings(max_model_len=100), None).max_tokens == 10
+    assert build_sampling(req, 5, _settings(max_tokens_limit=8), None).max_tokens == 8
+    chat = ChatCompletionRequest.model_validate({**CHAT_BODY})
+    assert build_sampling(chat, 5, _settings(default_max_tokens=512), None).max_tokens == 512
 
 
 def test_a_prompt_that_fills_the_context_is_the_prompt_error():
@@ -158,6 +169,23 @@ def test_a_prompt_that_fills_the_context_is_the_prompt_error():
     with pytest.raises(APIError) as e:
         build_sampling(done.model_copy(update={"max_tokens": 11}), 90, _settings(max_model_len=100), None)
     assert (e.value.param, e.value.code) == ("max_tokens", "context_length_exceeded")
+
+
+def test_max_tokens_0_scores_the_prompt():
+    """Completions' max_tokens 0 (OpenAI's minimum): the engine runs one token without its logprobs (the
+    answer leaves it out), even for a prompt that fills max_model_len; chat keeps its minimum of 1."""
+    req = CompletionRequest.model_validate({**COMPLETION_BODY, "max_tokens": 0, "logprobs": 2, "echo": True})
+    sp = build_sampling(req, 100, _settings(max_model_len=100), 1000)
+    assert sp.max_tokens == 1 and sp.logprobs is None and sp.min_tokens == 0
+    with pytest.raises(APIError) as e:
+        build_sampling(req, 101, _settings(max_model_len=100), 1000)
+    assert e.value.param == "prompt" and e.value.code == "context_length_exceeded"
+    with pytest.raises(APIError) as e:
+        build_sampling(req.model_copy(update={"min_tokens": 1}), 10, _settings(), 1000)
+    assert e.value.param == "min_tokens"
+    for field in ("max_tokens", "max_completion_tokens"):
+        with pytest.raises(ValidationError):
+            ChatCompletionRequest.model_validate({**CHAT_BODY, field: 0})
 
 
 def test_finish_reason_mapping():
