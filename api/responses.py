@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -18,19 +17,17 @@ import anyio
 from starlette.requests import Request
 
 from api.errors import APIError, engine_error, error_body
+from api.logprobs import TextOffsets, chat_logprobs, legacy_logprobs, token_raw
 from api.protocol import (
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
     ChatCompletionResponse,
-    ChoiceLogprobs,
     CompletionChoice,
     CompletionLogprobs,
     CompletionResponse,
     DeltaMessage,
     ResponseMessage,
-    TokenLogprobOut,
-    TopLogprob,
     UsageInfo,
 )
 from api.sse import DONE, ChunkTemplate, data_event
@@ -38,8 +35,6 @@ from serving.errors import EngineError
 from serving.types import Delta, EngineClient, GenerateRequest, LogprobEntry, Usage
 
 logger = logging.getLogger(__name__)
-
-MIN_LOGPROB = -9999.0  # OpenAI's stand-in for "very unlikely" (JSON has no -inf)
 
 
 class ClientDisconnected(APIError):
@@ -90,47 +85,6 @@ def usage_of(prompt_len: int, results: list[ChoiceResult]) -> UsageInfo:
     return UsageInfo(
         prompt_tokens=prompt_len, completion_tokens=completion, total_tokens=prompt_len + completion
     )
-
-
-# ---- logprobs ------------------------------------------------------------------------------------------
-
-
-def _finite(x: float) -> float:
-    return x if math.isfinite(x) else MIN_LOGPROB
-
-
-def chat_logprobs(entries: list[LogprobEntry] | tuple[LogprobEntry, ...]) -> ChoiceLogprobs:
-    """Engine logprobs -> chat format `{content: [{token, logprob, bytes, top_logprobs}]}`."""
-    content = [
-        TokenLogprobOut(
-            token=e.chosen.token,
-            logprob=_finite(e.chosen.logprob),
-            bytes=e.chosen.bytes,
-            top_logprobs=[
-                TopLogprob(token=t.token, logprob=_finite(t.logprob), bytes=t.bytes) for t in e.top
-            ],
-        )
-        for e in entries
-    ]
-    return ChoiceLogprobs(content=content, refusal=None)
-
-
-def legacy_logprobs(
-    entries: list[LogprobEntry] | tuple[LogprobEntry, ...], offset: int = 0
-) -> CompletionLogprobs:
-    """Engine logprobs -> legacy completions format; `offset` is the text offset of the first token."""
-    out = CompletionLogprobs(text_offset=[], token_logprobs=[], tokens=[], top_logprobs=[])
-    for e in entries:
-        out.text_offset.append(offset)
-        offset += len(e.chosen.token)
-        out.tokens.append(e.chosen.token)
-        if math.isnan(e.chosen.logprob):  # an echoed prompt's first token: nothing predicts it
-            out.token_logprobs.append(None)
-            out.top_logprobs.append(None)
-            continue
-        out.token_logprobs.append(_finite(e.chosen.logprob))
-        out.top_logprobs.append({t.token: _finite(t.logprob) for t in e.top})
-    return out
 
 
 # ---- running a request ---------------------------------------------------------------------------------
@@ -328,6 +282,24 @@ async def merged(streams: list[AsyncIterator[Delta]], n: int) -> AsyncIterator[D
             t.cancel()
 
 
+# ---- legacy logprobs -----------------------------------------------------------------------------------
+
+
+def choice_logprobs(
+    echo: str,
+    prompt: Sequence[LogprobEntry],
+    text: str,
+    entries: Sequence[LogprobEntry],
+    generated: TextOffsets,
+) -> CompletionLogprobs:
+    """Legacy logprobs of (the next part of) a choice: an echoed prompt's text and entries, whole, then
+    generated text and entries; `generated` carries the generated text's offsets from chunk to chunk (it
+    starts at len(echo))."""
+    offsets = TextOffsets().offsets(echo, [token_raw(e.chosen) for e in prompt]) if prompt else []
+    offsets += generated.offsets(text, [token_raw(e.chosen) for e in entries])
+    return legacy_logprobs([*prompt, *entries], offsets)
+
+
 # ---- non-streaming bodies ------------------------------------------------------------------------------
 
 
@@ -359,15 +331,20 @@ def completion_response(
     prefixes: tuple[str, ...] = (),
 ) -> CompletionResponse:
     """prompt_len: the prompt tokens of all prompts; prefixes: per choice, the echoed prompt text."""
-    choices = [
-        CompletionChoice(
-            index=r.index,
-            text=(prefixes[r.index] if prefixes else "") + r.text,
-            logprobs=legacy_logprobs([*r.prompt_logprobs, *r.logprobs]) if want_logprobs else None,
-            finish_reason=openai_finish_reason(r.finish_reason),
+    choices = []
+    for r in results:
+        echo = prefixes[r.index] if prefixes else ""
+        lp = None
+        if want_logprobs:
+            lp = choice_logprobs(echo, r.prompt_logprobs, r.text, r.logprobs, TextOffsets(len(echo)))
+        choices.append(
+            CompletionChoice(
+                index=r.index,
+                text=echo + r.text,
+                logprobs=lp,
+                finish_reason=openai_finish_reason(r.finish_reason),
+            )
         )
-        for r in results
-    ]
     return CompletionResponse(
         id=rid, created=created, model=model, choices=choices, usage=usage_of(prompt_len, results)
     )
@@ -481,8 +458,9 @@ async def completion_stream(
         return data_event(c, None if usage is not None else {"usage"})
 
     results = [ChoiceResult(i) for i in range(spec.n)]
-    offsets = [0] * spec.n
     echo = list(spec.prefixes)  # consumed by each choice's first chunk
+    # per choice, the offsets of its generated text (which follows the echo)
+    offsets = [TextOffsets(len(echo[i]) if echo else 0) for i in range(spec.n)]
     # chunks without logprobs, finish reason or running usage: by concatenation (the same bytes)
     fast = None
     if not spec.want_logprobs and spec.usage(results) is None:
@@ -497,12 +475,14 @@ async def completion_stream(
             if d.finish_reason == "error":
                 yield _error_event(d)
                 return
-            text = d.text
+            prefix = ""
             if echo and echo[d.index]:
-                text, echo[d.index] = echo[d.index] + text, ""
-            entries = [*(d.prompt_logprobs or ()), *(d.logprobs or ())]  # an echo's prompt comes first
-            lp = legacy_logprobs(entries, offsets[d.index]) if spec.want_logprobs else None
-            offsets[d.index] += len(text)
+                prefix, echo[d.index] = echo[d.index], ""
+            text = prefix + d.text
+            lp = None
+            if spec.want_logprobs:  # an echo's prompt comes first
+                prompt = d.prompt_logprobs or ()
+                lp = choice_logprobs(prefix, prompt, d.text, d.logprobs or (), offsets[d.index])
             reason = openai_finish_reason(d.finish_reason)
             if fast is not None and reason is None:
                 yield fast.render(d.index, text)

@@ -16,6 +16,7 @@ from PIL import Image
 from api.app import create_app
 from api.errors import APIError
 from api.settings import ServerSettings
+from serving.detokenizer import token_bytes
 
 pytest.importorskip("model.tiny")
 pytest.importorskip("model.processor")
@@ -231,7 +232,10 @@ def test_completion_echo_with_logprobs_scores_the_prompt(client, real):
     assert len(lp.tokens) == n_prompt + 3 and "".join(lp.tokens[:n_prompt]) == prompt
     assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
     assert all(v is not None and v <= 0 for v in lp.token_logprobs[1:n_prompt])
-    assert all(len(t) == 2 for t in lp.top_logprobs[1:])
+    # the top 2 and the sampled (or prompt) token, which may be one of them
+    assert all(
+        tok in t and 2 <= len(t) <= 3 for tok, t in zip(lp.tokens[1:], lp.top_logprobs[1:], strict=True)
+    )
     assert lp.tokens[n_prompt:] == plain.choices[0].logprobs.tokens
     assert lp.token_logprobs[n_prompt:] == pytest.approx(plain.choices[0].logprobs.token_logprobs, abs=1e-5)
     assert lp.text_offset[: n_prompt + 1] == [len("".join(lp.tokens[:i])) for i in range(n_prompt + 1)]
@@ -244,6 +248,13 @@ def test_completion_echo_with_logprobs_scores_the_prompt(client, real):
     assert sum((s["token_logprobs"] for s in streamed), []) == pytest.approx(
         [None, *lp.token_logprobs[1:]], abs=1e-5
     )
+
+
+def _holder_of_each_token(text: str, raws: list[bytes]) -> list[int]:
+    """Per token, the index of the character of `text` holding its first byte (len(text) past the end)."""
+    holder = [i for i, ch in enumerate(text) for _ in ch.encode()] + [len(text)]
+    starts = [sum(len(r) for r in raws[:i]) for i in range(len(raws))]
+    return [holder[min(pos, len(holder) - 1)] for pos in starts]
 
 
 def test_max_tokens_0_scores_the_prompt(client, real):
@@ -264,6 +275,31 @@ def test_max_tokens_0_scores_the_prompt(client, real):
     assert [c["choices"][0]["text"] for c in chunks] == [prompt]
     assert chunks[0]["choices"][0]["logprobs"] == choice.logprobs.model_dump()
     assert chunks[0]["choices"][0]["finish_reason"] == "length"
+
+
+def test_legacy_offsets_index_the_text(client, real):
+    """Byte-level tokens of é, 日本語 and 🙂 (named "bytes:\\x.."), a special token in the prompt and
+    generated special tokens the text leaves out: every text_offset is the character of `text` where the
+    token's bytes begin (zero width for a token not in the text); streamed, the same offsets."""
+    prompt = "héllo 日本語 🙂 ok<|quad_end|>."
+    quad_end = real[0].tokenizer.convert_tokens_to_ids("<|quad_end|>")
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 4, "echo": True, "logprobs": 0, "temperature": 0,
+            "logit_bias": {str(quad_end): 100}}  # fmt: skip
+    r = client.completions.create(**body)
+    (choice,) = r.choices
+    lp = choice.logprobs
+    ids = real[0].tokenizer.encode(prompt, add_special_tokens=False)
+    assert len(lp.tokens) == len(ids) + 4 and choice.text == prompt  # the generated special tokens: no text
+    raws = [bytes(token_bytes(real[0].tokenizer, i)) for i in ids]
+    assert lp.text_offset[: len(ids)] == _holder_of_each_token(prompt, raws)
+    assert lp.text_offset[len(ids) :] == [len(prompt)] * 4
+    assert lp.tokens[1:3] == ["bytes:\\xc3", "bytes:\\xa9"] and lp.text_offset[1:3] == [1, 1]  # é
+    assert lp.text_offset[lp.tokens.index(" o")] == prompt.index(" ok")
+    assert all(t in top for t, top in zip(lp.tokens[1:], lp.top_logprobs[1:], strict=True))  # logprobs 0
+    chunks = _sse(real[1].base_url + "/v1/completions", {**body, "stream": True})
+    streamed = sum((c["choices"][0]["logprobs"]["text_offset"] for c in chunks), [])
+    assert streamed == lp.text_offset
+    assert "".join(c["choices"][0]["text"] for c in chunks) == choice.text
 
 
 def test_limit_errors_name_their_param(real):

@@ -14,8 +14,9 @@ from pydantic import ValidationError
 from api import chat as api_chat
 from api.chat import build_sampling, param_of, prepare_chat, prepare_completion, to_template
 from api.errors import APIError, loc_to_param, validation_error
+from api.logprobs import legacy_logprobs
 from api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
-from api.responses import legacy_logprobs, openai_finish_reason
+from api.responses import openai_finish_reason
 from api.settings import ServerSettings, add_server_args, settings_from_args
 from serving.types import LogprobEntry, TokenLogprob
 
@@ -198,15 +199,15 @@ def test_finish_reason_mapping():
     ]
 
 
-def test_legacy_logprobs_offsets():
+def test_legacy_logprobs_format():
     def e(tok: str, lp: float) -> LogprobEntry:
         return LogprobEntry(TokenLogprob(1, tok, lp), (TokenLogprob(2, "z", -1.0),))
 
-    out = legacy_logprobs([e("ab", -0.1), e("c", float("-inf")), e("de", -0.2)], offset=5)
+    out = legacy_logprobs([e("ab", -0.1), e("c", float("-inf")), e("de", -0.2)], [5, 7, 8])
     assert out.text_offset == [5, 7, 8]
     assert out.tokens == ["ab", "c", "de"]
     assert out.token_logprobs == [-0.1, -9999.0, -0.2]
-    assert out.top_logprobs[0] == {"z": -1.0}
+    assert out.top_logprobs[0] == {"z": -1.0, "ab": -0.1}
 
 
 def test_max_tokens_limit_flag_reaches_the_api_check():
