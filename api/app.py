@@ -3,7 +3,8 @@
 Route functions only parse, delegate and answer: validation and prompt building live in `api.chat`, media
 loading in `api.media`, response assembly in `api.responses`. A pure-ASGI gate in front of the app counts
 in-flight requests (`app.state.in_flight`, awaited by the CLI on shutdown), refuses new POSTs while
-`app.state.draining` is set, caps request bodies and records per-route HTTP metrics.
+`app.state.draining` is set, caps request bodies and the time to receive them, and records per-route HTTP
+metrics.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from importlib import metadata
 from typing import Any, TypeVar
 
@@ -71,7 +72,12 @@ M = TypeVar("M", bound=BaseModel)
 JSON_TYPES = ("application/json",)
 # status of a refused POST -> `reason` label of infinitevl:requests_rejected_total (503 counts only while
 # draining: a dead engine is not a rejection of the request)
-REJECT_REASON_BY_STATUS = {400: "invalid", 404: "invalid", 413: "invalid", 415: "invalid", 429: "overloaded"}
+REJECT_REASON_BY_STATUS = {
+    400: "invalid", 404: "invalid", 408: "invalid", 413: "invalid", 415: "invalid", 429: "overloaded",
+}  # fmt: skip
+# a request answered before its whole body arrived closes its connection (the rest is never read)
+CONNECTION_CLOSE = (b"connection", b"close")
+DRAIN_CHECK_S = 0.2  # how often a request still receiving its body looks whether a drain began
 
 
 def package_version() -> str:
@@ -97,6 +103,7 @@ class Gate:
         self.app = app
         self.state = fastapi_app.state
         self.limit = settings.max_request_body_bytes
+        self.read_timeout = settings.request_read_timeout_s
         self.retry_after = settings.drain_retry_after_s
         self.metrics = metrics
 
@@ -107,12 +114,15 @@ class Gate:
         t0 = time.monotonic()
         status = [500]
         recorded = [False]
+        body = _Body(is_complete=not _has_body(scope))
 
         async def send_recording(message: dict[str, Any]) -> None:
             # metrics are recorded before the client can see the answer (a scrape that follows it sees them)
             if message["type"] == "http.response.start":
                 status[0] = int(message["status"])
                 self._record_rejection(scope["method"], status[0])
+                if not body.is_complete:  # answered before its body came: the rest is not worth reading
+                    message = {**message, "headers": [*message.get("headers", ()), CONNECTION_CLOSE]}
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 recorded[0] = True
                 self._record(scope, status[0], time.monotonic() - t0)
@@ -124,7 +134,7 @@ class Gate:
             if early is not None:
                 await early(scope, receive, send_recording)
             else:
-                await self.app(scope, self._counting(receive), send_recording)
+                await self.app(scope, self._reading(receive, body), send_recording)
         finally:
             self.state.in_flight -= 1
             if not recorded[0]:  # the response never completed (client gone, or an error)
@@ -138,18 +148,39 @@ class Gate:
                 return _body_too_large(self.limit).response()
         return None
 
-    def _counting(self, receive: Any) -> Any:
-        seen = [0]
+    def _reading(self, receive: Any, body: _Body) -> Any:
+        """`receive` for the app: the body counted against the size limit and read within the read timeout
+        (from now, the end of the request head); once it is complete, messages pass unbounded (a stream
+        waits on them for a disconnect)."""
+        deadline = time.monotonic() + self.read_timeout
 
-        async def counted() -> dict[str, Any]:
-            message = await receive()
-            if message["type"] == "http.request":
-                seen[0] += len(message.get("body", b""))
-                if seen[0] > self.limit:
-                    raise _body_too_large(self.limit)
+        async def read() -> dict[str, Any]:
+            if body.is_complete:
+                return await receive()
+            message = await self._receive_by(receive, deadline)
+            if message["type"] != "http.request":  # a disconnect
+                body.is_complete = True
+                return message
+            body.num_bytes += len(message.get("body", b""))
+            if body.num_bytes > self.limit:
+                raise _body_too_large(self.limit)
+            body.is_complete = not message.get("more_body", False)
             return message
 
-        return counted
+        return read
+
+    async def _receive_by(self, receive: Any, deadline: float) -> dict[str, Any]:
+        """One message of a body still coming in: 408 past `deadline`; 503 once a drain begins (a request
+        still uploading has not started, and a stalled upload must not hold the drain up)."""
+        while True:
+            if getattr(self.state, "draining", False):
+                raise server_draining(self.retry_after)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _read_timeout(self.read_timeout)
+            with contextlib.suppress(TimeoutError):  # uvicorn's receive() may be cancelled and called again
+                async with asyncio.timeout(min(left, DRAIN_CHECK_S)):
+                    return await receive()
 
     def _record(self, scope: dict[str, Any], status: int, seconds: float) -> None:
         if self.metrics is None:
@@ -173,8 +204,32 @@ class Gate:
         return REJECT_REASON_BY_STATUS.get(status)
 
 
+@dataclass
+class _Body:
+    """How much of one request's body the app has received."""
+
+    is_complete: bool  # the last chunk (or a disconnect) was received; True from the start without a body
+    num_bytes: int = 0
+
+
+def _has_body(scope: dict[str, Any]) -> bool:
+    for name, value in scope.get("headers", ()):
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"", b"0")):
+            return True
+    return False
+
+
 def _body_too_large(limit: int) -> APIError:
     return APIError(f"request body is larger than the limit of {limit} bytes", 413, code="request_too_large")
+
+
+def _read_timeout(seconds: float) -> APIError:
+    return APIError(
+        f"the request body was not received within {seconds:g} s",
+        408,
+        code="request_read_timeout",
+        err_type="timeout_error",
+    )
 
 
 # ---- body parsing --------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from api import media
@@ -28,6 +29,9 @@ class ServerSettings:
     allowed_local_media_path: str | None = None
     drain_retry_after_s: float = 5.0  # Retry-After sent with 503 while draining
     request_timeout_s: float | None = None  # deadline per request (seconds from arrival); None: none
+    # seconds a client has to send a request's head (from connecting, or from the first byte of a later
+    # request on the connection), and again its body (from the end of the head)
+    request_read_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.max_prompt_len < 1:
@@ -42,6 +46,8 @@ class ServerSettings:
             raise ValueError("max_request_body_bytes must be at least 1024")
         if self.request_timeout_s is not None and not 0 < self.request_timeout_s < float("inf"):
             raise ValueError("request_timeout_s must be a positive number of seconds")
+        if not 0 < self.request_read_timeout_s < math.inf:
+            raise ValueError("request_read_timeout_s must be a positive number of seconds")
 
 
 def _has_option(parser: argparse.ArgumentParser, flag: str) -> bool:
@@ -88,6 +94,15 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="abort a generation this many seconds after it arrived (also caps a request's own "
         "X-Request-Timeout header or `timeout` field); default: no deadline",
+    )
+    group.add_argument(
+        "--request-read-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="a client that has not sent a request's head within this many seconds of connecting (or of "
+        "the head's first byte), or its body within as many seconds after the head, gets 408 and its "
+        "connection is closed (default: 30)",
     )
     add_media = getattr(media, "add_media_args", None)
     if add_media is not None:
@@ -139,4 +154,5 @@ def settings_from_args(args: argparse.Namespace, *, model_path: str) -> ServerSe
         open_health_and_metrics=not getattr(args, "protect_health_and_metrics", False),
         allowed_local_media_path=limits.allowed_local_media_path,
         request_timeout_s=getattr(args, "request_timeout", None),
+        request_read_timeout_s=getattr(args, "request_read_timeout", 30.0),
     )

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 logger = logging.getLogger("infinitevl")
 
@@ -147,16 +151,75 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     engine.start()
     app = create_app(engine, stack.processor, settings, metrics=metrics)
-    server = DrainingServer(
-        uvicorn.Config(
-            app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5
-        ),
-        app=app,
-        shutdown_timeout=args.shutdown_timeout,
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=5,
+        http=head_timeout_protocol(settings.request_read_timeout_s),
     )
+    server = DrainingServer(config, app=app, shutdown_timeout=args.shutdown_timeout)
     server.run()
     engine.shutdown()
     return 0
+
+
+class HeadTimeoutProtocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline on each request head (request line and headers): a
+    connection that has not sent a whole head `head_timeout_s` seconds after it opened, or after the
+    first byte of a later request arrived, is closed, with a 408 if part of a head came. (uvicorn's own
+    keep-alive timeout starts only after a response; the body's deadline is the app's, api.app.Gate.)"""
+
+    head_timeout_s: float = 30.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._head_timer: asyncio.TimerHandle | None = None
+        super().connection_made(transport)
+        self._head_timer = self.loop.call_later(self.head_timeout_s, self._on_head_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:  # the head is complete: the app has the request
+            self._cancel_head_timer()
+        elif self._head_timer is None:  # the first bytes of the next request's head
+            self._head_timer = self.loop.call_later(self.head_timeout_s, self._on_head_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _on_head_timeout(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+            return
+        partial_head, _ = self.conn.trailing_data
+        if partial_head.strip():
+            self.transport.write(_head_timeout_response(self.head_timeout_s))
+        self.transport.close()
+
+
+def _head_timeout_response(seconds: float) -> bytes:
+    """A raw 408 in the OpenAI error envelope (h11 cannot answer a request it has not parsed)."""
+    from api.errors import error_body
+
+    message = f"the request head (request line and headers) was not received within {seconds:g} s"
+    body = json.dumps(error_body(message, "timeout_error", None, "request_read_timeout")).encode()
+    head = (
+        "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\nx-request-id: {uuid.uuid4().hex}\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+def head_timeout_protocol(head_timeout_s: float) -> type[HeadTimeoutProtocol]:
+    """`HeadTimeoutProtocol` with this deadline, for uvicorn.Config(http=...)."""
+    return type("HeadTimeoutProtocol", (HeadTimeoutProtocol,), {"head_timeout_s": head_timeout_s})
 
 
 class DrainingServer(uvicorn.Server):

@@ -1,9 +1,11 @@
 """Black-box graceful shutdown: SIGTERM while streams run lets them finish, refuses new work with 503 +
-Retry-After, reports 503 on /health, and exits 0 (what a Kubernetes rollout relies on)."""
+Retry-After, reports 503 on /health, and exits 0 (what a Kubernetes rollout relies on); a stalled upload
+does not hold it up."""
 
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 
@@ -109,3 +111,34 @@ def test_sigterm_drains_streams_and_exits_zero(server):
         assert stream.finish_reason == "length", (stream.index, stream.finish_reason)
         assert stream.saw_done
     assert server.proc.wait(90) == 0, server.log()[-3000:]
+
+
+def test_a_stalled_upload_does_not_hold_up_the_drain(server):
+    """A request still uploading its body when SIGTERM comes is answered 503 at once (it has not started;
+    the client retries elsewhere), and idle or half-sent connections are closed: the process exits within
+    seconds, not after --shutdown-timeout."""
+    host, port = server.base_url.removeprefix("http://").split(":")
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+    with (
+        socket.create_connection((host, int(port))) as upload,
+        socket.create_connection((host, int(port))) as idle,
+        socket.create_connection((host, int(port))) as half_head,
+    ):
+        upload.sendall(head + b"Content-Length: 100000\r\n\r\n{")
+        half_head.sendall(head)
+        time.sleep(0.5)  # the upload's request has reached the app
+        t0 = time.monotonic()
+        server.proc.terminate()
+        upload.settimeout(10)
+        answer = b"".join(iter(lambda: upload.recv(65536), b""))  # up to the server's close
+        assert server.proc.wait(15) == 0, server.log()[-3000:]
+        seconds = time.monotonic() - t0
+        for sock in (idle, half_head):
+            sock.settimeout(5)
+            assert sock.recv(1) == b""  # closed by the server
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.startswith(b"HTTP/1.1 503"), answer
+    assert b"connection: close" in rest.lower() and b"retry-after:" in rest.lower()
+    assert json.loads(rest.partition(b"\r\n\r\n")[2])["error"]["code"] == "server_draining"
+    assert seconds < 10
+    assert "graceful shutdown exceeded" not in server.log()
