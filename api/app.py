@@ -4,7 +4,7 @@ Route functions only parse, delegate and answer: validation and prompt building 
 loading in `api.media`, response assembly in `api.responses`. A pure-ASGI gate in front of the app counts
 in-flight requests (`app.state.in_flight`, awaited by the CLI on shutdown), refuses new POSTs while
 `app.state.draining` is set, caps request bodies and the time to receive them, and records per-route HTTP
-metrics.
+metrics. Around everything, CORS and `x-request-id` on every response (`ServingApp`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import contextlib
 import json
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from importlib import metadata
@@ -22,6 +23,8 @@ from typing import Any, TypeVar
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
 
 from api.chat import (
     TIMEOUT_FIELD,
@@ -232,6 +235,84 @@ def _read_timeout(seconds: float) -> APIError:
     )
 
 
+# ---- request ids and CORS, outside everything else ------------------------------------------------------
+
+REQUEST_ID_HEADER = b"x-request-id"
+_VALID_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")  # visible ASCII, as a log line or header can hold
+
+
+def request_id_of(headers: Any) -> str:
+    """The client's X-Request-Id when it is 1-128 visible ASCII characters, else a new random one."""
+    for name, value in headers:
+        if name == REQUEST_ID_HEADER:
+            if _VALID_REQUEST_ID.fullmatch(value):
+                return value.decode("ascii")
+            break
+    return uuid.uuid4().hex
+
+
+class RequestId:
+    """Pure ASGI middleware: every HTTP response carries `x-request-id`, the client's or a new one
+    (`request_id_of`); routes find it in `request.state.request_id`."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = request_id_of(scope["headers"])
+        scope.setdefault("state", {})["request_id"] = rid
+        header = (REQUEST_ID_HEADER, rid.encode("ascii"))
+
+        async def send_with_id(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = [h for h in message.get("headers", ()) if h[0].lower() != REQUEST_ID_HEADER]
+                message = {**message, "headers": [*headers, header]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+class Cors(CORSMiddleware):
+    """Starlette's CORS middleware; a refused preflight is a 400 in the OpenAI error envelope."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        cors_headers = {k: v for k, v in response.headers.items() if k.lower().startswith("access-control-")}
+        refused = bytes(response.body).decode().removeprefix("Disallowed CORS ")
+        return APIError(
+            f"this cross-origin request is not allowed (refused: {refused}); see --allowed-origins, "
+            "--allowed-methods and --allowed-headers",
+            400,
+            code="cors_refused",
+            headers={**cors_headers, "Vary": response.headers.get("vary", "Origin")},
+        ).response()
+
+
+class ServingApp(FastAPI):
+    """The FastAPI app with `RequestId` and CORS wrapped around Starlette's whole stack, so that even the
+    500s of its outermost error middleware carry them. Order, outermost first: RequestId, Cors, Starlette's
+    error middleware, Gate, API keys, routes. CORS answers preflights before the API key is asked for
+    (browsers send none) and before the Gate (a preflight is not a request in flight, nor in the HTTP
+    metrics); the Gate's own answers (413, 503 while draining) and the 401s carry CORS headers."""
+
+    def build_middleware_stack(self) -> Any:
+        settings: ServerSettings = self.state.settings
+        cors = Cors(
+            super().build_middleware_stack(),
+            allow_origins=settings.allowed_origins,
+            allow_methods=settings.allowed_methods,
+            allow_headers=settings.allowed_headers,
+            allow_credentials=settings.allow_credentials,
+            expose_headers=("x-request-id", "retry-after"),
+        )
+        return RequestId(cors)
+
+
 # ---- body parsing --------------------------------------------------------------------------------------
 
 
@@ -303,7 +384,7 @@ def create_app(
     engine: EngineClient, processor: Any, settings: ServerSettings, metrics: Any = None
 ) -> FastAPI:
     """Build the app around a running engine, the model's processor and the server settings."""
-    app = FastAPI(title="InfiniteVL OpenAI-compatible server", version=package_version())
+    app = ServingApp(title="InfiniteVL OpenAI-compatible server", version=package_version())
     app.state.engine = engine
     app.state.settings = settings
     app.state.draining = False
@@ -547,6 +628,14 @@ def _add_info_routes(app: FastAPI, engine: EngineClient, settings: ServerSetting
         if not h.is_ready:
             return JSONResponse({"status": "starting", "detail": h.detail}, status_code=503)
         return JSONResponse({"status": "ok"})
+
+    # HEAD (load balancers' probes): the GET's status and headers; uvicorn sends no body
+    for path, endpoint in (
+        ("/health", health),
+        ("/v1/models", list_models),
+        ("/v1/models/{model_id:path}", get_model),
+    ):
+        app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
 
     @app.get("/version")
     async def version() -> Response:

@@ -82,8 +82,9 @@ class ApiKeyMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket") or not self._digests:
             return await self.app(scope, receive, send)
-        # CORS preflights carry no credentials by design; they reach only CORS handling / 405.
-        if scope["path"] in self._open_paths or scope.get("method") == "OPTIONS":
+        # CORS preflights (sent without credentials by design) never get here: the CORS layer outside
+        # answers them (api.app.ServingApp)
+        if scope["path"] in self._open_paths:
             return await self.app(scope, receive, send)
         if self.is_authorized(_bearer_token(scope["headers"])):
             return await self.app(scope, receive, send)

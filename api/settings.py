@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -32,6 +33,11 @@ class ServerSettings:
     # seconds a client has to send a request's head (from connecting, or from the first byte of a later
     # request on the connection), and again its body (from the end of the head)
     request_read_timeout_s: float = 30.0
+    # CORS (vLLM's --allowed-origins, --allowed-methods, --allowed-headers, --allow-credentials)
+    allowed_origins: tuple[str, ...] = ("*",)
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
 
     def __post_init__(self) -> None:
         if self.max_prompt_len < 1:
@@ -104,6 +110,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         "the head's first byte), or its body within as many seconds after the head, gets 408 and its "
         "connection is closed (default: 30)",
     )
+    add_cors_args(parser)
     add_media = getattr(media, "add_media_args", None)
     if add_media is not None:
         add_media(parser)
@@ -113,6 +120,38 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
             default=None,
             help="directory from which file:// media may be read (default: none)",
         )
+
+
+def add_cors_args(parser: argparse.ArgumentParser) -> None:
+    """vLLM's CORS flags: each a JSON list (`'["https://a.example"]'`) or a comma-separated list."""
+    group = parser.add_argument_group("CORS")
+    group.add_argument(
+        "--allowed-origins",
+        type=_list_arg,
+        default=["*"],
+        help='origins browsers may call from (default: ["*"])',
+    )
+    group.add_argument("--allowed-methods", type=_list_arg, default=["*"], help='default: ["*"]')
+    group.add_argument("--allowed-headers", type=_list_arg, default=["*"], help='default: ["*"]')
+    group.add_argument(
+        "--allow-credentials",
+        action="store_true",
+        help="let browsers send cookies and HTTP auth (default: off)",
+    )
+
+
+def _list_arg(value: str) -> list[str]:
+    """A JSON list of strings, or a comma-separated list."""
+    if value.lstrip()[:1] in ("[", "{"):  # JSON (no origin, method or header name starts so)
+        try:
+            items = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"not a JSON list: {e}") from None
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise argparse.ArgumentTypeError("expected a JSON list of strings")
+    else:
+        items = value.split(",")
+    return [i.strip() for i in items if i.strip()]
 
 
 def _api_keys(args: argparse.Namespace) -> tuple[str, ...]:
@@ -155,4 +194,8 @@ def settings_from_args(args: argparse.Namespace, *, model_path: str) -> ServerSe
         allowed_local_media_path=limits.allowed_local_media_path,
         request_timeout_s=getattr(args, "request_timeout", None),
         request_read_timeout_s=getattr(args, "request_read_timeout", 30.0),
+        allowed_origins=tuple(getattr(args, "allowed_origins", ["*"])),
+        allowed_methods=tuple(getattr(args, "allowed_methods", ["*"])),
+        allowed_headers=tuple(getattr(args, "allowed_headers", ["*"])),
+        allow_credentials=getattr(args, "allow_credentials", False),
     )

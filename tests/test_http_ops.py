@@ -1,4 +1,5 @@
-"""HTTP operations: read timeouts on slow clients (real server process, raw sockets)."""
+"""HTTP operations: read timeouts on slow clients (real server process, raw sockets), CORS, X-Request-Id,
+HEAD probes, and the flags that set them."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+from fake_engine import FakeEngine, FakeProcessor, ServerThread
 
-from api.settings import settings_from_args
+from api.app import create_app
+from api.settings import ServerSettings, settings_from_args
 from serving.cli import build_parser
 from tests.server_proc import require_cli, start_server
 
@@ -111,7 +114,7 @@ def test_a_body_sent_one_byte_at_a_time_gets_408(slow_server):
     got = trickle(slow_server, [post_head(), b"{", *[b" "] * 50], every_s=0.2, max_s=10)
     assert got.status() == 408 and got.is_closed
     assert READ_TIMEOUT_S <= got.seconds < READ_TIMEOUT_S + 2
-    assert "connection: close" in got.head()
+    assert "connection: close" in got.head() and "x-request-id:" in got.head()
     assert got.json()["error"]["code"] == "request_read_timeout"
 
 
@@ -155,3 +158,171 @@ def test_request_read_timeout_flag():
     args = build_parser().parse_args(["serve", "--request-read-timeout", "0"])
     with pytest.raises(ValueError, match="request_read_timeout_s"):
         settings_from_args(args, model_path="p")
+
+
+# ---- in-process apps -------------------------------------------------------------------------------------
+
+
+def serve(settings: ServerSettings, processor: FakeProcessor | None = None):
+    app = create_app(FakeEngine(), processor or FakeProcessor(), settings)
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("a fault")
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def keyed() -> Iterator[tuple[object, httpx.Client]]:
+    app = serve(ServerSettings(served_model_name=MODEL, model_path="p", api_keys=(KEY,)))
+    with ServerThread(app) as server, httpx.Client(base_url=server.base_url, timeout=10) as http:
+        yield app, http
+
+
+@pytest.fixture(scope="module")
+def http(keyed) -> httpx.Client:
+    return keyed[1]
+
+
+# ---- X-Request-Id
+
+
+def test_a_valid_client_request_id_is_echoed(http):
+    rid = "req_ABC-123.x/y:z"
+    assert http.get("/v1/models", headers={**AUTH, "X-Request-Id": rid}).headers["x-request-id"] == rid
+
+
+@pytest.mark.parametrize("bad", ["", "has space", "x" * 129, "caf\u00e9"])
+def test_an_invalid_client_request_id_is_replaced(http, bad):
+    sent = bad.encode("utf-8")
+    r = http.get(
+        "/v1/models", headers=[(b"Authorization", f"Bearer {KEY}".encode()), (b"X-Request-Id", sent)]
+    )
+    assert GENERATED_ID.fullmatch(r.headers["x-request-id"])
+
+
+def test_every_response_carries_a_request_id(http, keyed):
+    ids = [
+        http.get("/health").headers.get("x-request-id"),
+        http.get("/v1/models").headers.get("x-request-id"),  # 401
+        http.get("/no/such/route", headers=AUTH).headers.get("x-request-id"),  # 404
+        http.post("/v1/chat/completions", json={"model": MODEL}, headers=AUTH).headers.get("x-request-id"),
+        http.get("/boom", headers=AUTH).headers.get("x-request-id"),  # 500 from Starlette's outermost handler
+    ]
+    assert all(i and GENERATED_ID.fullmatch(i) for i in ids) and len(set(ids)) == len(ids)
+    body = chat(stream=True)
+    with http.stream("POST", "/v1/chat/completions", json=body, headers={**AUTH, "X-Request-Id": "s1"}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["x-request-id"] == "s1"
+        r.read()
+
+
+# ---- HEAD
+
+
+def test_head_health_and_models(http, keyed):
+    for path in ("/health", "/v1/models", f"/v1/models/{MODEL}"):
+        head = http.head(path, headers=AUTH)
+        get = http.get(path, headers=AUTH)
+        assert head.status_code == get.status_code == 200 and head.content == b""
+        assert head.headers["content-type"] == get.headers["content-type"]
+    assert http.head("/v1/models/other", headers=AUTH).status_code == 404
+    assert http.head("/v1/models").status_code == 401
+    app = keyed[0]
+    app.state.draining = True
+    try:
+        assert http.head("/health").status_code == 503
+    finally:
+        app.state.draining = False
+
+
+def test_head_is_not_in_the_openapi_document(http):
+    paths = http.get("/openapi.json", headers=AUTH).json()["paths"]
+    assert set(paths["/health"]) == {"get"} and set(paths["/v1/models"]) == {"get"}
+
+
+# ---- CORS
+
+PREFLIGHT = {
+    "Origin": "http://client.example",
+    "Access-Control-Request-Method": "POST",
+    "Access-Control-Request-Headers": "authorization, content-type",
+}
+
+
+def test_preflight_needs_no_key_and_allows_any_origin_by_default(http):
+    r = http.options("/v1/chat/completions", headers=PREFLIGHT)
+    assert r.status_code == 200
+    assert r.headers["access-control-allow-origin"] == "*"
+    assert "POST" in r.headers["access-control-allow-methods"]
+    assert r.headers["access-control-allow-headers"] == "authorization, content-type"
+    assert "access-control-allow-credentials" not in r.headers
+    assert r.headers["x-request-id"]
+
+
+def test_cors_headers_on_answers_and_errors(http):
+    origin = {"Origin": "http://client.example"}
+    ok = http.post("/v1/chat/completions", json=chat(), headers={**AUTH, **origin})
+    denied = http.post("/v1/chat/completions", json=chat(), headers=origin)
+    for r in (ok, denied):
+        assert r.headers["access-control-allow-origin"] == "*"
+        assert "x-request-id" in r.headers["access-control-expose-headers"]
+    assert ok.status_code == 200 and denied.status_code == 401
+
+
+def test_an_options_request_that_is_not_a_preflight_needs_the_key(http):
+    assert_envelope(http.options("/v1/chat/completions"), 401, "invalid_api_key")
+    assert_envelope(http.options("/no/such/route"), 401, "invalid_api_key")  # no anonymous route probing
+    assert_envelope(http.options("/v1/chat/completions", headers=AUTH), 405)
+
+
+def test_restricted_origins_methods_headers_and_credentials():
+    settings = ServerSettings(
+        served_model_name=MODEL,
+        model_path="p",
+        allowed_origins=("http://good.example",),
+        allowed_methods=("GET", "POST"),
+        allowed_headers=("authorization", "content-type"),
+        allow_credentials=True,
+    )
+    with ServerThread(serve(settings)) as server, httpx.Client(base_url=server.base_url) as http:
+        good = http.options("/v1/chat/completions", headers={**PREFLIGHT, "Origin": "http://good.example"})
+        assert good.status_code == 200
+        assert good.headers["access-control-allow-origin"] == "http://good.example"
+        assert good.headers["access-control-allow-credentials"] == "true"
+        bad_origin = http.options(
+            "/v1/chat/completions", headers={**PREFLIGHT, "Origin": "http://evil.example"}
+        )
+        assert "origin" in assert_envelope(bad_origin, 400, "cors_refused")["message"]
+        assert "access-control-allow-origin" not in bad_origin.headers
+        bad_method = {**PREFLIGHT, "Origin": "http://good.example", "Access-Control-Request-Method": "DELETE"}
+        assert "method" in assert_envelope(http.options("/health", headers=bad_method), 400)["message"]
+        r = http.get("/health", headers={"Origin": "http://good.example"})
+        assert r.headers["access-control-allow-origin"] == "http://good.example"
+        assert (
+            "access-control-allow-origin"
+            not in http.get("/health", headers={"Origin": "http://evil.example"}).headers
+        )
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [('["http://a.example", "http://b.example"]', ("http://a.example", "http://b.example")),
+     ("http://a.example, http://b.example", ("http://a.example", "http://b.example")),
+     ('["*"]', ("*",))],
+)  # fmt: skip
+def test_cors_flags(value, expected):
+    args = build_parser().parse_args(["serve", "--allowed-origins", value, "--allow-credentials"])
+    settings = settings_from_args(args, model_path="p")
+    assert settings.allowed_origins == expected and settings.allow_credentials
+    defaults = settings_from_args(build_parser().parse_args(["serve"]), model_path="p")
+    assert defaults.allowed_origins == defaults.allowed_methods == defaults.allowed_headers == ("*",)
+    assert not defaults.allow_credentials
+
+
+@pytest.mark.parametrize("value", ['["a", 1]', "[not json", '{"a": 1}'])
+def test_bad_cors_flags_are_refused(value, capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--allowed-origins", value])
+    assert "--allowed-origins" in capsys.readouterr().err
