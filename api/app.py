@@ -43,7 +43,14 @@ from api.chat import (
     request_timeout,
     split_prompts,
 )
-from api.errors import APIError, install_error_handlers, invalid_request, server_draining, validation_error
+from api.errors import (
+    APIError,
+    install_error_handlers,
+    invalid_request,
+    not_supported,
+    server_draining,
+    validation_error,
+)
 from api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -400,12 +407,24 @@ def create_app(
     return app
 
 
+class TokenizeBody(TokenizeRequest):
+    """POST /tokenize as vLLM takes it: `TokenizeRequest` plus the chat form's `add_generation_prompt`
+    (false: the tokens end with the last message, without the assistant header) and
+    `continue_final_message` (refused: not implemented), and `return_token_strs` (the tokens' strings in
+    `token_strs`). `add_special_tokens` puts the tokenizer's own special tokens (a BOS ...) around the
+    prompt's; off by default, as the generation endpoints tokenize."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    return_token_strs: bool = False
+
+
 # POST routes read raw JSON (to answer OpenAI-style 400s, never FastAPI's 422s), so FastAPI cannot see
 # their bodies; they are declared here from the pydantic models the routes validate against.
 REQUEST_BODIES = {
     "/v1/chat/completions": ChatCompletionRequest,
     "/v1/completions": CompletionRequest,
-    "/tokenize": TokenizeRequest,
+    "/tokenize": TokenizeBody,
     "/detokenize": DetokenizeRequest,
 }
 
@@ -664,26 +683,68 @@ def _engine_info(engine: EngineClient) -> dict[str, Any]:
         return {}
 
 
+class TemplateArgs:
+    """A processor whose chat template is always applied with these keyword arguments."""
+
+    def __init__(self, processor: Any, **template_kwargs: Any) -> None:
+        self._processor = processor
+        self._template_kwargs = template_kwargs
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._processor, name)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
+        return self._processor.apply_chat_template(messages, **{**kwargs, **self._template_kwargs})
+
+
+_SPECIAL_TOKENS_PROBE = "a"
+
+
+def with_special_tokens(tokenizer: Any, ids: list[int]) -> list[int]:
+    """`ids` inside the special tokens the tokenizer adds around a text (none, a BOS, BOS and EOS ...),
+    found by encoding a probe text with and without them."""
+    plain = tokenizer.encode(_SPECIAL_TOKENS_PROBE, add_special_tokens=False)
+    full = tokenizer.encode(_SPECIAL_TOKENS_PROBE, add_special_tokens=True)
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return [*full[:start], *ids, *full[start + len(plain) :]]
+    return list(ids)
+
+
+async def _token_ids(req: TokenizeBody, processor: Any, settings: ServerSettings) -> list[int]:
+    """The tokens of a /tokenize request's prompt as the generation endpoints see them (an empty text
+    has none, as in vLLM)."""
+    if (req.prompt is None) == (req.messages is None):
+        raise invalid_request("give exactly one of `prompt` and `messages`", "prompt")
+    if req.messages is not None:
+        if req.continue_final_message:
+            raise not_supported("continue_final_message")
+        if not req.messages:
+            raise invalid_request("messages must not be empty", "messages")
+        chat = TemplateArgs(processor, add_generation_prompt=req.add_generation_prompt)
+        return (await prepare_chat(req.messages, chat, settings)).input_ids
+    if not req.prompt:
+        return []
+    return (await prepare_completion(req.prompt, processor, max_prompt_len=settings.max_prompt_len)).input_ids
+
+
 def _add_tokenizer_routes(
     app: FastAPI, engine: EngineClient, processor: Any, settings: ServerSettings
 ) -> None:
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:
-        req = await read_json(request, TokenizeRequest)
+        req = await read_json(request, TokenizeBody)
         if req.model is not None:
             check_model(req.model, settings)
-        if (req.prompt is None) == (req.messages is None):
-            raise invalid_request("give exactly one of `prompt` and `messages`", "prompt")
-        if req.messages is not None:
-            if not req.messages:
-                raise invalid_request("messages must not be empty", "messages")
-            prompt = await prepare_chat(req.messages, processor, settings)
-        else:
-            prompt = await prepare_completion(
-                req.prompt or "", processor, max_prompt_len=settings.max_prompt_len
-            )
-        ids = prompt.input_ids
-        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": settings.max_model_len})
+        ids = await _token_ids(req, processor, settings)
+        if req.add_special_tokens:
+            ids = with_special_tokens(processor.tokenizer, ids)
+        strs = None
+        if req.return_token_strs:
+            strs = await asyncio.to_thread(processor.tokenizer.convert_ids_to_tokens, ids)
+        return JSONResponse(
+            {"count": len(ids), "max_model_len": settings.max_model_len, "tokens": ids, "token_strs": strs}
+        )
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> Response:

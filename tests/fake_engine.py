@@ -159,6 +159,9 @@ class ByteTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return bytes(i for i in ids if i < 256).decode(errors="replace")
 
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        return [chr(i) if i < 256 else f"<{i}>" for i in ids]
+
 
 @dataclass
 class FakeProcessed:
@@ -175,14 +178,14 @@ class FakeProcessor:
         self.tokenizer = ByteTokenizer()
         self.calls: list[tuple[str, list[Any], list[Any]]] = []
 
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> str:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         out = []
         for m in messages:
             content = m["content"]
             if isinstance(content, list):
                 content = "".join(p["text"] if p["type"] == "text" else f"<{p['type']}>" for p in content)
             out.append(f"<{m['role']}>:{content}|")
-        return "".join(out) + "<assistant>:"
+        return "".join(out) + ("<assistant>:" if add_generation_prompt else "")
 
     def process(self, text: str, images: list[Any], videos: list[Any]) -> FakeProcessed:
         self.calls.append((text, list(images), list(videos)))

@@ -1,5 +1,5 @@
 """HTTP operations: read timeouts on slow clients (real server process, raw sockets), CORS, X-Request-Id,
-HEAD probes, and the flags that set them."""
+HEAD probes, /tokenize's vLLM fields, and the flags that set them."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-from fake_engine import FakeEngine, FakeProcessor, ServerThread
+from fake_engine import ByteTokenizer, FakeEngine, FakeProcessor, ServerThread
 
-from api.app import create_app
+from api.app import create_app, with_special_tokens
 from api.settings import ServerSettings, settings_from_args
 from serving.cli import build_parser
 from tests.server_proc import require_cli, start_server
@@ -326,3 +326,72 @@ def test_bad_cors_flags_are_refused(value, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--allowed-origins", value])
     assert "--allowed-origins" in capsys.readouterr().err
+
+
+# ---- /tokenize
+
+
+class BosEosTokenizer(ByteTokenizer):
+    """Bytes, with BOS 1 and EOS 2 around a text when special tokens are asked for."""
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        ids = super().encode(text)
+        return [1, *ids, 2] if add_special_tokens else ids
+
+
+@pytest.fixture(scope="module")
+def tok_http() -> Iterator[httpx.Client]:
+    processor = FakeProcessor()
+    processor.tokenizer = BosEosTokenizer()
+    settings = ServerSettings(served_model_name=MODEL, model_path="p", max_model_len=4096)
+    with ServerThread(serve(settings, processor)) as server, httpx.Client(base_url=server.base_url) as http:
+        yield http
+
+
+def test_tokenize_shape_matches_vllm(tok_http):
+    r = tok_http.post("/tokenize", json={"prompt": "ab"})
+    assert r.json() == {"count": 2, "max_model_len": 4096, "tokens": [97, 98], "token_strs": None}
+
+
+def test_tokenize_add_generation_prompt(tok_http):
+    messages = [{"role": "user", "content": "hi"}]
+    with_prompt = tok_http.post("/tokenize", json={"messages": messages}).json()["tokens"]
+    without = tok_http.post("/tokenize", json={"messages": messages, "add_generation_prompt": False}).json()
+    assert bytes(with_prompt).decode() == "<user>:hi|<assistant>:"
+    assert bytes(without["tokens"]).decode() == "<user>:hi|" and without["count"] == len("<user>:hi|")
+
+
+def test_tokenize_return_token_strs(tok_http):
+    r = tok_http.post("/tokenize", json={"prompt": "ab", "return_token_strs": True}).json()
+    assert r["tokens"] == [97, 98] and r["token_strs"] == ["a", "b"]
+
+
+def test_tokenize_add_special_tokens(tok_http):
+    assert tok_http.post("/tokenize", json={"prompt": "ab"}).json()["tokens"] == [97, 98]
+    r = tok_http.post("/tokenize", json={"prompt": "ab", "add_special_tokens": True}).json()
+    assert r["tokens"] == [1, 97, 98, 2] and r["count"] == 4
+    messages = [{"role": "user", "content": "x"}]
+    r = tok_http.post("/tokenize", json={"messages": messages, "add_special_tokens": True}).json()
+    assert r["tokens"][0] == 1 and r["tokens"][-1] == 2
+
+
+def test_tokenize_an_empty_prompt(tok_http):
+    r = tok_http.post("/tokenize", json={"prompt": ""}).json()
+    assert r["tokens"] == [] and r["count"] == 0
+    r = tok_http.post("/tokenize", json={"prompt": "", "add_special_tokens": True}).json()
+    assert r["tokens"] == [1, 2]
+
+
+def test_tokenize_refusals(tok_http):
+    messages = [{"role": "user", "content": "x"}]
+    body = {"messages": messages, "continue_final_message": True}
+    assert assert_envelope(tok_http.post("/tokenize", json=body), 400)["param"] == "continue_final_message"
+    bad_flag = {"prompt": "a", "return_token_strs": "yes"}
+    assert assert_envelope(tok_http.post("/tokenize", json=bad_flag), 400)["param"] == "return_token_strs"
+    bad_flag = {"messages": messages, "add_generation_prompt": 1}
+    assert assert_envelope(tok_http.post("/tokenize", json=bad_flag), 400)["param"] == "add_generation_prompt"
+
+
+def test_with_special_tokens_on_a_tokenizer_without_any():
+    assert with_special_tokens(ByteTokenizer(), [5, 6]) == [5, 6]
+    assert with_special_tokens(BosEosTokenizer(), []) == [1, 2]

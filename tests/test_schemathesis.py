@@ -16,8 +16,8 @@ import httpx
 import pytest
 from fake_engine import ServerThread
 
-from api.app import create_app
-from api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from api.app import TokenizeBody, create_app
+from api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest
 from api.settings import ServerSettings
 
 schemathesis = pytest.importorskip("schemathesis")
@@ -29,7 +29,7 @@ MAX_EXAMPLES = 30
 BODIES = {
     "/v1/chat/completions": ChatCompletionRequest,
     "/v1/completions": CompletionRequest,
-    "/tokenize": TokenizeRequest,
+    "/tokenize": TokenizeBody,
     "/detokenize": DetokenizeRequest,
 }
 
