@@ -169,7 +169,7 @@ class HeadTimeoutProtocol(H11Protocol):
     """uvicorn's h11 protocol with a deadline on each request head (request line and headers): a
     connection that has not sent a whole head `head_timeout_s` seconds after it opened, or after the
     first byte of a later request arrived, is closed, with a 408 if part of a head came. (uvicorn's own
-    keep-alive timeout starts only after a response; the body's deadline is the app's, api.app.Gate.)"""
+    keep-alive timeout starts only after a response; the body's deadline is the app's, api.middleware.Gate.)"""
 
     head_timeout_s: float = 30.0
 
