@@ -34,6 +34,9 @@ REJECT_REASON_BY_STATUS = {
 # a request answered before its whole body arrived closes its connection (the rest is never read)
 CONNECTION_CLOSE = (b"connection", b"close")
 DRAIN_CHECK_S = 0.2  # how often a request still receiving its body looks whether a drain began
+# a body's deadline moves on by its bytes at this rate (bytes/s): a large body on a slow but steady link
+# arrives, while one trickled a few bytes at a time is still cut at about --request-read-timeout
+MIN_BODY_RATE = 64 * 1024
 
 
 # ---- the ASGI gate -------------------------------------------------------------------------------------
@@ -93,14 +96,14 @@ class Gate:
 
     def _reading(self, receive: Any, body: _Body) -> Any:
         """`receive` for the app: the body counted against the size limit and read within the read timeout
-        (from now, the end of the request head); once it is complete, messages pass unbounded (a stream
-        waits on them for a disconnect)."""
-        deadline = time.monotonic() + self.read_timeout
+        from now (the end of the request head) plus its size at MIN_BODY_RATE; once it is complete,
+        messages pass unbounded (a stream waits on them for a disconnect)."""
+        start = time.monotonic() + self.read_timeout
 
         async def read() -> dict[str, Any]:
             if body.is_complete:
                 return await receive()
-            message = await self._receive_by(receive, deadline)
+            message = await self._receive_by(receive, start + body.num_bytes / MIN_BODY_RATE)
             if message["type"] != "http.request":  # a disconnect
                 body.is_complete = True
                 return message

@@ -146,6 +146,17 @@ def test_a_request_that_arrives_in_time_is_served(slow_server):
     assert "connection: close" not in got.head()
 
 
+def test_a_large_body_on_a_slow_but_steady_link_is_served(slow_server):
+    """A body that takes longer than the read timeout but arrives steadily (about 200 KB/s, above the
+    64 KiB/s the deadline moves on by) is not cut."""
+    body = json.dumps(chat())[:-1].encode() + b" " * 400_000 + b"}"
+    step = 40_000
+    pieces = [post_head(content_length=len(body))] + [body[i : i + step] for i in range(0, len(body), step)]
+    got = trickle(slow_server, pieces, every_s=0.2, max_s=20)
+    assert got.seconds > READ_TIMEOUT_S  # it took longer than the timeout alone allows
+    assert got.status() == 200, got.data[:300]
+
+
 def test_an_answer_before_the_whole_body_closes_the_connection(slow_server):
     got = trickle(slow_server, [post_head(auth=False), *[b" "] * 50], every_s=0.2, max_s=10)
     assert got.status() == 401 and got.is_closed and got.seconds < READ_TIMEOUT_S
