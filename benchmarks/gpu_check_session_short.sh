@@ -2,8 +2,8 @@
 # A short device call (when little device time is left): the GPU kernel tests of the decode
 # candidates (RoPE in the SWA split kernel, the SWA split merge in its tail, the one-launch GDN
 # recurrence in the tiny model), then the batch-1 step: shipped defaults against RoPE in the SWA
-# kernel, the tail merge, and both with another GDN launch (ab_tables.py, three rounds of bare
-# graph replays at 1K context).
+# kernel, the embedding in the rope-table launch, the tail merge (at most 32 splits), and these
+# together with another GDN launch (ab_tables.py, three rounds of bare graph replays at 1K context).
 #   COMMIT=<short sha> BUDGET=170 bash benchmarks/gpu_check_session_short.sh    (.whl/ carried)
 set -uo pipefail
 source benchmarks/device_setup.sh
