@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 from api.chat import (
     TIMEOUT_FIELD,
     TIMEOUT_HEADER,
+    TemplateOptions,
     build_sampling,
     check_model,
     check_prompt_len,
@@ -41,7 +42,6 @@ from api.errors import (
     APIError,
     install_error_handlers,
     invalid_request,
-    not_supported,
     validation_error,
 )
 from api.middleware import Cors, Gate, RequestId
@@ -199,7 +199,7 @@ def create_app(
 class TokenizeBody(TokenizeRequest):
     """POST /tokenize as vLLM takes it: `TokenizeRequest` plus the chat form's `add_generation_prompt`
     (false: the tokens end with the last message, without the assistant header) and
-    `continue_final_message` (refused: not implemented), and `return_token_strs` (the tokens' strings in
+    `continue_final_message` (continue the final assistant message), and `return_token_strs` (the tokens' strings in
     `token_strs`). `add_special_tokens` puts the tokenizer's own special tokens (a BOS ...) around the
     prompt's; off by default, as the generation endpoints tokenize."""
 
@@ -338,7 +338,8 @@ def _add_generation_routes(
         check_model(req.model, settings)
         deadline = _deadline(request, raw, settings, arrival)
         reject_unsupported_chat(req)
-        prompt = await prepare_chat(req.messages, processor, settings)
+        options = TemplateOptions(req.add_generation_prompt, req.continue_final_message)
+        prompt = await prepare_chat(req.messages, processor, settings, options)
         prompt_len = len(prompt.input_ids)
         check_prompt_len(prompt_len, settings, "messages")
         sampling = build_sampling(req, prompt_len, settings, _vocab_size(engine))
@@ -472,20 +473,6 @@ def _engine_info(engine: EngineClient) -> dict[str, Any]:
         return {}
 
 
-class TemplateArgs:
-    """A processor whose chat template is always applied with these keyword arguments."""
-
-    def __init__(self, processor: Any, **template_kwargs: Any) -> None:
-        self._processor = processor
-        self._template_kwargs = template_kwargs
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._processor, name)
-
-    def apply_chat_template(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
-        return self._processor.apply_chat_template(messages, **{**kwargs, **self._template_kwargs})
-
-
 _SPECIAL_TOKENS_PROBE = "a"
 
 
@@ -506,12 +493,10 @@ async def _token_ids(req: TokenizeBody, processor: Any, settings: ServerSettings
     if (req.prompt is None) == (req.messages is None):
         raise invalid_request("give exactly one of `prompt` and `messages`", "prompt")
     if req.messages is not None:
-        if req.continue_final_message:
-            raise not_supported("continue_final_message")
         if not req.messages:
             raise invalid_request("messages must not be empty", "messages")
-        chat = TemplateArgs(processor, add_generation_prompt=req.add_generation_prompt)
-        return (await prepare_chat(req.messages, chat, settings)).input_ids
+        options = TemplateOptions(req.add_generation_prompt, req.continue_final_message)
+        return (await prepare_chat(req.messages, processor, settings, options)).input_ids
     if not req.prompt:
         return []
     return (await prepare_completion(req.prompt, processor, max_prompt_len=settings.max_prompt_len)).input_ids

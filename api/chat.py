@@ -58,6 +58,16 @@ class TemplateInput:
     media: list[MediaRef] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class TemplateOptions:
+    """vLLM's chat-template request fields: open the assistant's turn after the messages
+    (`add_generation_prompt`), or continue the final assistant message where its text ends
+    (`continue_final_message`: assistant prefill), never both."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
@@ -194,8 +204,21 @@ def _video_ref(v: VideoURL, param: str) -> MediaRef:
     return MediaRef("video", v.url, param, fps=v.fps, max_frames=v.max_frames)
 
 
-def to_template(messages: list[ChatMessage]) -> TemplateInput:
-    """OpenAI messages -> the processor's chat-template messages (images/videos as placeholders, in order)."""
+def to_template(messages: list[ChatMessage], options: TemplateOptions = TemplateOptions()) -> TemplateInput:
+    """OpenAI messages -> the processor's chat-template messages (images/videos as placeholders, in order).
+    A final assistant message is history (a new assistant turn follows, as OpenAI answers), unless
+    `options.continue_final_message` continues it."""
+    if options.continue_final_message and options.add_generation_prompt:
+        raise invalid_value(
+            "continue_final_message and add_generation_prompt cannot both be true "
+            "(set add_generation_prompt to false to continue the final message)",
+            "continue_final_message",
+        )
+    if options.continue_final_message and messages and messages[-1].role != "assistant":
+        raise invalid_value(
+            "continue_final_message needs the last message to be an assistant message",
+            "continue_final_message",
+        )
     out = TemplateInput(messages=[])
     for i, msg in enumerate(messages):
         if msg.role in ("tool", "function"):
@@ -208,11 +231,6 @@ def to_template(messages: list[ChatMessage]) -> TemplateInput:
         else:
             content = _user_content(msg, i, out.media)
         out.messages.append({"role": role, "content": content})
-    if out.messages[-1]["role"] == "assistant":
-        # continuing a partial assistant turn is not implemented: the template always opens a new one
-        raise invalid_value(
-            "the last message must not be an assistant message", f"messages.{len(messages) - 1}"
-        )
     return out
 
 
@@ -316,22 +334,48 @@ def _process(
     return _prepared(processor.process(text, *media))
 
 
+def render_chat(processor: Any, messages: list[dict[str, Any]], options: TemplateOptions) -> str:
+    """The chat template's text of `messages`. Continuing the final assistant message renders it and
+    cuts the text where its content ends (its end-of-turn marker and after are dropped); an empty one
+    leaves the assistant's turn open, as the generation prompt does."""
+    if not options.continue_final_message:
+        return processor.apply_chat_template(messages, add_generation_prompt=options.add_generation_prompt)
+    final = messages[-1]["content"]
+    if not final:
+        return processor.apply_chat_template(messages[:-1], add_generation_prompt=True)
+    text = processor.apply_chat_template(messages, add_generation_prompt=False)
+    end = text.rfind(final)
+    if end < 0:  # a template that rewrites the content (none of ours does)
+        raise invalid_value(
+            "the chat template does not keep the final message's text", "continue_final_message"
+        )
+    return text[: end + len(final)]
+
+
 def _run_processor(
-    processor: Any, tmpl: TemplateInput, media: tuple[list[Any], list[Any]], max_prompt_len: int
+    processor: Any,
+    tmpl: TemplateInput,
+    media: tuple[list[Any], list[Any]],
+    max_prompt_len: int,
+    options: TemplateOptions,
 ) -> PreparedPrompt:
-    text = processor.apply_chat_template(tmpl.messages)
+    text = render_chat(processor, tmpl.messages, options)
     return _process(processor, text, media, max_prompt_len, "messages")
 
 
 async def prepare_chat(
-    messages: list[ChatMessage], processor: Any, settings: ServerSettings
+    messages: list[ChatMessage],
+    processor: Any,
+    settings: ServerSettings,
+    options: TemplateOptions = TemplateOptions(),
 ) -> PreparedPrompt:
     """Messages -> processed prompt: media fetched on the loop, template and processor in a thread; a
     template text certainly longer than settings.max_prompt_len tokens is refused before the processor."""
-    tmpl = to_template(messages)
+    tmpl = to_template(messages, options)
     media = await load_media(tmpl.media, settings) if tmpl.media else ([], [])
     try:
-        return await asyncio.to_thread(_run_processor, processor, tmpl, media, settings.max_prompt_len)
+        args = (processor, tmpl, media, settings.max_prompt_len, options)
+        return await asyncio.to_thread(_run_processor, *args)
     except (ValueError, TypeError) as e:
         raise invalid_value(f"could not process the prompt: {e}", "messages") from e
 

@@ -133,6 +133,9 @@ class ChatCompletionRequest(_SamplingFields):
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: PosInt | None = None
+    # vLLM's chat-template extras (api.chat.TemplateOptions)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     # declared only to be rejected (or accepted when harmless), see api.chat

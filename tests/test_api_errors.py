@@ -93,10 +93,18 @@ CHAT_CASES: list[tuple[str, Any, int, str | None]] = [
     ),
     ("tool-role", msgs({"role": "tool", "content": "x", "tool_call_id": "a"}), 400, "messages.0.role"),
     (
-        "last-assistant",
-        msgs({"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}),
+        "continue-final-with-generation-prompt",
+        msgs({"role": "user", "content": "a"}, {"role": "assistant", "content": "b"})
+        | {"continue_final_message": True},
         400,
-        None,
+        "continue_final_message",
+    ),
+    (
+        "continue-final-after-user",
+        msgs({"role": "user", "content": "a"})
+        | {"continue_final_message": True, "add_generation_prompt": False},
+        400,
+        "continue_final_message",
     ),
     (
         "bad-base64",

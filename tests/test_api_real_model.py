@@ -118,6 +118,26 @@ def test_completion_and_tokenize(client, real):
     assert back == "hello"
 
 
+def test_continue_final_message_with_the_real_template(client, real):
+    """Assistant prefill on the release's chat template: the prompt ends with the final message's
+    text (no <|im_end|>, no new assistant header), and chat completions take the same prompt."""
+    processor, server = real
+    messages = [
+        {"role": "user", "content": "Name a color."},
+        {"role": "assistant", "content": "The color is"},
+    ]
+    body = {"messages": messages, "add_generation_prompt": False, "continue_final_message": True}
+    toks = httpx.post(server.base_url + "/tokenize", json=body).json()["tokens"]
+    text = processor.tokenizer.decode(toks)
+    assert text.endswith("<|im_start|>assistant\nThe color is"), text[-60:]
+    history = httpx.post(server.base_url + "/tokenize", json={"messages": messages}).json()["tokens"]
+    assert processor.tokenizer.decode(history).endswith("The color is<|im_end|>\n<|im_start|>assistant\n")
+    r = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=2, extra_body=body | {"messages": messages}
+    )
+    assert r.usage.prompt_tokens == len(toks)
+
+
 def _sse(url: str, body: dict) -> list[dict]:
     """The JSON chunks of a streamed response (without [DONE])."""
     import json

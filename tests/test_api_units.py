@@ -367,3 +367,21 @@ def test_long_text_within_the_limit_is_processed():
         prepare_chat([ChatMessage(role="user", content="abcd" * 80)], proc, _settings(max_prompt_len=100))
     )
     assert len(chat.input_ids) == -(-len(proc.calls[-1][0]) // 4) <= 100
+
+
+def test_a_final_assistant_message_is_history_or_continued() -> None:
+    """A final assistant message: by default history, with a new assistant turn after it (as OpenAI
+    answers); with continue_final_message (and no generation prompt) the prompt ends where its text
+    ends, so the model continues it; an empty one leaves the turn open; without the generation prompt
+    the text ends with the last message."""
+    from api.chat import TemplateOptions, render_chat
+    from tests.fake_engine import FakeProcessor
+
+    proc = FakeProcessor()
+    chat = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "The answer is"}]
+    assert render_chat(proc, chat, TemplateOptions()) == "<user>:a|<assistant>:The answer is|<assistant>:"
+    cont = TemplateOptions(add_generation_prompt=False, continue_final_message=True)
+    assert render_chat(proc, chat, cont) == "<user>:a|<assistant>:The answer is"
+    empty = [chat[0], {"role": "assistant", "content": ""}]
+    assert render_chat(proc, empty, cont) == "<user>:a|<assistant>:"
+    assert render_chat(proc, chat[:1], TemplateOptions(add_generation_prompt=False)) == "<user>:a|"
