@@ -116,9 +116,9 @@ class TritonBackend:
         # its launch ({"bv": ..., "num_warps": ...}, at every batch); None: gdn.fused_decode_launch
         self.fused_gdn_launch: dict | None = None
         # decode: the attention kernel rotates q and k (`rope_in_attention`) instead of the rope
-        # kernel. Off until it has run on a GPU: built and checked in Triton's interpreter only
-        # (bit-identical to the rope kernel there); benchmarks/gpu_check_session.sh measures it
-        self.rope_in_swa = False
+        # kernel, 9 launches fewer a step (H200: -35 us at batch 1, -44 us at batch 64; the GPU tests
+        # pass, within bf16 noise of the rope kernel; docs/benchmarks.md); False: the rope kernel
+        self.rope_in_swa = True
         # decode: the SWA split kernel's last split to finish merges the splits (no reduce launch),
         # and the window splits are at least swa_min_split rows (a multiple of 64: fewer, longer
         # splits leave the merge less to read). Built and checked in Triton's interpreter only; off
