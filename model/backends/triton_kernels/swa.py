@@ -259,7 +259,7 @@ def swa_decode(
         return out
     _swa_decode_reduce_kernel[(num_rows * num_q_heads,)](
         m, lsum, acc, out, context_lens, num_q_heads, nsplit, window, split_len, out.stride(0), out.stride(1),
-        D=dim, BS=triton.next_power_of_2(nsplit),
+        D=dim, BS=bs,  # max_used is 0 without counters: every split
         **pdl.launch_kwargs(),
     )  # fmt: skip
     return out
