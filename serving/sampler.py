@@ -359,6 +359,7 @@ def _top_k_top_p(
         mass_before = probs.cumsum(dim=-1) - probs  # probability of strictly better-ranked tokens
         top_p = [row.params.top_p if row.params.top_p < 1.0 else float("inf") for row in rows]
         remove = remove | (mass_before >= upload_values(top_p, device).unsqueeze(1))
+        remove[:, 0] = False  # the best token stays, also where top_p rounds to 0.0 in float32
     mask = torch.zeros_like(remove).scatter(1, order, remove)
     return logits.masked_fill(mask, float("-inf"))
 

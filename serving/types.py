@@ -9,6 +9,10 @@ from typing import Any, Protocol
 
 import torch
 
+# a temperature below this samples greedily (vLLM's _SAMPLING_EPS): dividing float32 logits by a smaller
+# one, down to the 1e-45 the API accepts as positive, gives infinite scores and no distribution at all
+GREEDY_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -36,7 +40,7 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
     def validate(self, vocab_size: int | None = None) -> None:
         if self.max_tokens < 1:

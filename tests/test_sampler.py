@@ -177,6 +177,16 @@ def test_min_p_restricts_support() -> None:
     assert set(counts) == {0, 1, 2}
 
 
+@pytest.mark.parametrize("params", [{"temperature": 1e-45}, {"temperature": 1e-300}, {"top_p": 1e-46}])
+def test_vanishing_temperature_or_top_p_is_greedy(params: dict[str, float]) -> None:
+    """A temperature or top_p that the API accepts (> 0) but that is 0 or tiny in float32 keeps the most
+    likely token: logits / 1e-45 are infinite and top_p 1e-46 is 0.0 in float32, which would leave no
+    token or NaN scores (token 0 came out)."""
+    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0]])
+    counts = _sample_many(logits, 50, **params)
+    assert set(counts) == {1}
+
+
 def test_temperature_then_top_p() -> None:
     # temperature 0.5 squares the odds: probs proportional to 0.25, 0.09, 0.0225, 0.0025
     # -> normalised about 0.6965, 0.2507, 0.0627, 0.0070; top_p 0.9: mass before token 2 is 0.947 -> removed
