@@ -334,6 +334,11 @@ def _process(
     return _prepared(processor.process(text, *media))
 
 
+# appended to a continued final message's text to find where the template puts its end (found by its
+# position, not by the text, which may occur again in the markup after it: a "|" or "\n" prefill)
+_FINAL_END = "\x00infinitevl-final-end\x00"
+
+
 def render_chat(processor: Any, messages: list[dict[str, Any]], options: TemplateOptions) -> str:
     """The chat template's text of `messages`. Continuing the final assistant message renders it and
     cuts the text where its content ends (its end-of-turn marker and after are dropped); an empty one
@@ -343,13 +348,14 @@ def render_chat(processor: Any, messages: list[dict[str, Any]], options: Templat
     final = messages[-1]["content"]
     if not final:
         return processor.apply_chat_template(messages[:-1], add_generation_prompt=True)
-    text = processor.apply_chat_template(messages, add_generation_prompt=False)
-    end = text.rfind(final)
-    if end < 0:  # a template that rewrites the content (none of ours does)
+    marked = [*messages[:-1], {**messages[-1], "content": final + _FINAL_END}]
+    text = processor.apply_chat_template(marked, add_generation_prompt=False)
+    end = text.rfind(_FINAL_END)
+    if end < 0 or not text[:end].endswith(final):  # a template that rewrites the content (none of ours)
         raise invalid_value(
             "the chat template does not keep the final message's text", "continue_final_message"
         )
-    return text[: end + len(final)]
+    return text[:end]
 
 
 def _run_processor(

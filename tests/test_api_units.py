@@ -385,3 +385,17 @@ def test_a_final_assistant_message_is_history_or_continued() -> None:
     empty = [chat[0], {"role": "assistant", "content": ""}]
     assert render_chat(proc, empty, cont) == "<user>:a|<assistant>:"
     assert render_chat(proc, chat[:1], TemplateOptions(add_generation_prompt=False)) == "<user>:a|"
+
+
+def test_continued_final_message_ends_where_its_text_ends_whatever_it_holds() -> None:
+    """The prompt of a continued final message ends at the end of that message's text, also where the
+    text occurs again after it in the template's markup (a "|" or a newline prefill was found in the
+    end-of-turn marker after it, and the prompt held that marker)."""
+    from api.chat import TemplateOptions, render_chat
+    from tests.fake_engine import FakeProcessor
+
+    proc = FakeProcessor()
+    cont = TemplateOptions(add_generation_prompt=False, continue_final_message=True)
+    for text in ("|", "a|", "The answer is"):
+        chat = [{"role": "user", "content": "a"}, {"role": "assistant", "content": text}]
+        assert render_chat(proc, chat, cont) == f"<user>:a|<assistant>:{text}"
