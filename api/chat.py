@@ -263,8 +263,9 @@ async def load_media(refs: list[MediaRef], settings: ServerSettings) -> tuple[li
             )
     try:
         loaded = await asyncio.gather(*tasks)
-    except media.MediaError as e:
-        raise APIError(e.message, e.status_code, param=e.param or None) from e
+    except media.MediaError as e:  # over a media limit (413): the request's size; else the URL's value
+        code = "request_too_large" if e.status_code == 413 else "invalid_value"
+        raise APIError(e.message, e.status_code, param=e.param or None, code=code) from e
     images = [x for x, r in zip(loaded, refs, strict=True) if r.kind == "image"]
     videos = [x for x, r in zip(loaded, refs, strict=True) if r.kind == "video"]
     return images, videos

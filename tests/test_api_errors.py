@@ -250,6 +250,50 @@ def test_error_messages_and_codes(http):
         assert "valid string" not in err["message"] and "more error" not in err["message"], err
 
 
+def test_media_errors_carry_a_code(http):
+    """A media URL that cannot be used is its value's error, an image over a media limit the request's
+    size: both name the URL and carry a code, as every other input error does."""
+    from media_helpers import png_declaring
+
+    huge = "data:image/png;base64," + base64.b64encode(png_declaring(100_000, 100_000)).decode()
+    for url, status, code in (
+        ("data:image/png;base64,!!!", 400, "invalid_value"),
+        ("data:image/png;base64,aGVsbG8=", 400, "invalid_value"),
+        ("ftp://example.com/a.png", 400, "invalid_value"),
+        (huge, 413, "request_too_large"),
+    ):
+        body = chat(messages=[{"role": "user", "content": [img(url), {"type": "text", "text": "?"}]}])
+        err = assert_envelope(_post(http, "/v1/chat/completions", body), status)
+        assert (err["param"], err["code"]) == ("messages.0.content.0.image_url.url", code), err
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_engine_refusals_carry_a_code(server, http, path, stream):
+    """A request the engine refuses at submission (n over its slots: RequestTooLarge; another invalid
+    value: ValueError) is a 400 naming the field, with the code its handler gives it, as every other
+    input error has: request_too_large for a limit, invalid_value otherwise."""
+    from serving.errors import RequestTooLarge
+
+    engine = server[0]
+    body = chat() if path.endswith("chat/completions") else {"model": MODEL, "prompt": ["a", "b"]}
+    body["stream"] = stream
+    for exc, param, code in (
+        (RequestTooLarge("n=3 exceeds the 2 slots of this server"), "n", "request_too_large"),
+        (ValueError("max_tokens must be at least 1"), "max_tokens", "invalid_value"),
+    ):
+
+        def refuse(request, exc=exc):
+            raise exc
+
+        engine.generate = refuse
+        try:
+            err = assert_envelope(_post(http, path, body), 400)
+        finally:
+            del engine.generate
+        assert (err["param"], err["code"]) == (param, code), err
+
+
 def test_wrong_content_type(http):
     r = http.post("/v1/chat/completions", content=json.dumps(chat()), headers={"content-type": "text/plain"})
     assert_envelope(r, 415)
