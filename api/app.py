@@ -40,6 +40,7 @@ from api.chat import (
 )
 from api.errors import (
     APIError,
+    engine_error,
     install_error_handlers,
     invalid_request,
     validation_error,
@@ -70,7 +71,6 @@ from api.responses import (
 )
 from api.settings import ServerSettings
 from api.sse import sse_response
-from serving.errors import RequestTooLarge
 from serving.types import Delta, EngineClient, GenerateRequest
 
 M = TypeVar("M", bound=BaseModel)
@@ -293,10 +293,9 @@ async def _queue_all(engine: EngineClient, greqs: list[GenerateRequest]) -> list
 
 
 def _engine_invalid(e: ValueError) -> APIError:
-    """400 for a request the engine refused as invalid, naming the field its message starts with; over
-    one of the engine's limits (RequestTooLarge) its code is request_too_large, as `engine_error` gives."""
-    code = "request_too_large" if isinstance(e, RequestTooLarge) else "invalid_value"
-    return invalid_request(str(e), param_of(str(e)), code=code)
+    """400 for a request the engine refused as invalid (`engine_error`), naming the field its message
+    starts with."""
+    return engine_error(e, param_of(str(e)))
 
 
 async def _echo_prefixes(prompts: list[str | list[int]], n: int, processor: Any) -> tuple[str, ...]:

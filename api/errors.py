@@ -173,9 +173,10 @@ async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
     return APIError(message, exc.status_code, headers=dict(exc.headers or {})).response()
 
 
-def engine_error(exc: Exception) -> APIError:
+def engine_error(exc: Exception, param: str | None = None) -> APIError:
     """The answer to an engine exception: what the handlers send, and what a stream that has already
-    begun sends as its last event. Anything else is an internal error (logged by the caller)."""
+    begun sends as its last event; `param`: the request field a refusal names. Anything else is an
+    internal error (logged by the caller)."""
     if isinstance(exc, EngineOverloaded):
         return APIError(
             str(exc) or "server is overloaded, retry later",
@@ -188,9 +189,9 @@ def engine_error(exc: Exception) -> APIError:
     if isinstance(exc, EngineDraining):
         return server_draining()
     if isinstance(exc, RequestTooLarge):
-        return APIError(str(exc), 400, code="request_too_large")
+        return over_limit(str(exc), param)
     if isinstance(exc, ValueError):
-        return invalid_request(str(exc))
+        return invalid_value(str(exc), param)
     return APIError("internal server error", 500, code="internal_error")
 
 
